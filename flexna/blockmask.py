@@ -1,0 +1,121 @@
+"""FlexAttention ``BlockMask`` for a neighborhood pattern, built analytically.
+
+``create_block_mask`` evaluates the mask_mod on all N^2 pairs; here the
+block sets come from the geometry (:mod:`flexna.blocksparsity`) and are
+only packed into BlockMask's index tensors. The result is identical to
+``create_block_mask(na_mask_mod(...), ...)`` for the same orders and block
+sizes: same full blocks, same partial blocks, same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from flexna.blocksparsity import block_pairs
+from flexna.layout import as_tile
+from flexna.masks import _resolve_device, build_tables
+from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern, as_int_tuple
+
+DEFAULT_BLOCK = 128
+
+
+def resolve_block_sizes(
+    block_size: int | Sequence[int] | None,
+    q_tile: tuple[int, ...],
+    kv_tile: tuple[int, ...],
+) -> tuple[int, int]:
+    """(q, kv) block sizes in tokens; ``None`` means each side's tile token count, or 128."""
+    defaults = [math.prod(t) if math.prod(t) > 1 else DEFAULT_BLOCK for t in (q_tile, kv_tile)]
+    if block_size is None:
+        return defaults[0], defaults[1]
+    sizes = as_int_tuple("block_size", block_size, 2)
+    for side, size, tile in zip(("q", "kv"), sizes, (q_tile, kv_tile), strict=True):
+        per_tile = math.prod(tile)
+        if size < 1 or size % per_tile:
+            raise ValueError(
+                f"block_size for {side} = {size} is out of range: need a positive multiple "
+                f"of the {side} tile's token count {per_tile} (tile {tile})"
+            )
+    return sizes[0], sizes[1]
+
+
+def _rows(keys: torch.Tensor, num_rows: int, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted flat keys ``row * num_cols + col`` -> (counts [rows], padded indices [rows, cols])."""
+    row, col = keys // num_cols, keys % num_cols
+    counts = torch.bincount(row, minlength=num_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(keys.numel(), device=keys.device) - starts[row]
+    indices = torch.zeros(num_rows, num_cols, dtype=torch.int32, device=keys.device)
+    indices[row, pos] = col.to(torch.int32)
+    return counts.to(torch.int32)[None, None], indices[None, None]
+
+
+def _transpose(keys: torch.Tensor, num_rows: int, num_cols: int) -> torch.Tensor:
+    """Sorted keys of the transposed pair set."""
+    row, col = keys // num_cols, keys % num_cols
+    return torch.sort(col * num_rows + row).values
+
+
+def pattern_block_mask(
+    pattern: NAPattern,
+    q_tile: tuple[int, ...],
+    kv_tile: tuple[int, ...],
+    q_block: int,
+    kv_block: int,
+    device: torch.device,
+) -> BlockMask:
+    """BlockMask of a validated pattern (see :func:`na_block_mask`)."""
+    partial, full, num_q, num_kv = block_pairs(pattern, q_tile, kv_tile, q_block, kv_block, device)
+    tables = build_tables(pattern, q_tile, kv_tile, device)
+    kv_num, kv_idx = _rows(partial, num_q, num_kv)
+    full_kv_num, full_kv_idx = _rows(full, num_q, num_kv)
+    q_num, q_idx = _rows(_transpose(partial, num_q, num_kv), num_kv, num_q)
+    full_q_num, full_q_idx = _rows(_transpose(full, num_q, num_kv), num_kv, num_q)
+    return BlockMask(
+        seq_lengths=(tables.q_len, tables.kv_len),
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_kv_num,
+        full_kv_indices=full_kv_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=tables.mask_mod(),
+    )
+
+
+def na_block_mask(
+    shape: IntOrTuple,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    *,
+    q_tile: int | Sequence[int] | None = None,
+    kv_tile: int | Sequence[int] | None = None,
+    block_size: int | Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+) -> BlockMask:
+    """Analytic FlexAttention ``BlockMask`` of neighborhood attention.
+
+    Arguments as :func:`flexna.na_mask_mod`. ``block_size`` is an int or a
+    ``(q, kv)`` pair of token counts; by default 128 for a row-major side
+    and the tile's token count for a tiled side (a block is then one tile);
+    an explicit size must be a multiple of the side's tile token count.
+    The mask is built with vectorised tensor ops on ``device`` in
+    O(query blocks x key blocks reached) (never over all N^2 pairs) and
+    equals ``create_block_mask(na_mask_mod(...), None, None, Nq, Nkv,
+    BLOCK_SIZE=(q, kv))`` block for block, with full and partial blocks
+    separated. Nq / Nkv are the (padded) lengths of the chosen orders.
+    """
+    pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
+    q_t = as_tile("q_tile", q_tile, pattern.shape)
+    kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
+    q_block, kv_block = resolve_block_sizes(block_size, q_t, kv_t)
+    return pattern_block_mask(pattern, q_t, kv_t, q_block, kv_block, _resolve_device(device))

@@ -1,0 +1,200 @@
+"""Which (query block, key block) pairs a pattern touches, from geometry alone.
+
+Pure index math on tensors (no FlexAttention): the output is two sorted
+lists of block pairs, *any* (some pair of tokens attends) and *full* (every
+pair attends, all tokens real). ``blockmask.py`` turns them into a BlockMask.
+
+Method. A block of the tiled order is a union of at most ``2n - 1`` boxes
+(:func:`flexna.geometry.block_boxes`). With dilation 1 on every axis:
+
+* the keys reached by a box of queries form the box whose per-axis interval
+  is ``[lo(first), hi(last)]`` (windows are monotone and gap-free), so the
+  key blocks *reached* by a query block are exactly the blocks touching
+  those boxes;
+* the keys attended by *every* query of the block form the box
+  ``[max lo(last), min hi(first)]``, so the *full* key blocks are exactly
+  the complete blocks lying inside it.
+
+Both are found by walking the box's lines (maximal runs contiguous in the
+key order), so the cost is O(lines + pairs reached), never O(N^2). With
+dilation the unions are not boxes; the bounding boxes then give candidates
+and an exact per-axis test over box pairs (per dilation residue) decides.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flexna.geometry import axis_window_bounds, block_boxes, tile_grid
+from flexna.pattern import NAPattern
+
+
+def _ravel(coords: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    flat = torch.zeros_like(coords[..., 0])
+    for a, size in enumerate(dims):
+        flat = flat * size + coords[..., a]
+    return flat
+
+
+def _expand(owner: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand inclusive ranges ``[first, last]`` into ``(owner, value)`` pairs."""
+    counts = (last - first + 1).clamp_min(0)
+    owner_rep = torch.repeat_interleave(owner, counts)
+    start_rep = torch.repeat_interleave(first, counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(owner_rep.numel(), device=owner.device) - torch.repeat_interleave(offsets, counts)
+    return owner_rep, start_rep + pos
+
+
+def _box_lines(
+    owner: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor, grid: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split tile-grid boxes ``[t_lo, t_hi]`` into maximal runs contiguous in row-major order.
+
+    Returns ``(owner, start, end)`` per run, flat tile indices inclusive. Axes
+    after the run axis span the whole grid, so consecutive runs of one box
+    are never adjacent: a key block inside the box lies inside one run.
+    """
+    n = len(grid)
+    gmax = torch.tensor(grid, device=t_lo.device) - 1
+    whole = (t_lo == 0) & (t_hi == gmax)
+    # suffix[a]: every axis after a spans the grid; the run axis is the first such a.
+    suffix = torch.flip(torch.cumprod(torch.flip(whole.long(), [1]), 1), [1])
+    suffix = torch.cat([suffix[:, 1:], torch.ones_like(suffix[:, :1])], dim=1)
+    run_axis = n - suffix.sum(dim=1)
+    axis = torch.arange(n, device=t_lo.device)
+    prefix = axis[None, :] < run_axis[:, None]
+    extent = torch.where(prefix, t_hi - t_lo + 1, torch.ones_like(t_lo))
+    lines = extent.prod(dim=1)
+    row = torch.repeat_interleave(torch.arange(owner.numel(), device=owner.device), lines)
+    offsets = torch.cumsum(lines, 0) - lines
+    local = torch.arange(row.numel(), device=owner.device) - offsets[row]
+    ext = extent[row]
+    step = []
+    for a in reversed(range(n)):
+        step.append(local % ext[:, a])
+        local = local // ext[:, a]
+    step = torch.stack(step[::-1], dim=1)
+    lo, hi = t_lo[row], t_hi[row]
+    start = lo + step
+    end = torch.where(prefix[row], start, hi)
+    return owner[row], _ravel(start, grid), _ravel(end, grid)
+
+
+def _range_extreme(table: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: int, lowest: bool) -> torch.Tensor:
+    """min (``lowest``) or max of ``table`` over ``[a, b]`` for a table monotone per residue mod d."""
+    if d == 1:
+        return table[a] if lowest else table[b]
+    off = torch.arange(d, device=a.device)
+    if lowest:
+        idx = torch.minimum(a[..., None] + off, b[..., None])
+        return table[idx].amin(dim=-1)
+    idx = torch.maximum(b[..., None] - off, a[..., None])
+    return table[idx].amax(dim=-1)
+
+
+def _exact_pairs(
+    qa: torch.Tensor, qb: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor,
+    lo: torch.Tensor, hi: torch.Tensor, d: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis (some pair attends, every pair attends) for query/key intervals."""
+    if d == 1:
+        some = (lo[qa] <= kb) & (hi[qb] >= ka)
+        every = (lo[qb] <= ka) & (hi[qa] >= kb)
+        return some, every
+    r = torch.arange(d, device=qa.device)
+    qa_, qb_, ka_, kb_ = qa[..., None], qb[..., None], ka[..., None], kb[..., None]
+    xf = qa_ + (r - qa_) % d
+    xl = qb_ - (qb_ - r) % d
+    yf = ka_ + (r - ka_) % d
+    yl = kb_ - (kb_ - r) % d
+    top = lo.numel() - 1
+    some = ((xf <= qb_) & (yf <= kb_) & (lo[xf.clamp(max=top)] <= yl)
+            & (hi[xl.clamp(min=0)] >= yf)).any(dim=-1)
+    every = ((qa == qb) & (ka == kb) & ((ka - qa) % d == 0)
+             & (lo[qa] <= ka) & (ka <= hi[qa]))
+    return some, every
+
+
+def block_pairs(
+    pattern: NAPattern,
+    q_tile: tuple[int, ...],
+    kv_tile: tuple[int, ...],
+    q_block: int,
+    kv_block: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Block pairs of ``pattern`` as sorted flat keys ``q_block_index * num_kv_blocks + kv``.
+
+    ``q_block``/``kv_block`` are block sizes in tokens, multiples of the tile
+    token counts. Returns ``(partial, full, num_q_blocks, num_kv_blocks)``.
+    """
+    n = pattern.ndim
+    q_tiles = q_block // math.prod(q_tile)
+    kv_tiles = kv_block // math.prod(kv_tile)
+    kv_grid = tile_grid(pattern.shape, kv_tile)
+    num_kv = -(-math.prod(kv_grid) // kv_tiles)
+    qlo, qhi, qcount = block_boxes(pattern.shape, q_tile, q_tiles, device)
+    num_q = qlo.shape[0]
+    bounds = [axis_window_bounds(pattern.shape[a], pattern.kernel_size[a], pattern.stride[a],
+                                 pattern.dilation[a], pattern.is_causal[a], device)
+              for a in range(n)]
+    box_ok = qlo[..., 0] <= qhi[..., 0]  # [nq, S]
+    shape_max = torch.tensor(pattern.shape, device=device) - 1
+    qa = torch.minimum(qlo, shape_max)
+    qb = torch.minimum(qhi.clamp_min(0), shape_max)
+    w_lo = torch.stack([_range_extreme(bounds[a][0], qa[..., a], qb[..., a],
+                                       pattern.dilation[a], True) for a in range(n)], -1)
+    w_hi = torch.stack([_range_extreme(bounds[a][1], qa[..., a], qb[..., a],
+                                       pattern.dilation[a], False) for a in range(n)], -1)
+    kv_t = torch.tensor(kv_tile, device=device)
+    owner = torch.arange(num_q, device=device)[:, None].expand_as(box_ok)[box_ok]
+    line_owner, start, end = _box_lines(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t, kv_grid)
+    q_idx, kv_idx = _expand(line_owner, start // kv_tiles, end // kv_tiles)
+    reached = torch.unique(q_idx * num_kv + kv_idx)
+
+    q_complete = qcount == q_block
+    if all(d == 1 for d in pattern.dilation):
+        big = torch.iinfo(torch.int64).max
+        i_lo = torch.stack([torch.where(box_ok, bounds[a][0][qb[..., a]], -1).amax(1)
+                            for a in range(n)], -1)
+        i_hi = torch.stack([torch.where(box_ok, bounds[a][1][qa[..., a]], big).amin(1)
+                            for a in range(n)], -1)
+        t_lo = -(-i_lo // kv_t)
+        t_hi = (i_hi + 1) // kv_t - 1
+        ok = q_complete & (t_lo <= t_hi).all(dim=1)
+        rows = torch.arange(num_q, device=device)[ok]
+        line_owner, start, end = _box_lines(rows, t_lo[ok], t_hi[ok], kv_grid)
+        q_idx, kv_idx = _expand(line_owner, -(-start // kv_tiles), (end + 1) // kv_tiles - 1)
+        full = q_idx * num_kv + kv_idx  # runs are disjoint and ordered: already sorted
+        full = torch.sort(full).values
+        partial = reached[~torch.isin(reached, full)]
+        return partial, full, num_q, num_kv
+
+    klo, khi, kcount = block_boxes(pattern.shape, kv_tile, kv_tiles, device)
+    some_list, every_list = [], []
+    slots = qlo.shape[1]
+    chunk = max(1, 2**22 // (slots * slots * n * max(pattern.dilation)))
+    for c0 in range(0, reached.numel(), chunk):
+        keys = reached[c0:c0 + chunk]
+        qi, ki = keys // num_kv, keys % num_kv
+        some = torch.ones(keys.numel(), slots, slots, dtype=torch.bool, device=device)
+        every = torch.ones_like(some)
+        for a in range(n):
+            qa_ = qa[qi, :, a][:, :, None]
+            qb_ = qb[qi, :, a][:, :, None]
+            ka_ = klo[ki, :, a].clamp(0, pattern.shape[a] - 1)[:, None, :]
+            kb_ = khi[ki, :, a].clamp(0, pattern.shape[a] - 1)[:, None, :]
+            s_a, e_a = _exact_pairs(qa_, qb_, ka_, kb_, bounds[a][0], bounds[a][1],
+                                    pattern.dilation[a])
+            some &= s_a
+            every &= e_a
+        pair_ok = box_ok[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
+        some_list.append((some & pair_ok).flatten(1).any(1))
+        every_list.append(((every | ~pair_ok).flatten(1).all(1)
+                           & q_complete[qi] & (kcount[ki] == kv_block)))
+    some = torch.cat(some_list) if some_list else reached.new_zeros(0, dtype=torch.bool)
+    every = torch.cat(every_list) if every_list else some
+    return reached[some & ~every], reached[every], num_q, num_kv

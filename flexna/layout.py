@@ -1,0 +1,98 @@
+"""Token orders: row-major and tiled, and moving tensors between them.
+
+Tiled order makes every tile of shape ``tile`` (one int per layout axis)
+contiguous: tiles follow each other in row-major order over the tile grid and
+the tokens inside a tile are row-major too. An axis not divisible by its tile
+is padded at its end; padded positions hold zeros, are never attended by the
+masks flexna builds, and are dropped again by :func:`untile_tokens`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from flexna.geometry import padded_shape, tile_grid
+from flexna.pattern import as_int_tuple, as_shape
+
+
+def as_tile(name: str, tile: int | Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Validate a tile against a layout; ``None`` means row-major (all ones)."""
+    if tile is None:
+        return (1,) * len(shape)
+    tile_t = as_int_tuple(name, tile, len(shape))
+    for axis, t in enumerate(tile_t):
+        if t < 1:
+            raise ValueError(f"{name}[axis {axis}] = {t} is out of range: need >= 1")
+    tokens = math.prod(padded_shape(shape, tile_t))
+    if tokens > 2**31 - 1:
+        raise ValueError(
+            f"{name} = {tile_t} pads layout {shape} to {tokens} tokens, more than int32 "
+            "indices allow"
+        )
+    return tile_t
+
+
+def tiled_length(shape: Sequence[int], tile: int | Sequence[int] | None) -> int:
+    """Sequence length of the tiled order (layout padded to whole tiles)."""
+    shape_t = as_shape("shape", shape)
+    return math.prod(padded_shape(shape_t, as_tile("tile", tile, shape_t)))
+
+
+def _check_spatial(x: torch.Tensor, first: int, shape: tuple[int, ...], what: str) -> None:
+    n = len(shape)
+    if x.dim() < first + n or tuple(x.shape[first:first + n]) != shape:
+        raise ValueError(
+            f"x must be shaped [batch, {', '.join(map(str, shape))}, ...] for {what}, "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def tile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]) -> torch.Tensor:
+    """``[B, *shape, *rest]`` (row-major layout) -> ``[B, N_tiled, *rest]`` (tiled order).
+
+    Axes not divisible by their tile are zero-padded at their end.
+    """
+    shape_t = as_shape("shape", shape)
+    tile_t = as_tile("tile", tile, shape_t)
+    _check_spatial(x, 1, shape_t, "tile_tokens")
+    n = len(shape_t)
+    rest = tuple(x.shape[1 + n:])
+    padded = padded_shape(shape_t, tile_t)
+    if padded != shape_t:
+        pad: list[int] = [0, 0] * len(rest)
+        for length, p in zip(reversed(shape_t), reversed(padded), strict=True):
+            pad += [0, p - length]
+        x = torch.nn.functional.pad(x, pad)
+    grid = tile_grid(shape_t, tile_t)
+    split = [x.shape[0]]
+    for g, t in zip(grid, tile_t, strict=True):
+        split += [g, t]
+    x = x.reshape(*split, *rest)
+    order = [0] + [1 + 2 * a for a in range(n)] + [2 + 2 * a for a in range(n)]
+    order += list(range(1 + 2 * n, x.dim()))
+    return x.permute(order).reshape(x.shape[0], math.prod(padded), *rest)
+
+
+def untile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]) -> torch.Tensor:
+    """``[B, N_tiled, *rest]`` (tiled order) -> ``[B, *shape, *rest]``; drops padding."""
+    shape_t = as_shape("shape", shape)
+    tile_t = as_tile("tile", tile, shape_t)
+    n = len(shape_t)
+    padded = padded_shape(shape_t, tile_t)
+    if x.dim() < 2 or x.shape[1] != math.prod(padded):
+        raise ValueError(
+            f"x must be shaped [batch, {math.prod(padded)}, ...] (layout {shape_t} in "
+            f"tile {tile_t} order), got {tuple(x.shape)}"
+        )
+    rest = tuple(x.shape[2:])
+    grid = tile_grid(shape_t, tile_t)
+    x = x.reshape(x.shape[0], *grid, *tile_t, *rest)
+    order = [0]
+    for a in range(n):
+        order += [1 + a, 1 + n + a]
+    order += list(range(1 + 2 * n, x.dim()))
+    x = x.permute(order).reshape(x.shape[0], *padded, *rest)
+    return x[(slice(None), *(slice(0, length) for length in shape_t))]

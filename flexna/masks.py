@@ -1,0 +1,128 @@
+"""FlexAttention ``mask_mod`` for a neighborhood pattern, table driven.
+
+Inside a partial block FlexAttention evaluates the mask_mod on every
+(query, key) element, so it must be cheap. Instead of recovering N-D
+coordinates with div/mod chains per element, we precompute per token:
+
+* per key and axis, ``pos = (y % d) * L + y`` (just ``y`` when ``d == 1``);
+* per query and axis, ``lo = g * L + lo(x)`` and ``hi = g * L + hi(x)``
+  with ``g = x % d`` — the window bounds shifted into the query's dilation
+  group, so that ``lo <= pos <= hi`` checks the window *and* the group.
+
+A pair attends iff that holds on every axis: per element, ``3n`` loads and
+``2n`` compares. The same tables describe any token order (row-major or
+tiled), and padding is a key ``pos`` of ``-1`` / a query window ``[1, 0]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flexna.geometry import axis_window_bounds, ordered_coords
+from flexna.layout import as_tile
+from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class MaskTables:
+    """Per-token lookup tables of one pattern in one (q order, kv order) pair."""
+
+    pattern: NAPattern
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    q_lo: tuple[torch.Tensor, ...]  # per axis, [Nq]
+    q_hi: tuple[torch.Tensor, ...]
+    kv_pos: tuple[torch.Tensor, ...]  # per axis, [Nkv]
+
+    @property
+    def q_len(self) -> int:
+        return self.q_lo[0].numel()
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv_pos[0].numel()
+
+    def mask_mod(self) -> MaskMod:
+        """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` reading these tables."""
+        q_lo, q_hi, kv_pos = self.q_lo, self.q_hi, self.kv_pos
+
+        def na_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                    kv_idx: torch.Tensor) -> torch.Tensor:
+            ok = None
+            for lo, hi, pos in zip(q_lo, q_hi, kv_pos, strict=True):
+                y = pos[kv_idx]
+                axis_ok = (lo[q_idx] <= y) & (y <= hi[q_idx])
+                ok = axis_ok if ok is None else ok & axis_ok
+            return ok
+
+        return na_mask
+
+
+def build_tables(
+    pattern: NAPattern,
+    q_tile: tuple[int, ...],
+    kv_tile: tuple[int, ...],
+    device: torch.device | str | None = None,
+) -> MaskTables:
+    """Lookup tables for ``pattern`` with queries in ``q_tile`` and keys in ``kv_tile`` order."""
+    q_coords = ordered_coords(pattern.shape, q_tile, device)
+    kv_coords = ordered_coords(pattern.shape, kv_tile, device)
+    q_lo, q_hi, kv_pos = [], [], []
+    for a in range(pattern.ndim):
+        length, d = pattern.shape[a], pattern.dilation[a]
+        dtype = torch.int32 if d * length < 2**31 - 1 else torch.int64
+        lo, hi = axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
+                                    pattern.is_causal[a], device)
+        x = q_coords[:, a]
+        q_valid = x >= 0
+        xs = x.clamp_min(0)
+        shift = (xs % d) * length
+        q_lo.append(torch.where(q_valid, lo[xs] + shift, 1).to(dtype))
+        q_hi.append(torch.where(q_valid, hi[xs] + shift, 0).to(dtype))
+        y = kv_coords[:, a]
+        kv_pos.append(torch.where(y >= 0, (y % d) * length + y, -1).to(dtype))
+    return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos))
+
+
+def na_mask_mod(
+    shape: IntOrTuple,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    *,
+    q_tile: int | Sequence[int] | None = None,
+    kv_tile: int | Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+) -> MaskMod:
+    """FlexAttention ``mask_mod`` of neighborhood attention over a token layout.
+
+    Args:
+        shape: token layout ``(L_1, ..., L_n)``, 1 to 3 axes.
+        kernel_size, stride, dilation, is_causal: per-axis pattern parameters
+            (a scalar applies to every axis); see ``SEMANTICS.md``.
+        q_tile, kv_tile: token order of queries / keys. ``None`` is row-major;
+            a tile (one int per axis) is the tiled order of
+            :func:`flexna.tile_tokens`, whose padded positions never attend.
+        device: where the lookup tables live; must be the device of the
+            tensors you run attention on (default: torch's default device).
+
+    The returned function takes ``(b, h, q_idx, kv_idx)`` and works with
+    ``create_mask``, ``create_block_mask`` and eager or compiled
+    ``flex_attention``.
+    """
+    pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
+    q_t = as_tile("q_tile", q_tile, pattern.shape)
+    kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
+    return build_tables(pattern, q_t, kv_t, _resolve_device(device)).mask_mod()
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.empty(0).device
+    return torch.device(device)

@@ -1,0 +1,85 @@
+"""Brute-force reference: the dense mask straight from the definition, float64 attention.
+
+This module deliberately shares no code with the mask builders: it restates
+the per-axis rule of ``SEMANTICS.md`` literally over all ``N x N`` pairs with
+NumPy, so that tests and ``flexna verify`` compare the fast paths against an
+independent statement of the contract. It is O(N^2) in time and memory: use
+it on small layouts only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def _per_axis(value: int | bool | Sequence, n: int) -> list:
+    if isinstance(value, (int, bool, np.integer)):
+        return [value] * n
+    return list(value)
+
+
+def reference_mask(
+    shape: int | Sequence[int],
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    is_causal: bool | Sequence[bool] = False,
+) -> torch.Tensor:
+    """Dense ``[N, N]`` bool mask in row-major token order: ``[q, k]`` True iff q attends k.
+
+    Inputs are taken as given (no validation beyond what the rule needs);
+    pass only valid patterns.
+    """
+    shape = [shape] if isinstance(shape, (int, np.integer)) else list(shape)
+    n = len(shape)
+    ks, ss, ds, cs = (_per_axis(v, n) for v in (kernel_size, stride, dilation, is_causal))
+    total = int(np.prod(shape))
+    coords = np.stack(np.unravel_index(np.arange(total), shape), axis=1)  # [N, n]
+    allowed = np.ones((total, total), dtype=bool)
+    for a in range(n):
+        length, k, s, d, causal = shape[a], ks[a], ss[a], ds[a], bool(cs[a])
+        x = coords[:, a][:, None]  # query coordinate, column vector
+        y = coords[:, a][None, :]  # key coordinate, row vector
+        same_group = (x % d) == (y % d)
+        g = x % d
+        xg, yg = x // d, y // d
+        group_len = -(-(length - g) // d)  # ceil((L - g) / d)
+        if causal:
+            leader = np.minimum((xg // s) * s + s - 1, group_len - 1)
+            ok = (yg <= xg) & (leader - yg < k)
+        else:
+            left = k // 2
+            right = k // 2 + (k % 2) - 1
+            leader = np.minimum((xg // s) * s + s // 2, group_len - 1)
+            centre = np.clip(leader, left, group_len - 1 - right)
+            ok = (centre - left <= yg) & (yg <= centre + right)
+        allowed &= same_group & ok
+    return torch.from_numpy(allowed)
+
+
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention in float64 on the CPU.
+
+    ``query`` ``[B, H, Nq, D]``, ``key``/``value`` ``[B, H, Nkv, D(v)]``,
+    ``mask`` broadcastable to ``[B, H, Nq, Nkv]`` (True = attend). Returns
+    ``(out, lse)`` like ``flex_attention(..., return_lse=True)``: rows with no
+    key attended give output 0 and lse ``-inf``.
+    """
+    q, k, v = (t.detach().to("cpu", torch.float64) for t in (query, key, value))
+    mask = mask.to("cpu")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+    probs = probs.masked_fill(~mask, 0.0)
+    return probs @ v, lse
