@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.blocksparsity import block_pairs
+from flexna.blocksparsity import block_maps
 from flexna.layout import as_tile
 from flexna.masks import _resolve_device, build_tables
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern, as_int_tuple
@@ -43,21 +43,19 @@ def resolve_block_sizes(
     return sizes[0], sizes[1]
 
 
-def _rows(keys: torch.Tensor, num_rows: int, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted flat keys ``row * num_cols + col`` -> (counts [rows], padded indices [rows, cols])."""
-    row, col = keys // num_cols, keys % num_cols
-    counts = torch.bincount(row, minlength=num_rows)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(keys.numel(), device=keys.device) - starts[row]
-    indices = torch.zeros(num_rows, num_cols, dtype=torch.int32, device=keys.device)
+def _ordered(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``[rows, cols]`` -> BlockMask's (counts ``[1, 1, rows]``, indices ``[1, 1, rows, cols]``).
+
+    Each row lists its True columns in increasing order, then zeros.
+    """
+    rows, cols = block_map.shape
+    row, col = block_map.nonzero(as_tuple=True)
+    counts = block_map.sum(dim=1, dtype=torch.int32)
+    starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
+    pos = torch.arange(row.numel(), device=row.device) - starts[row]
+    indices = torch.zeros(rows, cols, dtype=torch.int32, device=block_map.device)
     indices[row, pos] = col.to(torch.int32)
-    return counts.to(torch.int32)[None, None], indices[None, None]
-
-
-def _transpose(keys: torch.Tensor, num_rows: int, num_cols: int) -> torch.Tensor:
-    """Sorted keys of the transposed pair set."""
-    row, col = keys // num_cols, keys % num_cols
-    return torch.sort(col * num_rows + row).values
+    return counts[None, None], indices[None, None]
 
 
 def pattern_block_mask(
@@ -69,12 +67,12 @@ def pattern_block_mask(
     device: torch.device,
 ) -> BlockMask:
     """BlockMask of a validated pattern (see :func:`na_block_mask`)."""
-    partial, full, num_q, num_kv = block_pairs(pattern, q_tile, kv_tile, q_block, kv_block, device)
+    partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device)
     tables = build_tables(pattern, q_tile, kv_tile, device)
-    kv_num, kv_idx = _rows(partial, num_q, num_kv)
-    full_kv_num, full_kv_idx = _rows(full, num_q, num_kv)
-    q_num, q_idx = _rows(_transpose(partial, num_q, num_kv), num_kv, num_q)
-    full_q_num, full_q_idx = _rows(_transpose(full, num_q, num_kv), num_kv, num_q)
+    kv_num, kv_idx = _ordered(partial)
+    full_kv_num, full_kv_idx = _ordered(full)
+    q_num, q_idx = _ordered(partial.t())
+    full_q_num, full_q_idx = _ordered(full.t())
     return BlockMask(
         seq_lengths=(tables.q_len, tables.kv_len),
         kv_num_blocks=kv_num,

@@ -15,8 +15,8 @@ Method. A block of the tiled order is a union of at most ``2n - 1`` boxes
   ``[max lo(last), min hi(first)]``, so the *full* key blocks are exactly
   the complete blocks lying inside it.
 
-Both are found by walking the box's lines (maximal runs contiguous in the
-key order), so the cost is O(lines + pairs reached), never O(N^2). With
+Both are found by walking the boxes in runs contiguous in the
+key order), so the cost is O(runs + pairs reached), never O(N^2). With
 dilation the unions are not boxes; the bounding boxes then give candidates
 and an exact per-axis test over box pairs (per dilation residue) decides.
 """
@@ -48,29 +48,42 @@ def _expand(owner: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> tup
     return owner_rep, start_rep + pos
 
 
-def _box_lines(
-    owner: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor, grid: tuple[int, ...]
+def _box_runs(
+    owner: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor, grid: tuple[int, ...],
+    max_gap: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split tile-grid boxes ``[t_lo, t_hi]`` into maximal runs contiguous in row-major order.
+    """Cover tile-grid boxes ``[t_lo, t_hi]`` with runs of row-major flat indices.
 
-    Returns ``(owner, start, end)`` per run, flat tile indices inclusive. Axes
-    after the run axis span the whole grid, so consecutive runs of one box
-    are never adjacent: a key block inside the box lies inside one run.
+    A box is walked along its slowest axes ("prefix") and each step is one
+    run ``[ravel(prefix, t_lo[m:]), ravel(prefix, t_hi[m:])]``. The run axis
+    ``m`` is moved outwards while the holes between consecutive runs are
+    shorter than ``max_gap`` tiles. With ``max_gap = 1`` runs hold exactly
+    the box's tiles and no two runs touch, so a block lies inside the box iff
+    it lies inside one run. With ``max_gap`` = tiles per block, a run may
+    include holes, but no block fits in a hole, so the blocks a run touches
+    are exactly the blocks the box touches in it (far fewer runs).
+    Returns ``(owner, start, end)`` per run, inclusive.
     """
     n = len(grid)
-    gmax = torch.tensor(grid, device=t_lo.device) - 1
-    whole = (t_lo == 0) & (t_hi == gmax)
-    # suffix[a]: every axis after a spans the grid; the run axis is the first such a.
-    suffix = torch.flip(torch.cumprod(torch.flip(whole.long(), [1]), 1), [1])
-    suffix = torch.cat([suffix[:, 1:], torch.ones_like(suffix[:, :1])], dim=1)
-    run_axis = n - suffix.sum(dim=1)
-    axis = torch.arange(n, device=t_lo.device)
+    device = t_lo.device
+    # span of the box restricted to axes >= j, in the flat index of grid[j:]
+    merge = []
+    for j in range(1, n):
+        sub = grid[j:]
+        span = _ravel(t_hi[:, j:], sub) - _ravel(t_lo[:, j:], sub) + 1
+        merge.append(math.prod(sub) - span < max_gap)
+    if merge:
+        m_ok = torch.stack(merge, dim=1).long()  # m_ok[:, j-1]: may merge axis j into j-1
+        run_axis = (n - 1) - torch.flip(torch.cumprod(torch.flip(m_ok, [1]), 1), [1]).sum(1)
+    else:
+        run_axis = torch.zeros(t_lo.shape[0], dtype=torch.long, device=device)
+    axis = torch.arange(n, device=device)
     prefix = axis[None, :] < run_axis[:, None]
     extent = torch.where(prefix, t_hi - t_lo + 1, torch.ones_like(t_lo))
     lines = extent.prod(dim=1)
-    row = torch.repeat_interleave(torch.arange(owner.numel(), device=owner.device), lines)
+    row = torch.repeat_interleave(torch.arange(owner.numel(), device=device), lines)
     offsets = torch.cumsum(lines, 0) - lines
-    local = torch.arange(row.numel(), device=owner.device) - offsets[row]
+    local = torch.arange(row.numel(), device=device) - offsets[row]
     ext = extent[row]
     step = []
     for a in reversed(range(n)):
@@ -118,18 +131,19 @@ def _exact_pairs(
     return some, every
 
 
-def block_pairs(
+def block_maps(
     pattern: NAPattern,
     q_tile: tuple[int, ...],
     kv_tile: tuple[int, ...],
     q_block: int,
     kv_block: int,
     device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Block pairs of ``pattern`` as sorted flat keys ``q_block_index * num_kv_blocks + kv``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block maps of ``pattern``: ``(partial, full)``, bool ``[num_q_blocks, num_kv_blocks]``.
 
     ``q_block``/``kv_block`` are block sizes in tokens, multiples of the tile
-    token counts. Returns ``(partial, full, num_q_blocks, num_kv_blocks)``.
+    token counts. The maps are dense at block granularity only (BlockMask's
+    own index tensors are that size); filling them costs O(pairs reached).
     """
     n = pattern.ndim
     q_tiles = q_block // math.prod(q_tile)
@@ -151,9 +165,12 @@ def block_pairs(
                                        pattern.dilation[a], False) for a in range(n)], -1)
     kv_t = torch.tensor(kv_tile, device=device)
     owner = torch.arange(num_q, device=device)[:, None].expand_as(box_ok)[box_ok]
-    line_owner, start, end = _box_lines(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t, kv_grid)
-    q_idx, kv_idx = _expand(line_owner, start // kv_tiles, end // kv_tiles)
-    reached = torch.unique(q_idx * num_kv + kv_idx)
+    run_owner, start, end = _box_runs(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t,
+                                      kv_grid, kv_tiles)
+    q_idx, kv_idx = _expand(run_owner, start // kv_tiles, end // kv_tiles)
+    reached = torch.zeros(num_q, num_kv, dtype=torch.bool, device=device)
+    reached[q_idx, kv_idx] = True
+    full = torch.zeros_like(reached)
 
     q_complete = qcount == q_block
     if all(d == 1 for d in pattern.dilation):
@@ -166,21 +183,19 @@ def block_pairs(
         t_hi = (i_hi + 1) // kv_t - 1
         ok = q_complete & (t_lo <= t_hi).all(dim=1)
         rows = torch.arange(num_q, device=device)[ok]
-        line_owner, start, end = _box_lines(rows, t_lo[ok], t_hi[ok], kv_grid)
-        q_idx, kv_idx = _expand(line_owner, -(-start // kv_tiles), (end + 1) // kv_tiles - 1)
-        full = q_idx * num_kv + kv_idx  # runs are disjoint and ordered: already sorted
-        full = torch.sort(full).values
-        partial = reached[~torch.isin(reached, full)]
-        return partial, full, num_q, num_kv
+        run_owner, start, end = _box_runs(rows, t_lo[ok], t_hi[ok], kv_grid, 1)
+        q_idx, kv_idx = _expand(run_owner, -(-start // kv_tiles), (end + 1) // kv_tiles - 1)
+        full[q_idx, kv_idx] = True
+        return reached & ~full, full
 
     klo, khi, kcount = block_boxes(pattern.shape, kv_tile, kv_tiles, device)
-    some_list, every_list = [], []
     slots = qlo.shape[1]
+    cand_q, cand_kv = reached.nonzero(as_tuple=True)
+    reached.zero_()
     chunk = max(1, 2**22 // (slots * slots * n * max(pattern.dilation)))
-    for c0 in range(0, reached.numel(), chunk):
-        keys = reached[c0:c0 + chunk]
-        qi, ki = keys // num_kv, keys % num_kv
-        some = torch.ones(keys.numel(), slots, slots, dtype=torch.bool, device=device)
+    for c0 in range(0, cand_q.numel(), chunk):
+        qi, ki = cand_q[c0:c0 + chunk], cand_kv[c0:c0 + chunk]
+        some = torch.ones(qi.numel(), slots, slots, dtype=torch.bool, device=device)
         every = torch.ones_like(some)
         for a in range(n):
             qa_ = qa[qi, :, a][:, :, None]
@@ -192,9 +207,9 @@ def block_pairs(
             some &= s_a
             every &= e_a
         pair_ok = box_ok[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
-        some_list.append((some & pair_ok).flatten(1).any(1))
-        every_list.append(((every | ~pair_ok).flatten(1).all(1)
-                           & q_complete[qi] & (kcount[ki] == kv_block)))
-    some = torch.cat(some_list) if some_list else reached.new_zeros(0, dtype=torch.bool)
-    every = torch.cat(every_list) if every_list else some
-    return reached[some & ~every], reached[every], num_q, num_kv
+        some = (some & pair_ok).flatten(1).any(1)
+        every = ((every | ~pair_ok).flatten(1).all(1) & some
+                 & q_complete[qi] & (kcount[ki] == kv_block))
+        reached[qi, ki] = some & ~every
+        full[qi, ki] = every
+    return reached, full

@@ -66,14 +66,39 @@ def tile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]
         for length, p in zip(reversed(shape_t), reversed(padded), strict=True):
             pad += [0, p - length]
         x = torch.nn.functional.pad(x, pad)
-    grid = tile_grid(shape_t, tile_t)
+    return _permute_to_tiles(x, tile_grid(shape_t, tile_t), tile_t)
+
+
+def _permute_to_tiles(x: torch.Tensor, grid: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
+    """``[B, *padded, *rest]`` with ``padded = grid * tile`` -> ``[B, N_tiled, *rest]``."""
+    n = len(grid)
+    rest = tuple(x.shape[1 + n:])
     split = [x.shape[0]]
-    for g, t in zip(grid, tile_t, strict=True):
+    for g, t in zip(grid, tile, strict=True):
         split += [g, t]
     x = x.reshape(*split, *rest)
     order = [0] + [1 + 2 * a for a in range(n)] + [2 + 2 * a for a in range(n)]
     order += list(range(1 + 2 * n, x.dim()))
-    return x.permute(order).reshape(x.shape[0], math.prod(padded), *rest)
+    return x.permute(order).reshape(x.shape[0], math.prod(grid) * math.prod(tile), *rest)
+
+
+def axis_values_in_order(
+    values: torch.Tensor, axis: int, shape: tuple[int, ...], tile: tuple[int, ...], pad: int
+) -> torch.Tensor:
+    """Per-token table ``[N_tiled]`` whose entry is ``values[coordinate on axis]``.
+
+    ``values`` has one entry per coordinate of ``axis``; positions padded on
+    that axis get ``pad``. Built by broadcasting and one tile permutation,
+    so the cost is one pass over the tokens.
+    """
+    grid = tile_grid(shape, tile)
+    padded = padded_shape(shape, tile)
+    col = torch.full((padded[axis],), pad, dtype=values.dtype, device=values.device)
+    col[: shape[axis]] = values
+    view = [1] * len(shape)
+    view[axis] = padded[axis]
+    full = col.reshape(view).expand(padded)[None]
+    return _permute_to_tiles(full, grid, tile)[0]
 
 
 def untile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]) -> torch.Tensor:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from flexna.geometry import axis_window_bounds, ordered_coords
-from flexna.layout import as_tile
+from flexna.geometry import axis_window_bounds
+from flexna.layout import as_tile, axis_values_in_order
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,22 +70,18 @@ def build_tables(
     device: torch.device | str | None = None,
 ) -> MaskTables:
     """Lookup tables for ``pattern`` with queries in ``q_tile`` and keys in ``kv_tile`` order."""
-    q_coords = ordered_coords(pattern.shape, q_tile, device)
-    kv_coords = ordered_coords(pattern.shape, kv_tile, device)
     q_lo, q_hi, kv_pos = [], [], []
     for a in range(pattern.ndim):
         length, d = pattern.shape[a], pattern.dilation[a]
         dtype = torch.int32 if d * length < 2**31 - 1 else torch.int64
         lo, hi = axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
                                     pattern.is_causal[a], device)
-        x = q_coords[:, a]
-        q_valid = x >= 0
-        xs = x.clamp_min(0)
-        shift = (xs % d) * length
-        q_lo.append(torch.where(q_valid, lo[xs] + shift, 1).to(dtype))
-        q_hi.append(torch.where(q_valid, hi[xs] + shift, 0).to(dtype))
-        y = kv_coords[:, a]
-        kv_pos.append(torch.where(y >= 0, (y % d) * length + y, -1).to(dtype))
+        x = torch.arange(length, device=device)
+        shift = (x % d) * length  # moves the window into the query's dilation group
+        shape = pattern.shape
+        q_lo.append(axis_values_in_order((lo + shift).to(dtype), a, shape, q_tile, 1))
+        q_hi.append(axis_values_in_order((hi + shift).to(dtype), a, shape, q_tile, 0))
+        kv_pos.append(axis_values_in_order((x + shift).to(dtype), a, shape, kv_tile, -1))
     return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos))
 
 

@@ -234,9 +234,12 @@ def natten_attention(
     (which would route to Flex FMHA, and that refuses causal masks) is not taken.
 
     Eager (default) on CPU: fp32/fp16/bf16, head_dim a power of two in [8, 512].
-    ``torch_compile=True`` needs ``natten.allow_flex_compile()`` (done here),
-    fp16/bf16 and head_dim a power of two in [32, 512]; on CPU it goes through
-    inductor's C++ backend (needs a C++ compiler, slow to compile).
+    ``torch_compile=True`` does NOT work on CPU: NATTEN 0.21.7 sets
+    ``_FLEX_COMPILE_SUPPORTED`` only when a CUDA device with compute capability
+    >= 70 is present, so it raises RuntimeError("Can't run NATTEN with Flex
+    Attention (compiled).") here.  (On GPU it additionally needs
+    ``natten.allow_flex_compile()`` -- done here -- fp16/bf16 and head_dim a
+    power of two in [32, 512].)
     """
     _require()
     from natten.backends.flex import flex_fna_generic
