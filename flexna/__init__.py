@@ -7,14 +7,19 @@ The exact pattern is specified in the README ("Semantics").
 """
 
 from flexna.blockmask import na_block_mask
+from flexna.functional import na1d, na2d, na3d, neighborhood_attention
 from flexna.layout import tile_tokens, tiled_length, untile_tokens
 from flexna.masks import na_mask_mod
 from flexna.pattern import NAPattern
 
 __all__ = [
     "NAPattern",
+    "na1d",
+    "na2d",
+    "na3d",
     "na_block_mask",
     "na_mask_mod",
+    "neighborhood_attention",
     "tile_tokens",
     "tiled_length",
     "untile_tokens",
