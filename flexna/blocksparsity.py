@@ -131,6 +131,52 @@ def _exact_pairs(
     return some, every
 
 
+def axis_tile_tables(
+    pattern: NAPattern, axis: int, q_tile: int, kv_tile: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis tile tables ``(some, every)``, bool ``[tiles_q, tiles_kv]`` along ``axis``.
+
+    ``some[i, j]``: a query of q tile ``i`` attends a key of kv tile ``j``
+    along this axis; ``every[i, j]``: all of them do and neither tile is
+    clipped by the layout's end (padding).
+    """
+    length = pattern.shape[axis]
+    lo, hi = axis_window_bounds(length, pattern.kernel_size[axis], pattern.stride[axis],
+                                pattern.dilation[axis], pattern.is_causal[axis], device)
+    tq = torch.arange(-(-length // q_tile), device=device) * q_tile
+    tk = torch.arange(-(-length // kv_tile), device=device) * kv_tile
+    qa, qb = tq, torch.clamp(tq + q_tile, max=length) - 1
+    ka, kb = tk, torch.clamp(tk + kv_tile, max=length) - 1
+    some, every = _exact_pairs(qa[:, None], qb[:, None], ka[None, :], kb[None, :], lo, hi,
+                               pattern.dilation[axis])
+    every = every & (tq + q_tile <= length)[:, None] & (tk + kv_tile <= length)[None, :]
+    return some, every
+
+
+def _tile_maps(
+    pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block maps when every block is exactly one tile (one box): the answer factorises.
+
+    Block ``b`` is tile ``unravel(b)`` of the grid, so "some pair attends" and
+    "every pair attends" are products over axes of :func:`axis_tile_tables`;
+    one broadcast AND gives the dense map.
+    """
+    n = pattern.ndim
+    q_grid, kv_grid = tile_grid(pattern.shape, q_tile), tile_grid(pattern.shape, kv_tile)
+    some = torch.ones(*q_grid, *kv_grid, dtype=torch.bool, device=device)
+    full = torch.ones_like(some)
+    for a in range(n):
+        s_a, e_a = axis_tile_tables(pattern, a, q_tile[a], kv_tile[a], device)
+        view = [1] * (2 * n)
+        view[a], view[n + a] = q_grid[a], kv_grid[a]
+        some &= s_a.reshape(view)
+        full &= e_a.reshape(view)
+    nq, nkv = math.prod(q_grid), math.prod(kv_grid)
+    some, full = some.reshape(nq, nkv), full.reshape(nq, nkv)
+    return some & ~full, full
+
+
 def block_maps(
     pattern: NAPattern,
     q_tile: tuple[int, ...],
@@ -146,8 +192,12 @@ def block_maps(
     own index tensors are that size); filling them costs O(pairs reached).
     """
     n = pattern.ndim
+    if n == 1:  # a 1-D block is one interval: treat it as a tile of its own
+        q_tile, kv_tile = (q_block,), (kv_block,)
     q_tiles = q_block // math.prod(q_tile)
     kv_tiles = kv_block // math.prod(kv_tile)
+    if q_tiles == 1 and kv_tiles == 1:
+        return _tile_maps(pattern, q_tile, kv_tile, device)
     kv_grid = tile_grid(pattern.shape, kv_tile)
     num_kv = -(-math.prod(kv_grid) // kv_tiles)
     qlo, qhi, qcount = block_boxes(pattern.shape, q_tile, q_tiles, device)

@@ -1,0 +1,157 @@
+"""Block-sparsity analysis of a pattern and the choice of tiles.
+
+A fused Flex kernel visits every non-empty (query block, key block) pair:
+full blocks at the price of a dense block, partial blocks at that price plus
+the mask_mod's per-element cost. The cost model is therefore
+
+    cost = (q_block * kv_block / 128**2) * (full + alpha * partial)
+
+in units of one dense 128 x 128 block, with ``alpha`` the relative price of a
+partial block (measured ~1.4 for 2-D and ~1.8 for 3-D table mask_mods on
+Hopper; see ``benchmarks/results``). Dense attention costs ``(N / 128)**2``
+such units, so ``predicted_speedup = dense / cost``.
+
+For tiled orders with one tile per block the block counts factorise over
+axes (:func:`flexna.blocksparsity.axis_tile_tables`), so a search over
+thousands of tile pairs costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flexna.blockmask import DEFAULT_BLOCK, resolve_block_sizes
+from flexna.blocksparsity import axis_tile_tables, block_maps
+from flexna.geometry import padded_shape
+from flexna.layout import as_tile
+from flexna.pattern import NAPattern
+
+
+def partial_cost(ndim: int) -> float:
+    """Relative price ``alpha`` of a partial block (one table lookup pair per axis)."""
+    return 1.0 + 0.25 * ndim
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Block counts and predicted cost of one pattern in one (q order, kv order)."""
+
+    pattern: NAPattern
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    q_block: int
+    kv_block: int
+    full_blocks: int
+    partial_blocks: int
+    total_blocks: int
+
+    @property
+    def density(self) -> float:
+        return self.pattern.density()
+
+    @property
+    def flop_limit(self) -> float:
+        return self.pattern.flop_limit()
+
+    @property
+    def empty_blocks(self) -> int:
+        return self.total_blocks - self.full_blocks - self.partial_blocks
+
+    @property
+    def cost(self) -> float:
+        """Predicted kernel cost in dense 128 x 128 block units."""
+        scale = self.q_block * self.kv_block / DEFAULT_BLOCK**2
+        return scale * (self.full_blocks + partial_cost(self.pattern.ndim) * self.partial_blocks)
+
+    @property
+    def predicted_speedup(self) -> float:
+        """Predicted speed-up of the kernel over dense (unmasked) Flex attention."""
+        dense = (self.pattern.num_tokens / DEFAULT_BLOCK) ** 2
+        return dense / max(self.cost, 1e-9)
+
+    def summary(self) -> str:
+        tiles = ("row-major" if math.prod(self.q_tile) == 1 and math.prod(self.kv_tile) == 1
+                 else f"q tile {'x'.join(map(str, self.q_tile))}, kv tile "
+                 f"{'x'.join(map(str, self.kv_tile))}")
+        return (f"{tiles}, blocks {self.q_block}x{self.kv_block}: {self.full_blocks} full, "
+                f"{self.partial_blocks} partial, {self.empty_blocks} empty; predicted "
+                f"{self.predicted_speedup:.2f}x over dense Flex (FLOP-wise limit "
+                f"{self.flop_limit:.2f}x)")
+
+
+def analyze(
+    pattern: NAPattern,
+    q_tile: int | Sequence[int] | None = None,
+    kv_tile: int | Sequence[int] | None = None,
+    block_size: int | Sequence[int] | None = None,
+) -> Analysis:
+    """Density, FLOP-wise limit, block counts and predicted speed-up of ``pattern``."""
+    q_t = as_tile("q_tile", q_tile, pattern.shape)
+    kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
+    q_block, kv_block = resolve_block_sizes(block_size, q_t, kv_t)
+    partial, full = block_maps(pattern, q_t, kv_t, q_block, kv_block, "cpu")
+    return Analysis(pattern, q_t, kv_t, q_block, kv_block, int(full.sum()), int(partial.sum()),
+                    partial.numel())
+
+
+def _tile_shapes(shape: tuple[int, ...], tokens: int) -> list[tuple[int, ...]]:
+    """Power-of-two tiles with ``tokens`` tokens that waste at most half of any axis."""
+    n = len(shape)
+    powers = [2**i for i in range(int(math.log2(tokens)) + 1)]
+    out = []
+    for tile in itertools.product(powers, repeat=n):
+        if math.prod(tile) != tokens:
+            continue
+        if all(t <= max(1, 2 * length) for t, length in zip(tile, shape, strict=True)):
+            out.append(tile)
+    return out
+
+
+def search_tiles(
+    pattern: NAPattern,
+    q_tokens: Sequence[int] = (128,),
+    kv_tokens: Sequence[int] = (128, 64),
+    top: int = 5,
+) -> list[Analysis]:
+    """Tile pairs (one tile per block) ranked by predicted cost, best first.
+
+    Candidates are power-of-two tiles with ``q_tokens`` / ``kv_tokens`` tokens
+    (the kernel's block sizes). Ties go to fewer partial blocks, so a
+    perfectly block-sparse arrangement (0 partial blocks) is found whenever
+    one exists among the candidates at minimal cost. Padding is accounted for:
+    tiles that pad the layout add blocks.
+    """
+    axis_cache: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+
+    def axis_counts(a: int, tq: int, tk: int) -> tuple[int, int, int, int]:
+        key = (a, tq, tk)
+        if key not in axis_cache:
+            some, every = axis_tile_tables(pattern, a, tq, tk)
+            axis_cache[key] = (int(some.sum()), int(every.sum()), some.shape[0], some.shape[1])
+        return axis_cache[key]
+
+    results = []
+    for qn, kn in itertools.product(q_tokens, kv_tokens):
+        for q_tile in _tile_shapes(pattern.shape, qn):
+            for kv_tile in _tile_shapes(pattern.shape, kn):
+                counts = [axis_counts(a, q_tile[a], kv_tile[a]) for a in range(pattern.ndim)]
+                some = math.prod(c[0] for c in counts)
+                full = math.prod(c[1] for c in counts)
+                total = math.prod(c[2] * c[3] for c in counts)
+                results.append(Analysis(pattern, q_tile, kv_tile, qn, kn, full, some - full, total))
+    results.sort(key=lambda r: (round(r.cost, 6), r.partial_blocks,
+                                math.prod(padded_shape(pattern.shape, r.q_tile))))
+    return results[:top]
+
+
+def best_tiles(pattern: NAPattern) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (q_tile, kv_tile) of the best predicted arrangement for ``pattern``."""
+    best = search_tiles(pattern, top=1)[0]
+    return best.q_tile, best.kv_tile
+
+
+__all__ = ["Analysis", "analyze", "best_tiles", "partial_cost", "search_tiles"]
+
