@@ -23,21 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flexna  # noqa: E402
-from flexna.catalogue import load_entry  # noqa: E402
+import flexna
+from flexna.catalogue import load_entry
 
 DEFAULT_WORKLOADS = ["long-1d", "long-1d-s256", "long-1d-blocked", "flux-na", "flux-gna",
                      "hunyuan-na", "hunyuan-gna"]
-# Tiles per workload: (q_tile, kv_tile). None = row-major with 128-token blocks.
-TILES = {
-    "long-1d": ((128,), (128,)),
-    "long-1d-s256": ((128,), (128,)),
-    "long-1d-blocked": ((128,), (128,)),
-    "flux-na": ((16, 8), (8, 8)),
-    "flux-gna": ((16, 8), (16, 8)),
-    "hunyuan-na": ((2, 8, 8), (2, 8, 4)),
-    "hunyuan-gna": ((2, 8, 8), (2, 8, 8)),
-}
 
 
 def bench(fn, backward: bool = False) -> float:
@@ -52,7 +42,8 @@ def bench(fn, backward: bool = False) -> float:
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
-def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool) -> dict:
+def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
+                 validate: int = 0) -> dict:
     entry = load_entry(name)
     p = entry.pattern
     heads, dim, n = entry.heads, entry.head_dim, p.num_tokens
@@ -80,8 +71,25 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool)
     row["rowmajor"] = bench(lambda: cflex(q, k, v, block_mask=bm), backward)
     row["rowmajor_blocks"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
 
-    # tiled
-    q_tile, kv_tile = TILES.get(name, (None, None))
+    # tiled: the tile search's best arrangement
+    from flexna.analysis import analyze, search_tiles
+
+    ranked = search_tiles(p, top=max(1, validate))
+    q_tile, kv_tile = ranked[0].q_tile, ranked[0].kv_tile
+    if validate:
+        meas = []
+        for cand in [*ranked, analyze(p)]:
+            vbm = flexna.na_block_mask(*args, q_tile=cand.q_tile, kv_tile=cand.kv_tile, device=dev)
+            vq = torch.randn(1, heads, vbm.seq_lengths[0], dim, device=dev, dtype=dtype)
+            vk = torch.randn(1, heads, vbm.seq_lengths[1], dim, device=dev, dtype=dtype)
+            kvb = vbm.BLOCK_SIZE[1]
+            vopts = {"BLOCK_N": kvb} if kvb < 128 else None
+            ms = bench(lambda vq=vq, vk=vk, vbm=vbm, vopts=vopts: cflex(vq, vk, vk, block_mask=vbm,
+                                                                       kernel_options=vopts))
+            meas.append((cand.summary(), cand.cost * heads, ms))  # cost x heads: comparable across rows
+            print(f"  validate {name}: predicted cost {cand.cost * heads:.0f}, measured {ms:.3f} ms — "
+                  f"{cand.summary()}", flush=True)
+        row["validate"] = meas
     if q_tile is not None:
         tbm = flexna.na_block_mask(*args, q_tile=q_tile, kv_tile=kv_tile, device=dev)
         torch.cuda.synchronize()
@@ -136,9 +144,9 @@ def fmt_table(rows: list[dict], dtype: str, backward: bool) -> str:
         best = min(r["rowmajor"], r.get("tiled", math.inf))
         lines.append("| " + " | ".join([
             r["name"], f"{r['cudnn']:.3f}", f"{r['flash']:.3f}", f"{r['flex_dense']:.3f}",
-            f"{r['limit']:.2f}×", f"{r['rowmajor']:.3f}", "%d/%d" % r["rowmajor_blocks"],
+            f"{r['limit']:.2f}×", f"{r['rowmajor']:.3f}", "{}/{}".format(*r["rowmajor_blocks"]),
             f"{r.get('tiled', float('nan')):.3f}", r.get("tiles", "-"),
-            "%d/%d" % r.get("tiled_blocks", (0, 0)), f"{r.get('permute', float('nan')):.3f}",
+            "{}/{}".format(*r.get("tiled_blocks", (0, 0))), f"{r.get('permute', float('nan')):.3f}",
             f"{r['cudnn'] / best:.2f}×", f"{best / (r['flex_dense'] / r['limit']):.2f}",
             f"{r['natten']:.3f}" if "natten" in r else r.get("natten_error", "n/a"),
             f"{r['build_rowmajor_ms']:.2f} / {r.get('build_tiled_ms', float('nan')):.2f}",
@@ -153,6 +161,9 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--validate", type=int, default=0,
+                    help="also time the K best predicted tile pairs (+ row-major) to check the predictor")
+    ap.add_argument("--no-natten", action="store_true")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA device")
@@ -166,9 +177,20 @@ def main() -> None:
     rows = []
     for w in a.workloads:
         t0 = time.time()
-        rows.append(run_workload(w, dtype, a.backward, natten_ok))
+        rows.append(run_workload(w, dtype, a.backward, natten_ok and not a.no_natten, a.validate))
         print(f"{w}: {time.time() - t0:.0f} s {rows[-1]}", flush=True)
     table = fmt_table(rows, a.dtype, a.backward)
+    val = [(w["name"], c, ms) for w in rows for (_, c, ms) in w.get("validate", [])]
+    if len(val) > 2:
+        import statistics
+        costs = [c for _, c, _ in val]
+        times = [ms for _, _, ms in val]
+        # per workload the model predicts time up to a constant: correlate within workloads
+        corr = statistics.correlation(costs, times)
+        table += f"\nPredictor check: Pearson correlation of predicted cost vs measured time over {len(val)} "
+        table += f"(workload, tiles) points: {corr:.3f}\n\n"
+        table += "| workload | predicted cost | measured ms |\n|---|---|---|\n"
+        table += "".join(f"| {w} | {c:.0f} | {ms:.3f} |\n" for w, c, ms in val)
     print(table)
     gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = Path(a.out)

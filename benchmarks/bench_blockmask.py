@@ -21,8 +21,8 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import flexna  # noqa: E402
-from flexna.catalogue import load_entry  # noqa: E402
+import flexna
+from flexna.catalogue import load_entry
 
 CASES = [  # (workload, q_tile, kv_tile)
     ("hunyuan-na", None, None),

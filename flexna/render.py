@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flexna.geometry import axis_window_bounds, padded_shape, tile_grid
+from flexna.geometry import axis_window_bounds, tile_grid
 from flexna.pattern import NAPattern
 
 Colour = tuple[int, int, int]
@@ -298,9 +298,8 @@ class Panel:
                 continue
             rel = [(c - lo) // f for c, (lo, _), f in zip(coord, crop, factors, strict=True)]
             if kind == "strip":
-                r, c = 0, rel[0]
-                height = self_strip_height(cell)
-                return oy, ox + c * cell, oy + height, ox + (c + 1) * cell
+                c = rel[0]
+                return oy, ox + c * cell, oy + STRIP_HEIGHT, ox + (c + 1) * cell
             if kind == "frame":
                 r, c = rel[-2], rel[-1]
             else:
@@ -312,11 +311,7 @@ class Panel:
         return [(oy + dy, ox + dx, *rest) for oy, ox, *rest in self.boxes]
 
 
-STRIP_HEIGHT = 32
-
-
-def self_strip_height(cell: int) -> int:
-    return STRIP_HEIGHT
+STRIP_HEIGHT = 32  # pixels of a 1-D strip
 
 
 def _strip(cat: np.ndarray, cell: int) -> np.ndarray:
@@ -564,7 +559,3 @@ def render_pattern(
 def _summary_line(pattern: NAPattern, stats: BlockStats) -> str:
     return (f"{pattern.num_tokens} tokens, density {pattern.density():.4g}, FLOP-wise limit "
             f"{pattern.flop_limit():.2f}×; {stats.describe()}")
-
-
-def padded_tokens(pattern: NAPattern, tile: Sequence[int]) -> int:
-    return math.prod(padded_shape(pattern.shape, tuple(tile)))
