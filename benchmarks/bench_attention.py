@@ -102,7 +102,7 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
 
         def perm(t, tile):
             return flexna.tile_tokens(t.transpose(1, 2).reshape(1, *p.shape, heads, dim), p.shape,
-                                      tile).transpose(1, 2)
+                                      tile).transpose(1, 2).contiguous()
 
         qt, kt, vt = perm(q.detach(), q_tile), perm(k.detach(), kv_tile), perm(v.detach(), kv_tile)
         if backward:

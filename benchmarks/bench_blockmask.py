@@ -53,6 +53,21 @@ def timed(fn, device: torch.device, reps: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _time_cbm(mask_mod, bm, dev: torch.device, compile_: bool) -> str:
+    """create_block_mask time for the same mask_mod, orders and block sizes (or why not)."""
+    nq, nkv = bm.seq_lengths
+
+    def build():
+        return create_block_mask(mask_mod, None, None, nq, nkv, device=dev, BLOCK_SIZE=bm.BLOCK_SIZE,
+                                 _compile=compile_)
+
+    try:
+        return f"{timed(build, dev, reps=3, warmup=1):.1f}"
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "out of memory"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -77,11 +92,9 @@ def main() -> None:
         cbm = cbm_c = "-"
         if a.create_block_mask:
             mm = flexna.na_mask_mod(*args, q_tile=qt, kv_tile=kt, device=dev)
-            nq, nkv = bm.seq_lengths
-            bs = bm.BLOCK_SIZE
-            cbm = f"{timed(lambda mm=mm, nq=nq, nkv=nkv, bs=bs: create_block_mask(mm, None, None, nq, nkv, device=dev, BLOCK_SIZE=bs), dev, reps=3, warmup=1):.1f}"  # noqa: E501
+            cbm = _time_cbm(mm, bm, dev, compile_=False)
             if dev.type == "cuda":
-                cbm_c = f"{timed(lambda mm=mm, nq=nq, nkv=nkv, bs=bs: create_block_mask(mm, None, None, nq, nkv, device=dev, BLOCK_SIZE=bs, _compile=True), dev, reps=3, warmup=1):.1f}"  # noqa: E501
+                cbm_c = _time_cbm(mm, bm, dev, compile_=True)
         tiles = "row-major 128" if qt is None else f"{'x'.join(map(str, qt))} / {'x'.join(map(str, kt))}"
         full = int(bm.full_kv_num_blocks.sum())
         partial = int(bm.kv_num_blocks.sum())

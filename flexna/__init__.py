@@ -7,21 +7,56 @@ The exact pattern is specified in the README ("Semantics").
 """
 
 from flexna.blockmask import na_block_mask
-from flexna.functional import na1d, na2d, na3d, neighborhood_attention
+from flexna.extended import PerHead, extended_na_block_mask, extended_na_mask_mod
+from flexna.functional import (
+    dense_flex_attention,
+    na1d,
+    na2d,
+    na3d,
+    neighborhood_attention,
+    packed_neighborhood_attention,
+)
 from flexna.layout import tile_tokens, tiled_length, untile_tokens
 from flexna.masks import na_mask_mod
+from flexna.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from flexna.packing import pack_tokens, packed_block_mask, packed_length, packed_mask_mod, unpack_tokens
 from flexna.pattern import NAPattern
+from flexna.scores import (
+    compose_score_mods,
+    distance_decay_score_mod,
+    rel_pos_bias_score_mod,
+    rpb_table_shape,
+    softcap_score_mod,
+)
 
 __all__ = [
     "NAPattern",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+    "PerHead",
+    "compose_score_mods",
+    "dense_flex_attention",
+    "distance_decay_score_mod",
+    "extended_na_block_mask",
+    "extended_na_mask_mod",
     "na1d",
     "na2d",
     "na3d",
     "na_block_mask",
     "na_mask_mod",
     "neighborhood_attention",
+    "pack_tokens",
+    "packed_block_mask",
+    "packed_length",
+    "packed_mask_mod",
+    "packed_neighborhood_attention",
+    "rel_pos_bias_score_mod",
+    "rpb_table_shape",
+    "softcap_score_mod",
     "tile_tokens",
     "tiled_length",
+    "unpack_tokens",
     "untile_tokens",
 ]
 

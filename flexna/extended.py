@@ -198,7 +198,8 @@ def extended_block_maps(pattern: NAPattern, num_extra_q: int, num_extra_kv: int,
     qs = torch.arange(rows, device=device) * q_block
     ks = torch.arange(cols, device=device) * kv_block
     q_complete, k_complete = qs + q_block <= nq, ks + kv_block <= nk
-    q_extra, k_extra = qs + q_block > n, ks + kv_block > n  # block holds extra tokens
+    q_extra = torch.clamp(qs + q_block, max=nq) > n  # block holds extra tokens
+    k_extra = torch.clamp(ks + kv_block, max=nk) > n
     q_layout, k_layout = qs < n, ks < n
     some |= k_extra[None, :]  # every query (layout or extra) attends the extra keys
     some |= q_extra[:, None]

@@ -17,7 +17,9 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexna.blockmask import DEFAULT_BLOCK, pattern_block_mask
+from flexna.extended import PerHead, head_patterns, patterns_block_mask
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern
+from flexna.scores import _rpb_score_mod, check_rpb, compose_score_mods
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_CACHE_SIZE = 64
@@ -65,9 +67,10 @@ def _eager_reason(query: torch.Tensor, tensors: tuple[torch.Tensor, ...], return
 
 def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
              scale: float | None, return_lse: bool, **kwargs: Any) -> Any:
-    """Compiled ``flex_attention`` on ``[B, H, N, D]`` tensors; eager, with a warning,
-    only where torch cannot compile it (CPU backward or lse)."""
-    reason = _eager_reason(query, (query, key, value), return_lse)
+    """Compiled ``flex_attention`` on ``[B, H, N, D]`` tensors; where torch cannot compile it
+    on CPU, eager Flex (``return_lse``) or, when gradients are needed (torch's Flex has no CPU
+    backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
+    reason = _eager_reason(query, (query, key, value, *_captured(kwargs)), return_lse)
     if reason is None:
         return compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale,
                                          return_lse=return_lse, **kwargs)
@@ -77,10 +80,72 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
         "matrix (fine for small layouts; use a CUDA device for large ones)",
         EagerFallbackWarning, stacklevel=3,
     )
+    if reason != "return_lse=True":
+        return dense_flex_attention(query, key, value, block_mask=block_mask, scale=scale,
+                                    return_lse=return_lse, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(query, key, value, block_mask=block_mask, scale=scale,
                               return_lse=return_lse, **kwargs)
+
+
+def _captured(kwargs: dict) -> tuple[torch.Tensor, ...]:
+    """Tensors captured by a score_mod closure (e.g. a relative-position-bias table)."""
+    mod = kwargs.get("score_mod")
+    cells = getattr(mod, "__closure__", None) or ()
+    found = []
+    for cell in cells:
+        try:
+            v = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, tuple):
+            found += [m for f in v if callable(f) for m in _captured({"score_mod": f})]
+    return tuple(found)
+
+
+def dense_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         score_mod: Callable[..., torch.Tensor] | None = None,
+                         block_mask: BlockMask | None = None, scale: float | None = None,
+                         enable_gqa: bool = False, return_lse: bool = False) -> Any:
+    """Differentiable dense stand-in for ``flex_attention`` (same arguments and results).
+
+    Computes all ``[B, H, Nq, Nkv]`` scores in float32 (float64 for float64 inputs), applies
+    ``score_mod`` and ``block_mask.mask_mod`` with broadcast index tensors, and a safe
+    softmax (rows with no key give output 0, lse ``-inf``). Works on any device with
+    autograd, including gradients of tensors captured by ``score_mod``; memory is
+    O(N^2): for small problems and CPU training/tests only.
+    """
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq != hkv:
+        if not enable_gqa or hq % hkv:
+            raise ValueError(f"query has {hq} heads and key {hkv}: need enable_gqa=True and "
+                             "query heads divisible by key heads")
+        key = key.repeat_interleave(hq // hkv, dim=1)
+        value = value.repeat_interleave(hq // hkv, dim=1)
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query.to(work) @ key.to(work).transpose(-2, -1)) * scale
+    dev = query.device
+    b = torch.arange(query.shape[0], device=dev)[:, None, None, None]
+    h = torch.arange(hq, device=dev)[None, :, None, None]
+    q_idx = torch.arange(query.shape[2], device=dev)[None, None, :, None]
+    kv_idx = torch.arange(key.shape[2], device=dev)[None, None, None, :]
+    if score_mod is not None:
+        scores = score_mod(scores, b, h, q_idx, kv_idx)
+    if block_mask is not None:
+        keep = block_mask.mask_mod(b, h, q_idx, kv_idx)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    empty = (scores.amax(dim=-1) == float("-inf"))[..., None]  # rows attending nothing
+    scores = scores.masked_fill(empty, 0.0)  # keeps their gradients finite (then zeroed)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).masked_fill(empty, 0.0)
+    out = (probs @ value.to(work)).to(query.dtype)
+    if return_lse:
+        return out, lse.masked_fill(empty, float("-inf"))[..., 0].float()
+    return out
 
 
 def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -99,11 +164,16 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             f"query must have {ndim} spatial axes ([batch, {'X, ' * ndim}heads, head_dim]) "
             f"for na{ndim}d, got shape {tuple(query.shape)}"
         )
-    if key.shape != query.shape:
-        raise ValueError(f"key shape {tuple(key.shape)} must equal query shape {tuple(query.shape)}")
-    if value.shape[:-1] != query.shape[:-1]:
+    if key.dim() != query.dim() or key.shape[:-2] != query.shape[:-2] or key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key shape {tuple(key.shape)} must equal query shape {tuple(query.shape)} "
+                         "(except for fewer heads with GQA/MQA)")
+    hq, hkv = query.shape[-2], key.shape[-2]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"key has {hkv} heads, query {hq}: the number of key/value heads must "
+                         "divide the number of query heads (GQA/MQA)")
+    if value.shape[:-1] != key.shape[:-1]:
         raise ValueError(
-            f"value shape {tuple(value.shape)} must match query shape {tuple(query.shape)} "
+            f"value shape {tuple(value.shape)} must match key shape {tuple(key.shape)} "
             "in every dim but the last"
         )
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -126,67 +196,201 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return spatial
 
 
+def _check_extra(name: str, t: torch.Tensor | None, batch: int, heads: int, dim: int | None,
+                 ref: torch.Tensor, like: str) -> int:
+    """Validate an additional-token tensor ``[batch, M, heads, dim]``; returns M (0 if None)."""
+    if t is None:
+        return 0
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    want = f"[batch={batch}, M, heads={heads}, {'dim' if dim is None else f'dim={dim}'}]"
+    if (t.dim() != 4 or t.shape[0] != batch or t.shape[2] != heads or t.shape[1] < 1
+            or (dim is not None and t.shape[3] != dim)):
+        raise ValueError(f"{name} must be shaped {want} (matching {like}), got {tuple(t.shape)}")
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{name} must have {like}'s dtype and device ({ref.dtype}, {ref.device}), "
+                         f"got {t.dtype}, {t.device}")
+    return t.shape[1]
+
+
+def cached_extended_block_mask(patterns: tuple[NAPattern, ...], extra_q: int, extra_kv: int,
+                               device: torch.device) -> BlockMask:
+    """BlockMask of per-head patterns with extra tokens (block 128), built once (LRU)."""
+    if len(patterns) == 1 and not extra_q and not extra_kv:
+        return cached_block_mask(patterns[0], device)
+    key = ("ext", patterns, extra_q, extra_kv, device)
+    mask = _mask_cache.get(key)
+    if mask is None:
+        mask = patterns_block_mask(patterns, extra_q, extra_kv, DEFAULT_BLOCK, DEFAULT_BLOCK, device)
+        _mask_cache[key] = mask
+        if len(_mask_cache) > _MASK_CACHE_SIZE:
+            _mask_cache.popitem(last=False)
+    else:
+        _mask_cache.move_to_end(key)
+    return mask
+
+
 def neighborhood_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    kernel_size: IntOrTuple | PerHead,
+    stride: IntOrTuple | PerHead = 1,
+    dilation: IntOrTuple | PerHead = 1,
+    is_causal: BoolOrTuple | PerHead = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    additional_queries: torch.Tensor | None = None,
+    rel_pos_bias: torch.Tensor | None = None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+    _ndim: int | None = None,
+) -> Any:
+    """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
+
+    ``kernel_size``, ``stride``, ``dilation``, ``is_causal``: per spatial axis
+    (scalars broadcast), or :class:`flexna.PerHead` for one value per query head.
+    ``scale`` defaults to ``head_dim ** -0.5``. ``key``/``value`` may have fewer
+    heads than ``query`` (GQA/MQA: a divisor; run with ``enable_gqa``, no repeat).
+
+    ``additional_keys``/``additional_values`` ``[batch, M, kv_heads, dim]``: M extra
+    tokens every query attends besides its neighborhood (one fused call).
+    ``additional_queries`` ``[batch, Mq, heads, dim]``: extra query rows attending
+    every key (layout and additional); their output is returned too.
+    ``rel_pos_bias``: ``[heads, *flexna.rpb_table_shape(kernel_size, stride, is_causal)]``
+    relative positional bias (NAT/DiNAT ``rpb``); ``score_mod``: a FlexAttention
+    score_mod applied after the bias, indices in the fused sequence (layout tokens
+    first, then the additional ones).
+
+    Returns the output ``[batch, *spatial, heads, value_dim]``; with
+    ``additional_queries`` a pair ``(out, extra_out [batch, Mq, heads, value_dim])``;
+    with ``return_lse`` the log-sum-exp(s) (``[batch, *spatial, heads]``, float32)
+    are appended: ``(out, lse)`` or ``(out, extra_out, lse, extra_lse)``.
+    Every argument is validated before anything runs.
+    """
+    spatial = _check_tensors(query, key, value, _ndim)
+    shape = tuple(query.shape[1:1 + spatial])
+    batch, heads, kv_heads = query.shape[0], query.shape[-2], key.shape[-2]
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values must be given together")
+    extra_kv = _check_extra("additional_keys", additional_keys, batch, kv_heads, key.shape[-1],
+                            key, "key")
+    if additional_values is not None and additional_values.shape[:2] != additional_keys.shape[:2]:
+        raise ValueError(f"additional_values shape {tuple(additional_values.shape)} must match "
+                         f"additional_keys {tuple(additional_keys.shape)} in batch and M")
+    _check_extra("additional_values", additional_values, batch, kv_heads, value.shape[-1], value, "value")
+    extra_q = _check_extra("additional_queries", additional_queries, batch, heads, query.shape[-1],
+                           query, "query")
+    patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads=heads)
+    if rel_pos_bias is not None:
+        if len(patterns) > 1:
+            raise ValueError("rel_pos_bias needs one pattern for all heads, got per-head patterns")
+        check_rpb(rel_pos_bias, patterns[0], heads)
+        if rel_pos_bias.device != query.device:
+            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {query.device}")
+        bias = _rpb_score_mod(rel_pos_bias, patterns[0], extra_q, extra_kv, query.device)
+        score_mod = compose_score_mods(bias, score_mod)
+    mask = cached_extended_block_mask(patterns, extra_q, extra_kv, query.device)
+    tokens = patterns[0].num_tokens
+
+    def to_bhnd(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        t = t.reshape(batch, tokens, t.shape[-2], t.shape[-1])
+        if extra is not None:
+            t = torch.cat([t, extra], dim=1)
+        return t.transpose(1, 2)
+
+    kwargs: dict[str, Any] = {}
+    if score_mod is not None:
+        kwargs["score_mod"] = score_mod
+    if kv_heads != heads:
+        kwargs["enable_gqa"] = True
+    result = run_flex(to_bhnd(query, additional_queries), to_bhnd(key, additional_keys),
+                      to_bhnd(value, additional_values), mask, scale, return_lse, **kwargs)
+    out, lse = result if return_lse else (result, None)
+    out = out.transpose(1, 2)
+    main = out[:, :tokens].reshape(*query.shape[:-1], value.shape[-1])
+    outs = [main, out[:, tokens:]] if extra_q else [main]
+    if lse is not None:
+        lse = lse.transpose(1, 2)
+        outs.append(lse[:, :tokens].reshape(query.shape[:-1]))
+        if extra_q:
+            outs.append(lse[:, tokens:])
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+         scale: float | None = None, return_lse: bool = False, **kwargs: Any) -> Any:
+    """1-D neighborhood attention: tensors ``[batch, L, heads, head_dim]``."""
+    return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal,
+                                  scale, return_lse, _ndim=1, **kwargs)
+
+
+def na2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+         scale: float | None = None, return_lse: bool = False, **kwargs: Any) -> Any:
+    """2-D neighborhood attention: tensors ``[batch, H, W, heads, head_dim]``."""
+    return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal,
+                                  scale, return_lse, _ndim=2, **kwargs)
+
+
+def na3d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+         scale: float | None = None, return_lse: bool = False, **kwargs: Any) -> Any:
+    """3-D neighborhood attention: tensors ``[batch, T, H, W, heads, head_dim]``."""
+    return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal,
+                                  scale, return_lse, _ndim=3, **kwargs)
+
+
+def packed_neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    shapes: Any,
     kernel_size: IntOrTuple,
     stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1,
     is_causal: BoolOrTuple = False,
     scale: float | None = None,
-    return_lse: bool = False,
     *,
-    _ndim: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
+    block_size: int = 128,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Neighborhood attention over several layouts packed in one sequence (variable resolution).
 
-    ``kernel_size``, ``stride``, ``dilation``, ``is_causal``: per spatial axis
-    (scalars broadcast). ``scale`` defaults to ``head_dim ** -0.5``. Returns
-    the output ``[batch, *spatial, heads, value_dim]`` and, with
-    ``return_lse``, the log-sum-exp ``[batch, *spatial, heads]`` (float32).
-    Every argument is validated before anything runs.
+    ``query`` ``[batch, L, heads, dim]`` with ``L = flexna.packed_length(shapes, block_size)``
+    (build it with :func:`flexna.pack_tokens`); ``key``/``value`` likewise (fewer heads:
+    GQA). Each sample attends only within its own layout; padding outputs are 0.
+    Returns ``[batch, L, heads, value_dim]`` (split it with :func:`flexna.unpack_tokens`).
     """
-    spatial = _check_tensors(query, key, value, _ndim)
-    shape = tuple(query.shape[1:1 + spatial])
-    pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
-    mask = cached_block_mask(pattern, query.device)
-    batch, heads = query.shape[0], query.shape[-2]
-    tokens = pattern.num_tokens
+    from flexna.packing import _block, packed_length, packed_patterns, packed_patterns_block_mask
 
-    def to_bhnd(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, tokens, heads, t.shape[-1]).transpose(1, 2)
-
-    result = run_flex(to_bhnd(query), to_bhnd(key), to_bhnd(value), mask, scale, return_lse)
-    out, lse = result if return_lse else (result, None)
-    out = out.transpose(1, 2).reshape(*query.shape[:-1], value.shape[-1])
-    if lse is None:
-        return out
-    return out, lse.transpose(1, 2).reshape(query.shape[:-1])
-
-
-def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
-         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
-         scale: float | None = None, return_lse: bool = False
-         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """1-D neighborhood attention: tensors ``[batch, L, heads, head_dim]``."""
-    return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, return_lse, _ndim=1)
-
-
-def na2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
-         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
-         scale: float | None = None, return_lse: bool = False
-         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """2-D neighborhood attention: tensors ``[batch, H, W, heads, head_dim]``."""
-    return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, return_lse, _ndim=2)
-
-
-def na3d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
-         stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
-         scale: float | None = None, return_lse: bool = False
-         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """3-D neighborhood attention: tensors ``[batch, T, H, W, heads, head_dim]``."""
-    return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, return_lse, _ndim=3)
+    patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
+    block = _block(block_size)
+    total = packed_length([p.shape for p in patterns], block)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != total:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be shaped [batch, {total}, heads, dim]: layouts "
+                f"{[p.shape for p in patterns]} packed in blocks of {block} add up to {total} "
+                f"tokens, got {got}"
+            )
+    _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+    key_ = ("packed", patterns, block, query.device)
+    mask = _mask_cache.get(key_)
+    if mask is None:
+        mask = packed_patterns_block_mask(patterns, block, query.device)
+        _mask_cache[key_] = mask
+        if len(_mask_cache) > _MASK_CACHE_SIZE:
+            _mask_cache.popitem(last=False)
+    kwargs: dict[str, Any] = {}
+    if score_mod is not None:
+        kwargs["score_mod"] = score_mod
+    if key.shape[2] != query.shape[2]:
+        kwargs["enable_gqa"] = True
+    out = run_flex(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scale,
+                   False, **kwargs)
+    return out.transpose(1, 2)

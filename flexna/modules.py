@@ -1,0 +1,144 @@
+"""``nn.Module``s with NATTEN's interface and state_dict keys.
+
+``NeighborhoodAttention{1,2,3}D(embed_dim, num_heads, kernel_size, ...)`` take
+``x`` ``[batch, *spatial, embed_dim]``: a ``qkv`` Linear, neighborhood attention,
+a ``proj`` Linear. Keys ``qkv.weight``, ``qkv.bias``, ``proj.weight``,
+``proj.bias`` as in NATTEN >= 0.20, plus ``rpb`` ``[heads, *table]`` with
+``rel_pos_bias=True`` as in NAT/DiNAT checkpoints (older NATTEN).
+
+``attn_drop`` (dropout on attention probabilities) cannot be expressed in
+FlexAttention (a score_mod acts before the softmax); ``attn_drop > 0`` raises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexna.extended import PerHead
+from flexna.functional import neighborhood_attention
+from flexna.pattern import as_bool_tuple, as_int_tuple
+from flexna.scores import rpb_table_shape
+
+
+class NeighborhoodAttentionGeneric(nn.Module):
+    """NATTEN-compatible neighborhood attention module over ``na_dim`` spatial axes.
+
+    ``kernel_size``/``stride``/``dilation``/``is_causal`` may be :class:`flexna.PerHead`
+    (per-head patterns, no ``rel_pos_bias``). ``num_kv_heads`` (default ``num_heads``)
+    gives GQA/MQA: ``qkv`` then outputs ``(num_heads + 2 * num_kv_heads) * head_dim``.
+    """
+
+    def __init__(self, na_dim: int, embed_dim: int, num_heads: int, kernel_size: Any,
+                 stride: Any = 1, dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if attn_drop:
+            raise ValueError(
+                f"attn_drop={attn_drop}: dropout on attention probabilities cannot be expressed "
+                "in FlexAttention (score_mods act before the softmax); use attn_drop=0.0"
+            )
+
+        def norm(name: str, value: Any, fn) -> Any:
+            if isinstance(value, PerHead):
+                if len(value) != num_heads:
+                    raise ValueError(f"{name}: PerHead has {len(value)} entries, need one per "
+                                     f"query head ({num_heads})")
+                return value
+            return fn(name, value, na_dim)
+
+        self.na_dim, self.embed_dim, self.num_heads = na_dim, embed_dim, num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kernel_size = norm("kernel_size", kernel_size, as_int_tuple)
+        self.stride = norm("stride", stride, as_int_tuple)
+        self.dilation = norm("dilation", dilation, as_int_tuple)
+        self.is_causal = norm("is_causal", is_causal, as_bool_tuple)
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if rel_pos_bias:
+            if any(isinstance(v, PerHead) for v in (self.kernel_size, self.stride, self.is_causal)):
+                raise ValueError("rel_pos_bias=True needs one kernel_size/stride/is_causal for all heads")
+            table = rpb_table_shape(self.kernel_size, self.stride, self.is_causal, na_dim)
+            self.rpb = nn.Parameter(torch.zeros(num_heads, *table))
+            nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
+        else:
+            self.register_parameter("rpb", None)
+
+    def forward(self, x: torch.Tensor, additional_keys: torch.Tensor | None = None,
+                additional_values: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``[batch, *spatial, embed_dim]`` -> same shape.
+
+        ``additional_keys``/``additional_values`` ``[batch, M, num_kv_heads, head_dim]``:
+        extra tokens every query attends (already projected).
+        """
+        if x.dim() != self.na_dim + 2:
+            raise ValueError(f"{type(self).__name__} expects x [batch, {self.na_dim} spatial axes, "
+                             f"embed_dim], got {tuple(x.shape)}")
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x has embed dim {x.shape[-1]}, expected {self.embed_dim}")
+        batch, *spatial, channels = x.shape
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        if hkv == hq:
+            qkv = qkv.reshape(batch, *spatial, 3, hq, d)
+            q, k, v = qkv.unbind(dim=-3)
+        else:
+            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+            q = q.reshape(batch, *spatial, hq, d)
+            k = k.reshape(batch, *spatial, hkv, d)
+            v = v.reshape(batch, *spatial, hkv, d)
+        out = neighborhood_attention(q, k, v, self.kernel_size, self.stride, self.dilation,
+                                     self.is_causal, scale=self.scale, rel_pos_bias=self.rpb,
+                                     additional_keys=additional_keys,
+                                     additional_values=additional_values)
+        return self.proj_drop(self.proj(out.reshape(batch, *spatial, channels)))
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}, "
+                f"rel_pos_bias={self.rpb is not None}")
+
+
+class NeighborhoodAttention1D(NeighborhoodAttentionGeneric):
+    """1-D: ``x`` ``[batch, L, embed_dim]``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
+                 dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+        super().__init__(1, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+
+
+class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
+    """2-D: ``x`` ``[batch, H, W, embed_dim]``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
+                 dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+        super().__init__(2, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+
+
+class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
+    """3-D: ``x`` ``[batch, T, H, W, embed_dim]``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
+                 dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+        super().__init__(3, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)

@@ -1,0 +1,167 @@
+"""Variable resolution: several token layouts packed into one sequence.
+
+Packing: sample ``i`` (layout ``shapes[i]``, row-major) occupies positions
+``[offset_i, offset_i + N_i)`` and is followed by zero padding up to the next
+multiple of ``block_size`` (default 128), so that no BlockMask block straddles
+two samples. Each token attends only its own sample's neighborhood; padded
+positions never attend and are never attended (their outputs are 0). The
+packed length is ``sum(ceil(N_i / block_size) * block_size)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from flexna.blocksparsity import block_maps
+from flexna.extended import assemble_block_mask
+from flexna.masks import MaskMod, _resolve_device, build_tables
+from flexna.pattern import NAPattern, as_shape
+
+DEFAULT_BLOCK = 128
+
+
+def _shapes(shapes: Sequence) -> tuple[tuple[int, ...], ...]:
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or not shapes:
+        raise ValueError(f"shapes must be a non-empty sequence of layout shapes, got {shapes!r}")
+    out = tuple(as_shape(f"shapes[{i}]", s) for i, s in enumerate(shapes))
+    if len({len(s) for s in out}) != 1:
+        raise ValueError(f"shapes must all have the same number of axes, got {out}")
+    return out
+
+
+def _block(block_size: int) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def packed_offsets(shapes: Sequence, block_size: int = DEFAULT_BLOCK) -> list[tuple[int, int, int]]:
+    """Per sample ``(offset, tokens, padded_tokens)`` in the packed sequence."""
+    shapes_t, block = _shapes(shapes), _block(block_size)
+    out, offset = [], 0
+    for s in shapes_t:
+        n = math.prod(s)
+        padded = -(-n // block) * block
+        out.append((offset, n, padded))
+        offset += padded
+    return out
+
+
+def packed_length(shapes: Sequence, block_size: int = DEFAULT_BLOCK) -> int:
+    """Length of the packed sequence (every sample padded to a multiple of ``block_size``)."""
+    last = packed_offsets(shapes, block_size)[-1]
+    return last[0] + last[2]
+
+
+def pack_tokens(xs: Sequence[torch.Tensor], shapes: Sequence, block_size: int = DEFAULT_BLOCK
+                ) -> torch.Tensor:
+    """``[B, *shapes[i], *rest]`` tensors -> one ``[B, packed_length, *rest]`` (zero padded)."""
+    shapes_t = _shapes(shapes)
+    if len(xs) != len(shapes_t):
+        raise ValueError(f"xs has {len(xs)} tensors but shapes has {len(shapes_t)} layouts")
+    parts = []
+    rest = None
+    for i, (x, s, (_, n, padded)) in enumerate(zip(xs, shapes_t, packed_offsets(shapes_t, block_size),
+                                                   strict=True)):
+        if x.dim() < 1 + len(s) or tuple(x.shape[1:1 + len(s)]) != s:
+            raise ValueError(f"xs[{i}] must be shaped [batch, {', '.join(map(str, s))}, ...], "
+                             f"got {tuple(x.shape)}")
+        flat = x.reshape(x.shape[0], n, *x.shape[1 + len(s):])
+        if rest is None:
+            rest = (x.shape[0], *flat.shape[2:])
+        elif (x.shape[0], *flat.shape[2:]) != rest:
+            raise ValueError(f"xs[{i}] batch / trailing dims {(x.shape[0], *flat.shape[2:])} differ "
+                             f"from xs[0]'s {rest}")
+        parts.append(flat)
+        if padded > n:
+            parts.append(flat.new_zeros(flat.shape[0], padded - n, *flat.shape[2:]))
+    return torch.cat(parts, dim=1)
+
+
+def unpack_tokens(x: torch.Tensor, shapes: Sequence, block_size: int = DEFAULT_BLOCK) -> list[torch.Tensor]:
+    """``[B, packed_length, *rest]`` -> list of ``[B, *shapes[i], *rest]`` (padding dropped)."""
+    shapes_t = _shapes(shapes)
+    total = packed_length(shapes_t, block_size)
+    if x.dim() < 2 or x.shape[1] != total:
+        raise ValueError(f"x must be shaped [batch, {total}, ...] for layouts {shapes_t} packed in "
+                         f"blocks of {block_size}, got {tuple(x.shape)}")
+    return [x[:, o:o + n].reshape(x.shape[0], *s, *x.shape[2:])
+            for s, (o, n, _) in zip(shapes_t, packed_offsets(shapes_t, block_size), strict=True)]
+
+
+def packed_patterns(shapes, kernel_size, stride=1, dilation=1, is_causal=False) -> tuple[NAPattern, ...]:
+    out = []
+    for i, s in enumerate(_shapes(shapes)):
+        try:
+            out.append(NAPattern.create(s, kernel_size, stride, dilation, is_causal))
+        except ValueError as err:
+            raise ValueError(f"shapes[{i}] = {s}: {err}") from None
+    return tuple(out)
+
+
+def _packed_mask_mod(patterns: tuple[NAPattern, ...], block: int, device: torch.device) -> MaskMod:
+    n = patterns[0].ndim
+    tile = (1,) * n
+    q_lo, q_hi, kv_pos = ([[] for _ in range(n)] for _ in range(3))
+    q_seg, kv_seg = [], []
+    for i, p in enumerate(patterns):
+        t = build_tables(p, tile, tile, device)
+        pad = -(-p.num_tokens // block) * block - p.num_tokens
+        for a in range(n):
+            for dst, src, val in ((q_lo, t.q_lo, 1), (q_hi, t.q_hi, 0), (kv_pos, t.kv_pos, -1)):
+                dst[a].append(torch.nn.functional.pad(src[a], (0, pad), value=val))
+        seg = torch.full((p.num_tokens,), i, dtype=torch.int32, device=device)
+        q_seg.append(torch.nn.functional.pad(seg, (0, pad), value=-1))
+        kv_seg.append(torch.nn.functional.pad(seg, (0, pad), value=-2))
+    lo_t = tuple(torch.cat(v) for v in q_lo)
+    hi_t = tuple(torch.cat(v) for v in q_hi)
+    pos_t = tuple(torch.cat(v) for v in kv_pos)
+    qs, ks = torch.cat(q_seg), torch.cat(kv_seg)
+
+    def na_packed_mask(b, h, q_idx, kv_idx):
+        ok = qs[q_idx] == ks[kv_idx]
+        for lo, hi, pos in zip(lo_t, hi_t, pos_t, strict=True):
+            y = pos[kv_idx]
+            ok = ok & (lo[q_idx] <= y) & (y <= hi[q_idx])
+        return ok
+
+    return na_packed_mask
+
+
+def packed_mask_mod(shapes, kernel_size, stride=1, dilation=1, is_causal=False, *,
+                    block_size: int = DEFAULT_BLOCK, device=None) -> MaskMod:
+    """``mask_mod`` over the packed sequence of ``shapes`` (same pattern parameters for all)."""
+    patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
+    return _packed_mask_mod(patterns, _block(block_size), _resolve_device(device))
+
+
+def packed_patterns_block_mask(patterns: tuple[NAPattern, ...], block: int, device: torch.device
+                               ) -> BlockMask:
+    tile = (1,) * patterns[0].ndim
+    nb = [-(-p.num_tokens // block) for p in patterns]
+    total = sum(nb)
+    partial = torch.zeros(1, total, total, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    start = 0
+    for p, count in zip(patterns, nb, strict=True):
+        pm, fm = block_maps(p, tile, tile, block, block, device)
+        partial[0, start:start + count, start:start + count] = pm
+        full[0, start:start + count, start:start + count] = fm
+        start += count
+    return assemble_block_mask(partial, full, (total * block, total * block), (block, block),
+                               _packed_mask_mod(patterns, block, device))
+
+
+def packed_block_mask(shapes, kernel_size, stride=1, dilation=1, is_causal=False, *,
+                      block_size: int = DEFAULT_BLOCK, device=None) -> BlockMask:
+    """Analytic block-diagonal BlockMask of the packed sequence (blocks of ``block_size``).
+
+    Equals ``create_block_mask(packed_mask_mod(...), None, None, L, L, BLOCK_SIZE=block_size)``
+    with ``L = packed_length(shapes, block_size)``.
+    """
+    patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
+    return packed_patterns_block_mask(patterns, _block(block_size), _resolve_device(device))

@@ -1,0 +1,359 @@
+"""``flexna verify``: fuzz-check flexna on your device against the brute-force reference.
+
+For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
+dilation, causal axes, token orders/tiles, block sizes), each check compares
+flexna with :mod:`flexna.reference` (an independent NumPy statement of the rule):
+
+1. ``na_mask_mod`` evaluated on every pair (``create_mask``) == the reference mask
+   (permuted into the tiled order here, independently of ``flexna.layout``);
+2. ``na_block_mask``'s dense expansion (full blocks all True, partial blocks
+   through its mask_mod, other blocks False) == the reference mask;
+3. ``na_block_mask``'s full and partial block sets == those of
+   ``create_block_mask(na_mask_mod(...))`` (the documented guarantee);
+4. (``attention=True``) ``flex_attention`` with that BlockMask == float64
+   ``reference_attention`` within a tolerance: compiled on CUDA (one compiled
+   function for all configurations, block size 128 there), eager on CPU unless
+   ``compiled=True``. Eager FlexAttention ignores block sparsity, so on CPU step
+   2 is what checks the blocks.
+
+``run_verify(...)`` prints progress and a summary and returns True when every
+configuration passed; failures are printed with a line of Python that rebuilds
+the configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from flexna import blockmask as _blockmask
+from flexna import masks as _masks
+from flexna.reference import reference_attention, reference_mask
+
+HEADS = 2
+HEAD_DIM = 16
+CUDA_BLOCK = 128  # one block size on CUDA: compiled kernels are specialised on it
+
+
+@dataclass(frozen=True)
+class Config:
+    """One random configuration: a pattern, token orders and BlockMask block sizes."""
+
+    index: int
+    shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    q_tile: tuple[int, ...] | None
+    kv_tile: tuple[int, ...] | None
+    block_size: tuple[int, int] | None
+
+    def pattern_args(self) -> tuple:
+        return self.shape, self.kernel_size, self.stride, self.dilation, self.is_causal
+
+    def call(self) -> str:
+        """A line of Python that builds this configuration's BlockMask."""
+        return (f"flexna.na_block_mask({self.shape}, {self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, is_causal={self.is_causal}, q_tile={self.q_tile}, "
+                f"kv_tile={self.kv_tile}, block_size={self.block_size})")
+
+
+def _tile_tokens(tile: tuple[int, ...] | None) -> int:
+    return 1 if tile is None else math.prod(tile)
+
+
+def _padded_len(shape: tuple[int, ...], tile: tuple[int, ...] | None) -> int:
+    if tile is None:
+        return math.prod(shape)
+    return math.prod(-(-length // t) * t for length, t in zip(shape, tile, strict=True))
+
+
+def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -> Config:
+    """Draw one valid configuration with at most ``max_tokens`` layout tokens."""
+    n = rng.choice((1, 2, 3))
+    shape, remaining = [], max(1, max_tokens)
+    for a in range(n):
+        cap = max(1, min(remaining, round(remaining ** (1 / (n - a)) * 1.5)))
+        length = rng.randint(1 if rng.random() < 0.05 else min(cap, 2), cap)
+        shape.append(length)
+        remaining = max(1, remaining // length)
+    kernel, stride, dilation, causal = [], [], [], []
+    for length in shape:
+        d = 1 if length < 2 or rng.random() < 0.5 else rng.randint(2, max(2, length // 2))
+        k = rng.randint(1, length // d)
+        s = 1 if rng.random() < 0.4 else rng.randint(1, k)
+        kernel.append(k)
+        stride.append(s)
+        dilation.append(d)
+        causal.append(rng.random() < 0.3)
+    shape_t = tuple(shape)
+
+    def draw_tile() -> tuple[int, ...] | None:
+        if rng.random() < 0.35:
+            return None
+        for _ in range(20):
+            tile = tuple(rng.choice([t for t in (1, 2, 4, 8, 16) if t < 2 * length] or [1])
+                         for length in shape_t)
+            if math.prod(tile) <= CUDA_BLOCK and _padded_len(shape_t, tile) <= 2 * max_tokens:
+                return tile
+        return None
+
+    q_tile = draw_tile()
+    kv_tile = q_tile if rng.random() < 0.5 else draw_tile()
+    if cuda:
+        block = (CUDA_BLOCK, CUDA_BLOCK)
+    elif rng.random() < 0.4:
+        block = None
+    else:
+        block = tuple(_tile_tokens(t) * rng.choice((1, 2, 3, 4, 8, 16)) if t is not None
+                      else rng.choice((16, 32, 48, 64, 128)) for t in (q_tile, kv_tile))
+    return Config(index, shape_t, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal),
+                  q_tile, kv_tile, block)  # type: ignore[arg-type]
+
+
+def token_order(shape: tuple[int, ...], tile: tuple[int, ...] | None) -> np.ndarray:
+    """Row-major token index at each position of the tiled order (-1 for padding).
+
+    Restated here with NumPy rather than imported, so the check stays independent.
+    """
+    if tile is None:
+        return np.arange(math.prod(shape))
+    grid = tuple(-(-length // t) for length, t in zip(shape, tile, strict=True))
+    pos = np.arange(math.prod(grid) * math.prod(tile))
+    tile_coord = np.stack(np.unravel_index(pos // math.prod(tile), grid), axis=1)
+    inner = np.stack(np.unravel_index(pos % math.prod(tile), tile), axis=1)
+    coord = tile_coord * np.array(tile) + inner
+    inside = (coord < np.array(shape)).all(axis=1)
+    flat = np.ravel_multi_index(tuple(np.minimum(coord, np.array(shape) - 1).T), shape)
+    return np.where(inside, flat, -1)
+
+
+def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The reference mask in the configuration's orders: ``[Nq, Nkv]`` bool, and both orders."""
+    ref = reference_mask(*cfg.pattern_args()).numpy()
+    q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
+    out = np.zeros((q_ord.size, kv_ord.size), dtype=bool)
+    qv, kv = q_ord >= 0, kv_ord >= 0
+    out[np.ix_(qv, kv)] = ref[np.ix_(q_ord[qv], kv_ord[kv])]
+    return torch.from_numpy(out), q_ord, kv_ord
+
+
+def _block_map(num: torch.Tensor | None, idx: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
+    out = torch.zeros(rows, cols, dtype=torch.bool)
+    if num is None or idx is None:
+        return out
+    num = num.reshape(-1)[:rows].cpu().long()
+    idx = idx.reshape(-1, idx.shape[-1])[:rows].cpu().long()
+    valid = torch.arange(idx.shape[1])[None, :] < num[:, None]
+    row = torch.arange(rows)[:, None].expand_as(idx)
+    out[row[valid], idx[valid]] = True
+    return out
+
+
+def _expand_blocks(blocks: torch.Tensor, qb: int, kb: int, nq: int, nkv: int) -> torch.Tensor:
+    return blocks.repeat_interleave(qb, 0).repeat_interleave(kb, 1)[:nq, :nkv]
+
+
+class Check:
+    """Runs one configuration; collects failure messages and the attention error."""
+
+    def __init__(self, cfg: Config, device: torch.device, attention: bool,
+                 flex: Callable[..., Any], tol: float) -> None:
+        self.cfg, self.device, self.attention, self.flex, self.tol = cfg, device, attention, flex, tol
+        self.failures: list[str] = []
+        self.error = 0.0
+
+    def _where(self, got: torch.Tensor, want: torch.Tensor, q_ord: np.ndarray,
+               kv_ord: np.ndarray) -> str:
+        diff = (got != want).nonzero()
+        qi, ki = (int(v) for v in diff[0])
+
+        def coord(order: np.ndarray, i: int) -> str:
+            return "padding" if order[i] < 0 else str(
+                tuple(int(c) for c in np.unravel_index(order[i], self.cfg.shape)))
+
+        return (f"{diff.shape[0]} pairs differ; first: q position {qi} {coord(q_ord, qi)}, "
+                f"kv position {ki} {coord(kv_ord, ki)}: got {bool(got[qi, ki])}, "
+                f"reference {bool(want[qi, ki])}")
+
+    def run(self) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+        cfg, dev = self.cfg, self.device
+        want, q_ord, kv_ord = expected_mask(cfg)
+        nq, nkv = want.shape
+        kwargs = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
+        mask_mod = _masks.na_mask_mod(*cfg.pattern_args(), **kwargs)
+        got = create_mask(mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
+        if not torch.equal(got, want):
+            self.failures.append("na_mask_mod: " + self._where(got, want, q_ord, kv_ord))
+
+        bm = _blockmask.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
+        qb, kb = (int(b) for b in bm.BLOCK_SIZE)
+        if tuple(bm.seq_lengths) != (nq, nkv):
+            self.failures.append(f"na_block_mask: seq_lengths {tuple(bm.seq_lengths)}, "
+                                 f"expected {(nq, nkv)}")
+            return
+        rows, cols = -(-nq // qb), -(-nkv // kb)
+        partial = _block_map(bm.kv_num_blocks, bm.kv_indices, rows, cols)
+        full = _block_map(bm.full_kv_num_blocks, bm.full_kv_indices, rows, cols)
+        if (partial & full).any():
+            self.failures.append(f"na_block_mask: {int((partial & full).sum())} blocks are listed "
+                                 "as both full and partial")
+        inner = create_mask(bm.mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
+        dense = _expand_blocks(full, qb, kb, nq, nkv) | (_expand_blocks(partial, qb, kb, nq, nkv)
+                                                          & inner)
+        if not torch.equal(dense, want):
+            self.failures.append("na_block_mask (dense expansion): "
+                                 + self._where(dense, want, q_ord, kv_ord))
+
+        ref_bm = create_block_mask(mask_mod, None, None, nq, nkv, device=dev, BLOCK_SIZE=(qb, kb))
+        ref_partial = _block_map(ref_bm.kv_num_blocks, ref_bm.kv_indices, rows, cols)
+        ref_full = _block_map(ref_bm.full_kv_num_blocks, ref_bm.full_kv_indices, rows, cols)
+        for what, mine, theirs in (("partial", partial, ref_partial), ("full", full, ref_full)):
+            if not torch.equal(mine, theirs):
+                self.failures.append(
+                    f"na_block_mask: {what} blocks differ from create_block_mask's: "
+                    f"{int((mine & ~theirs).sum())} extra, {int((theirs & ~mine).sum())} missing")
+
+        if self.attention:
+            gen = torch.Generator().manual_seed(1000 + cfg.index)
+            q = torch.randn(1, HEADS, nq, HEAD_DIM, generator=gen)
+            k, v = (torch.randn(1, HEADS, nkv, HEAD_DIM, generator=gen) for _ in range(2))
+            out = self.flex(q.to(dev), k.to(dev), v.to(dev), block_mask=bm)
+            ref, _ = reference_attention(q, k, v, want)
+            out = out.double().cpu()
+            self.error = float((out - ref).abs().max()) if out.shape == ref.shape else math.inf
+            if not (torch.isfinite(out).all() and self.error <= self.tol):
+                self.failures.append(f"flex_attention: max |out - reference| = {self.error:.3g} "
+                                     f"> tolerance {self.tol:g}")
+
+
+class _Progress:
+    """A ``\\r`` bar on a terminal, a plain line every 10% otherwise."""
+
+    def __init__(self, total: int, out: IO[str]) -> None:
+        self.total, self.out = total, out
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.last_line = 0
+
+    def update(self, done: int, failed: int) -> None:
+        if self.tty:
+            width = 30
+            fill = width * done // max(1, self.total)
+            self.out.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} configs, "
+                           f"{failed} failed")
+            if done == self.total:
+                self.out.write("\n")
+            self.out.flush()
+        elif done == self.total or done * 10 // max(1, self.total) > self.last_line:
+            self.last_line = done * 10 // max(1, self.total)
+            print(f"  {done}/{self.total} configs checked, {failed} failed", file=self.out,
+                  flush=True)
+
+
+@contextmanager
+def _quiet_flex():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+@contextmanager
+def _recompile_limit(limit: int):
+    """Raise dynamo's per-function recompile limit, so no config silently falls back to eager."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    old = getattr(cfg, name)
+    setattr(cfg, name, max(old, limit))
+    try:
+        yield
+    finally:
+        setattr(cfg, name, old)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``: CUDA when available, else CPU. ``ValueError`` for CUDA without a GPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device = {str(device)!r} is not available: torch.cuda.is_available() is "
+                         "False (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device = {str(device)!r} is not supported: use cpu or cuda")
+    return dev
+
+
+def run_verify(
+    n: int = 100,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    max_tokens: int = 1024,
+    attention: bool = True,
+    compiled: bool | None = None,
+    start: int = 0,
+    out: IO[str] | None = None,
+) -> bool:
+    """Check ``n`` random configurations (indices ``start .. start + n - 1`` of ``seed``).
+
+    ``compiled=None`` compiles FlexAttention on CUDA and runs it eagerly on CPU.
+    Prints progress, a summary and every failure; returns True when all passed.
+    """
+    out = out or sys.stdout
+    if n < 1:
+        raise ValueError(f"n = {n} is out of range: need n >= 1")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens = {max_tokens} is out of range: need max_tokens >= 1")
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    use_compile = cuda if compiled is None else compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False) if use_compile else flex_attention
+    tol = 2e-4 if cuda else 1e-4
+    name = torch.cuda.get_device_name(dev) if cuda else "CPU"
+    print(f"flexna verify: {n} random configurations (seed {seed}"
+          f"{f', from index {start}' if start else ''}) on {dev} ({name}), torch {torch.__version__}, "
+          f"at most {max_tokens} tokens; attention "
+          f"{('compiled' if use_compile else 'eager') if attention else 'not checked'}", file=out)
+    progress = _Progress(n, out)
+    failed: list[Check] = []
+    max_err = 0.0
+    t0 = time.perf_counter()
+    with _quiet_flex(), _recompile_limit(256):
+        for i, index in enumerate(range(start, start + n)):
+            rng = random.Random(seed * 1_000_003 + index)
+            cfg = random_config(rng, index, max_tokens, cuda)
+            check = Check(cfg, dev, attention, flex, tol)
+            try:
+                check.run()
+            except Exception as exc:  # a crash is a failure of this config, not of the run
+                check.failures.append(f"raised {type(exc).__name__}: {exc}")
+            max_err = max(max_err, check.error)
+            if check.failures:
+                failed.append(check)
+            progress.update(i + 1, len(failed))
+    seconds = time.perf_counter() - t0
+    print(f"\n{n - len(failed)}/{n} configurations passed, {len(failed)} failed in {seconds:.1f} s"
+          + (f"; max |attention - float64 reference| = {max_err:.2e} (tolerance {tol:g})"
+             if attention else ""), file=out)
+    for check in failed:
+        cfg = check.cfg
+        print(f"\nFAILED config {cfg.index} (reproduce: flexna verify --seed {seed} --start {cfg.index} "
+              f"--n 1 --max-tokens {max_tokens} --device {dev.type}):\n  {cfg.call()}", file=out)
+        for msg in check.failures:
+            print(f"  - {msg}", file=out)
+    print("all PASS" if not failed else "FAIL", file=out)
+    return not failed
