@@ -50,6 +50,41 @@ def compiled_flex_attention() -> Callable[..., Any]:
     return _compiled
 
 
+# Each distinct (shapes, dtype, device, options) signature compiles once; pattern
+# parameters live in tensors, so changing kernel/stride/dilation/causal recompiles nothing.
+RECOMPILE_LIMIT = 64
+
+
+class RecompileLimitError(RuntimeError):
+    """Dynamo's recompile limit was reached: flexna refuses to drop to eager silently."""
+
+
+def call_compiled(*args: Any, **kwargs: Any) -> Any:
+    """Run compiled ``flex_attention``; never let dynamo fall back to eager at its limit.
+
+    At dynamo's recompile limit torch would run ``flex_attention`` eagerly, which
+    materialises every score (a 384 GiB allocation on a 256x256 layout). Here the limit is
+    raised to :data:`RECOMPILE_LIMIT` for this call and hitting it is an error.
+    """
+    cfg = torch._dynamo.config
+    names = ("recompile_limit", "fail_on_recompile_limit_hit")
+    if not all(name in cfg._config for name in names):  # older torch spellings
+        names = ("cache_size_limit", "fail_on_cache_limit_hit")
+    limit = max(getattr(cfg, names[0]), RECOMPILE_LIMIT)
+    with cfg.patch(**{names[0]: limit, names[1]: True}):
+        try:
+            return compiled_flex_attention()(*args, **kwargs)
+        except Exception as exc:
+            if "LimitHit" not in type(exc).__name__ and "recompile_limit" not in str(exc):
+                raise
+            raise RecompileLimitError(
+                f"flexna: torch.compile(flex_attention) reached {limit} recompilations (one per "
+                "distinct tensor shape / dtype / device / option set). Rather than fall back to "
+                "eager attention (which materialises all N x N scores), flexna stops here. Fix: "
+                "use fewer distinct shapes, or raise flexna.functional.RECOMPILE_LIMIT."
+            ) from exc
+
+
 class EagerFallbackWarning(UserWarning):
     """flexna ran FlexAttention unfused (eager), which holds all N x N scores in memory."""
 
@@ -72,8 +107,8 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
     backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
     reason = _eager_reason(query, (query, key, value, *_captured(kwargs)), return_lse)
     if reason is None:
-        return compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale,
-                                         return_lse=return_lse, **kwargs)
+        return call_compiled(query, key, value, block_mask=block_mask, scale=scale,
+                             return_lse=return_lse, **kwargs)
     warnings.warn(
         f"flexna: compiled FlexAttention on CPU supports inference only, and {reason}; "
         "running FlexAttention eagerly, which materialises the [batch, heads, N, N] score "

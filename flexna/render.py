@@ -122,6 +122,8 @@ def text_image(text: str, colour: Colour = TEXT, scale: int = 1) -> np.ndarray:
     width = max(1, 6 * len(text) - 1)
     bits = np.zeros((9, width), dtype=bool)
     for i, ch in enumerate(text):
+        if ch == "x" and _is_times(text, i):
+            ch = "×"
         glyph = _FONT.get(ch, _FONT.get(ch.upper(), _UNKNOWN))
         bits[1:8, 6 * i:6 * i + 5] = glyph
     if scale > 1:
@@ -130,6 +132,14 @@ def text_image(text: str, colour: Colour = TEXT, scale: int = 1) -> np.ndarray:
     img[:] = BACKGROUND
     img[bits] = colour
     return img
+
+
+def _is_times(text: str, i: int) -> bool:
+    """Is the ``x`` at ``text[i]`` a dimension separator ("56x56", "TxF")?"""
+    before = text[i - 1] if i > 0 else ""
+    after = text[i + 1] if i + 1 < len(text) else ""
+    return before.isdigit() or after.isdigit() or (before in ("T", "F") and after in ("T", "F")
+                                                   and before != "" and after != "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +380,8 @@ def neighborhood_panel(pattern: NAPattern, query: Sequence[int], max_side: int =
     frame_imgs = []
     for t in range(frames):
         tile = _cells(cat[t], TOKEN_COLOURS, cell, lines=True)
-        frame_imgs.append(vstack([text_image(f"{t}"), tile], gap=2)[0])
+        label = text_image(f"{t} (query)", QUERY) if t == query[0] else text_image(f"{t}")
+        frame_imgs.append(vstack([label, tile], gap=2)[0])
     fw = frame_imgs[0].shape[1]
     per_row = max(1, (max_side + 8) // (fw + 8))
     rows = []
@@ -443,14 +454,14 @@ class BlockStats:
         order = ("row-major" if math.prod(self.q_tile) == math.prod(self.kv_tile) == 1
                  else f"tiles q {_fmt(self.q_tile)} / kv {_fmt(self.kv_tile)}")
         q_blocks, kv_blocks = self.categories.shape
-        return (f"{order}, blocks {self.q_block}×{self.kv_block} tokens: {q_blocks} q × {kv_blocks} "
+        return (f"{order}, blocks {self.q_block}x{self.kv_block} tokens: {q_blocks} q by {kv_blocks} "
                 f"kv = {self.total}; full {self.full}, partial {self.partial}, empty {self.empty} "
                 f"({100 * self.computed_fraction:.2f}% computed, block-sparse limit "
-                f"{1 / self.computed_fraction:.2f}×)")
+                f"{1 / self.computed_fraction:.2f}x)")
 
 
 def _fmt(t: Sequence[int]) -> str:
-    return "×".join(str(int(v)) for v in t)
+    return "x".join(str(int(v)) for v in t)
 
 
 def block_stats(
@@ -547,6 +558,8 @@ def render_pattern(
     wide = hood_img.shape[1] > 1.5 * hood_img.shape[0]
     body, offs = (vstack if wide else hstack)([hood_img, block_img], gap=2 * GAP)
     lines = [text_image(title or str(pattern), scale=2)]
+    if title is not None:
+        lines.append(text_image(str(pattern)))
     lines.append(text_image(_summary_line(pattern, stats)))
     head = vstack(lines, gap=6)[0]
     image, top = vstack([head, body], gap=GAP)
@@ -558,4 +571,4 @@ def render_pattern(
 
 def _summary_line(pattern: NAPattern, stats: BlockStats) -> str:
     return (f"{pattern.num_tokens} tokens, density {pattern.density():.4g}, FLOP-wise limit "
-            f"{pattern.flop_limit():.2f}×; {stats.describe()}")
+            f"{pattern.flop_limit():.2f}x; {stats.describe()}")

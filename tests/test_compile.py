@@ -1,0 +1,43 @@
+"""Compilation behaviour: no recompiles for new pattern parameters, no silent eager fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import flexna
+import flexna.functional as F
+from flexna.reference import reference_attention, reference_mask
+
+
+def _ref(x: torch.Tensor, shape: tuple[int, ...], **kw) -> torch.Tensor:
+    n = x.shape[1] * x.shape[2]
+    t = x.reshape(1, n, 2, 16).transpose(1, 2)
+    args = [kw.get("kernel_size"), kw.get("stride", 1), kw.get("dilation", 1), kw.get("is_causal", False)]
+    out, _ = reference_attention(t, t, t, reference_mask(shape, *args))
+    return out.transpose(1, 2).reshape(x.shape)
+
+
+def test_pattern_changes_do_not_recompile() -> None:
+    shape = (10, 12)
+    x = torch.randn(1, *shape, 2, 16)
+    flexna.na2d(x, x, x, 3)  # compiles once for this signature
+    before = counters["stats"]["unique_graphs"]
+    variants = [dict(kernel_size=5), dict(kernel_size=(3, 7), stride=(1, 2)),
+                dict(kernel_size=3, dilation=2), dict(kernel_size=4, is_causal=(True, False))]
+    for kw in variants:
+        out = flexna.na2d(x, x, x, **kw)
+        torch.testing.assert_close(out.double(), _ref(x, shape, **kw), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_recompile_limit_raises_instead_of_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(F, "RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    with pytest.raises(F.RecompileLimitError, match="RECOMPILE_LIMIT"):
+        for length in (5, 6, 7):
+            x = torch.randn(1, length, 12, 2, 16)
+            flexna.na2d(x, x, x, 3)
+    torch._dynamo.reset()
