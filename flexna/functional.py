@@ -100,6 +100,21 @@ def _eager_reason(query: torch.Tensor, tensors: tuple[torch.Tensor, ...], return
     return None
 
 
+def _lse_call(fn: Callable[..., Any], *args: Any, return_lse: bool, **kwargs: Any) -> Any:
+    """Call a flex_attention-like ``fn`` asking for the lse the way this torch prefers.
+
+    torch >= 2.9 deprecates ``return_lse`` for ``return_aux=AuxRequest(lse=True)``.
+    """
+    if not return_lse:
+        return fn(*args, **kwargs)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return fn(*args, return_lse=True, **kwargs)
+    out, aux = fn(*args, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
+
+
 def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
              scale: float | None, return_lse: bool, **kwargs: Any) -> Any:
     """Compiled ``flex_attention`` on ``[B, H, N, D]`` tensors; where torch cannot compile it
@@ -107,8 +122,8 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
     backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
     reason = _eager_reason(query, (query, key, value, *_captured(kwargs)), return_lse)
     if reason is None:
-        return call_compiled(query, key, value, block_mask=block_mask, scale=scale,
-                             return_lse=return_lse, **kwargs)
+        return _lse_call(call_compiled, query, key, value, block_mask=block_mask, scale=scale,
+                         return_lse=return_lse, **kwargs)
     warnings.warn(
         f"flexna: compiled FlexAttention on CPU supports inference only, and {reason}; "
         "running FlexAttention eagerly, which materialises the [batch, heads, N, N] score "
@@ -120,8 +135,8 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
                                     return_lse=return_lse, **kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(query, key, value, block_mask=block_mask, scale=scale,
-                              return_lse=return_lse, **kwargs)
+        return _lse_call(flex_attention, query, key, value, block_mask=block_mask, scale=scale,
+                         return_lse=return_lse, **kwargs)
 
 
 def _captured(kwargs: dict) -> tuple[torch.Tensor, ...]:

@@ -508,7 +508,8 @@ def block_panel(stats: BlockStats, query_row: int | None = None, max_side: int =
     tick = _blank(img.shape[0], 4)
     if query_row is not None:
         r = query_row // factor
-        tick[r * cell:(r + 1) * cell, :3] = QUERY
+        lo = max(0, min(r * cell - 1, img.shape[0] - max(cell, 3)))
+        tick[lo:lo + max(cell, 3), :3] = QUERY
     body = hstack([tick, img], gap=1)[0]
     caption = f"block mask: {cat.shape[0]} q blocks (down) × {cat.shape[1]} kv blocks (across)"
     if factor > 1:
@@ -566,7 +567,22 @@ def render_pattern(
     image = pad(image, GAP)
     dy, dx = top[1][0] + offs[0][0] + GAP, top[1][1] + offs[0][1] + GAP
     hood.boxes = hood.shifted(dy, dx)
+    _ring(image, hood.token_box(query))
     return Rendering(image, tuple(query), stats, hood)
+
+
+def _ring(image: np.ndarray, box: tuple[int, int, int, int] | None, size: int = 6) -> None:
+    """Outline a small query cell with a red square (2 px line, 3 px away) so it stays visible."""
+    if box is None:
+        return
+    r0, c0, r1, c1 = box
+    if min(r1 - r0, c1 - c0) >= size:
+        return
+    t0, l0 = max(0, r0 - 5), max(0, c0 - 5)
+    t1, l1 = min(image.shape[0], r1 + 5), min(image.shape[1], c1 + 5)
+    for rows, cols in (((t0, t0 + 2), (l0, l1)), ((t1 - 2, t1), (l0, l1)),
+                       ((t0, t1), (l0, l0 + 2)), ((t0, t1), (l1 - 2, l1))):
+        image[rows[0]:rows[1], cols[0]:cols[1]] = QUERY
 
 
 def _summary_line(pattern: NAPattern, stats: BlockStats) -> str:

@@ -36,27 +36,27 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 from unittest import mock
 
 import torch
 
-__all__ = ["natten_available", "natten_version", "natten_mask", "natten_attention"]
+__all__ = ["natten_attention", "natten_available", "natten_mask", "natten_version"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def natten_available() -> bool:
     """True iff NATTEN is importable and its Flex backend is usable here."""
     try:
         import natten  # noqa: F401
-        from natten.backends import flex as _flex  # noqa: F401
+        from natten.backends import flex as _flex
         from natten.backends.configs.checks import _FLEX_SUPPORTED
     except Exception:
         return False
     return bool(_FLEX_SUPPORTED) and hasattr(_flex, "get_na_flex_mask")
 
 
-def natten_version() -> Optional[str]:
+def natten_version() -> str | None:
     if not natten_available():
         return None
     import natten
@@ -78,7 +78,7 @@ def _normalize(
     dilation: Sequence[int],
     is_causal: Sequence[bool],
     validate: bool,
-) -> Tuple[tuple, tuple, tuple, tuple, tuple]:
+) -> tuple[tuple, tuple, tuple, tuple, tuple]:
     shape = tuple(int(x) for x in shape)
     na_dim = len(shape)
     if not 1 <= na_dim <= 3:
@@ -163,11 +163,11 @@ def natten_mask_mod(
 
 
 def natten_mask(
-    shape: Tuple[int, ...],
-    kernel_size: Tuple[int, ...],
-    stride: Tuple[int, ...],
-    dilation: Tuple[int, ...],
-    is_causal: Tuple[bool, ...],
+    shape: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
     *,
     validate: bool = True,
     via_block_mask: bool = False,
@@ -213,12 +213,12 @@ def natten_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kernel_size: Tuple[int, ...],
-    stride: Tuple[int, ...],
-    dilation: Tuple[int, ...],
-    is_causal: Tuple[bool, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     torch_compile: bool = False,
     return_lse: bool = False,
 ):

@@ -16,11 +16,6 @@ import time
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import flexna
-from flexna.reference import reference_mask
 from helpers import (
     assert_block_masks_equal,
     block_maps,
@@ -28,7 +23,12 @@ from helpers import (
     expected_block_mask,
     permuted_mask,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import Config, TiledConfig, configs, tiled_configs
+
+import flexna
+from flexna.reference import reference_mask
 
 
 def _default_block(tile) -> int:

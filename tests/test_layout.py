@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import ceil_div, tiled_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexna
-from helpers import ceil_div, tiled_order
 
 
 @st.composite

@@ -13,14 +13,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import axis_ok, dense_mask, permuted_mask, tiled_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import configs, tiled_configs, tiles
 
 import flexna
 from flexna.geometry import ordered_coords
 from flexna.reference import reference_mask
-from helpers import axis_ok, dense_mask, permuted_mask, tiled_order
-from strategies import configs, tiled_configs, tiles
 
 
 @settings(max_examples=200, deadline=None)

@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-
 from natten_peer import natten_attention, natten_available, natten_mask
 
 pytestmark = pytest.mark.skipif(not natten_available(), reason="NATTEN not installed")
@@ -39,7 +38,8 @@ def brute_mask(shape, kernel_size, stride, dilation, is_causal):
         for ki, kc in enumerate(coords):
             m[qi, ki] = all(
                 _axis_ok(x, y, L, k, s, d, c)
-                for x, y, L, k, s, d, c in zip(qc, kc, shape, kernel_size, stride, dilation, is_causal)
+                for x, y, L, k, s, d, c in zip(qc, kc, shape, kernel_size, stride, dilation, is_causal,
+                                               strict=False)
             )
     return m
 
@@ -54,7 +54,10 @@ def random_config(rng, max_tokens=400):
             k = rng.randint(2, L)
             d = rng.randint(1, L // k)
             s = rng.randint(1, k)
-            shape.append(L); ks.append(k); st.append(s); di.append(d)
+            shape.append(L)
+            ks.append(k)
+            st.append(s)
+            di.append(d)
             ca.append(rng.random() < 0.4)
         if math.prod(shape) <= max_tokens:
             return tuple(shape), tuple(ks), tuple(st), tuple(di), tuple(ca)
@@ -74,8 +77,8 @@ def test_natten_mask_matches_brute_force(cfg):
 
 @pytest.mark.parametrize("cfg", CONFIGS[:10])
 def test_capture_shortcut_equals_real_block_mask(cfg):
-    from torch.nn.attention.flex_attention import create_mask
     from natten_peer import natten_mask_mod
+    from torch.nn.attention.flex_attention import create_mask
 
     n = math.prod(cfg[0])
     real = create_mask(natten_mask_mod(*cfg, via_block_mask=True), None, None, n, n, device="cpu")[0, 0]
