@@ -53,7 +53,8 @@ def _ordered(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if block_map.is_cuda:
         counts = block_map.sum(dim=1, dtype=torch.int32)
         indices = torch.argsort(block_map.to(torch.uint8), dim=1, descending=True, stable=True)
-        return counts[None, None], indices.to(torch.int32)[None, None]
+        # contiguous: Flex's backward misreads strided q_indices (wrong dK/dV on CUDA)
+        return counts[None, None], indices.to(torch.int32).contiguous()[None, None]
     row, col = block_map.nonzero(as_tuple=True)
     counts = block_map.sum(dim=1, dtype=torch.int32)
     starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts

@@ -122,6 +122,9 @@ def assert_block_masks_equal(got: BlockMask, want: BlockMask, context: str = "")
         assert g is not None, f"{context}: {name} is None"
         assert tuple(g.shape) == tuple(w.shape), f"{context}: {name} shape {g.shape} != {w.shape}"
         assert g.dtype == w.dtype, f"{context}: {name} dtype {g.dtype} != {w.dtype}"
+        # FlexAttention's kernels index these tensors as dense row-major arrays: a transposed
+        # view (right values, wrong strides) gives wrong dK/dV in compiled backward on CUDA
+        assert g.is_contiguous(), f"{context}: {name} is not contiguous (strides {g.stride()})"
     gm, wm = block_maps(got), block_maps(want)
     for name in gm:
         diff = (gm[name] != wm[name]).nonzero().tolist()

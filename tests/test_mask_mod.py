@@ -91,8 +91,7 @@ def test_ordered_coords_matches_documented_order(cfg, data):
 @given(configs(max_tokens=600))
 def test_scalar_arguments_broadcast(cfg):
     """A scalar for a tuple parameter means that value on every axis."""
-    k = min(cfg.shape) // 1
-    k = max(1, min(k, 3))
+    k = min(3, *cfg.shape)
     mm = flexna.na_mask_mod(cfg.shape, k, 1, 1, True)
     n = cfg.num_tokens
     want = reference_mask(cfg.shape, (k,) * cfg.ndim, (1,) * cfg.ndim, (1,) * cfg.ndim,
