@@ -32,6 +32,9 @@ def resolve_block_sizes(
     defaults = [math.prod(t) if math.prod(t) > 1 else DEFAULT_BLOCK for t in (q_tile, kv_tile)]
     if block_size is None:
         return defaults[0], defaults[1]
+    if isinstance(block_size, Sequence) and not isinstance(block_size, str) and len(block_size) != 2:
+        raise ValueError(f"block_size must have 2 entries (q, kv) or be one int, got "
+                         f"{len(block_size)} entries: {tuple(block_size)!r}")
     sizes = as_int_tuple("block_size", block_size, 2)
     for side, size, tile in zip(("q", "kv"), sizes, (q_tile, kv_tile), strict=True):
         per_tile = math.prod(tile)

@@ -27,19 +27,23 @@ _mask_cache: OrderedDict[tuple, BlockMask] = OrderedDict()
 _compiled: Callable[..., Any] | None = None
 
 
-def cached_block_mask(pattern: NAPattern, device: torch.device) -> BlockMask:
-    """Row-major BlockMask of ``pattern`` on ``device``, built once (LRU of 64)."""
-    key = (pattern, device)
+def _cached_mask(key: tuple, build: Callable[[], BlockMask]) -> BlockMask:
+    """The BlockMask cached under ``key``, built by ``build()`` on a miss (LRU of 64)."""
     mask = _mask_cache.get(key)
     if mask is None:
-        tile = (1,) * pattern.ndim
-        mask = pattern_block_mask(pattern, tile, tile, DEFAULT_BLOCK, DEFAULT_BLOCK, device)
-        _mask_cache[key] = mask
+        mask = _mask_cache[key] = build()
         if len(_mask_cache) > _MASK_CACHE_SIZE:
             _mask_cache.popitem(last=False)
     else:
         _mask_cache.move_to_end(key)
     return mask
+
+
+def cached_block_mask(pattern: NAPattern, device: torch.device) -> BlockMask:
+    """Row-major BlockMask of ``pattern`` on ``device``, built once."""
+    tile = (1,) * pattern.ndim
+    return _cached_mask((pattern, device), lambda: pattern_block_mask(
+        pattern, tile, tile, DEFAULT_BLOCK, DEFAULT_BLOCK, device))
 
 
 def compiled_flex_attention() -> Callable[..., Any]:
@@ -122,6 +126,9 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
     backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
     reason = _eager_reason(query, (query, key, value, *_captured(kwargs)), return_lse)
     if reason is None:
+        if query.device.type == "cpu":
+            # no gradients wanted, but torch's CPU Flex rejects inputs that require grad
+            query, key, value = query.detach(), key.detach(), value.detach()
         return _lse_call(call_compiled, query, key, value, block_mask=block_mask, scale=scale,
                          return_lse=return_lse, **kwargs)
     warnings.warn(
@@ -268,16 +275,8 @@ def cached_extended_block_mask(patterns: tuple[NAPattern, ...], extra_q: int, ex
     """BlockMask of per-head patterns with extra tokens (block 128), built once (LRU)."""
     if len(patterns) == 1 and not extra_q and not extra_kv:
         return cached_block_mask(patterns[0], device)
-    key = ("ext", patterns, extra_q, extra_kv, device)
-    mask = _mask_cache.get(key)
-    if mask is None:
-        mask = patterns_block_mask(patterns, extra_q, extra_kv, DEFAULT_BLOCK, DEFAULT_BLOCK, device)
-        _mask_cache[key] = mask
-        if len(_mask_cache) > _MASK_CACHE_SIZE:
-            _mask_cache.popitem(last=False)
-    else:
-        _mask_cache.move_to_end(key)
-    return mask
+    return _cached_mask(("ext", patterns, extra_q, extra_kv, device), lambda: patterns_block_mask(
+        patterns, extra_q, extra_kv, DEFAULT_BLOCK, DEFAULT_BLOCK, device))
 
 
 def neighborhood_attention(

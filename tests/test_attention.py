@@ -372,15 +372,6 @@ def test_cpu_gradients_fall_back_and_match_autograd(cfg, kv_heads):
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="flexna bug: _eager_reason treats requires_grad inputs under torch.no_grad() as "
-    "'no gradients needed' and takes the compiled path, but torch's flex_attention rejects any "
-    "CPU input with requires_grad=True (views keep it under no_grad): NotImplementedError "
-    "'FlexAttention does not support backward on CPU'. Fix: detach the inputs when grad mode "
-    "is off.",
-)
 def test_cpu_no_grad_mode_runs_compiled(fresh_compile):
     """requires_grad tensors under torch.no_grad() need no gradients: compiled, no fallback
     (pytest turns an EagerFallbackWarning into an error)."""

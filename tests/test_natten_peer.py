@@ -9,25 +9,10 @@ import random
 
 import pytest
 import torch
+from helpers import axis_ok as _axis_ok
 from natten_peer import natten_attention, natten_available, natten_mask
 
 pytestmark = pytest.mark.skipif(not natten_available(), reason="NATTEN not installed")
-
-
-def _axis_ok(x, y, L, k, s, d, causal):
-    if x % d != y % d:
-        return False
-    g = x % d
-    xq, yq = x // d, y // d
-    Lg = math.ceil((L - g) / d)
-    if causal:
-        leader = min((xq // s) * s + s - 1, Lg - 1)
-        return yq <= xq and leader - yq < k
-    left = k // 2
-    right = k // 2 + (k % 2) - 1
-    leader = min((xq // s) * s + s // 2, Lg - 1)
-    c = min(max(leader, left), Lg - 1 - right)
-    return c - left <= yq <= c + right
 
 
 def brute_mask(shape, kernel_size, stride, dilation, is_causal):
