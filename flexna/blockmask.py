@@ -10,7 +10,8 @@ sizes: same full blocks, same partial blocks, same order.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -67,6 +68,21 @@ def _ordered(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[None, None], indices[None, None]
 
 
+@contextmanager
+def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run the CPU build on one thread: its ops are small (~1e5 elements), and torch's
+    thread pool collapses (10-30x slower) when other processes share the cores."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pattern_block_mask(
     pattern: NAPattern,
     q_tile: tuple[int, ...],
@@ -76,12 +92,13 @@ def pattern_block_mask(
     device: torch.device,
 ) -> BlockMask:
     """BlockMask of a validated pattern (see :func:`na_block_mask`)."""
-    partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device)
-    tables = build_tables(pattern, q_tile, kv_tile, device)
-    kv_num, kv_idx = _ordered(partial)
-    full_kv_num, full_kv_idx = _ordered(full)
-    q_num, q_idx = _ordered(partial.t())
-    full_q_num, full_q_idx = _ordered(full.t())
+    with _single_thread_on_cpu(device):
+        partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device)
+        tables = build_tables(pattern, q_tile, kv_tile, device)
+        kv_num, kv_idx = _ordered(partial)
+        full_kv_num, full_kv_idx = _ordered(full)
+        q_num, q_idx = _ordered(partial.t())
+        full_q_num, full_q_idx = _ordered(full.t())
     return BlockMask(
         seq_lengths=(tables.q_len, tables.kv_len),
         kv_num_blocks=kv_num,
