@@ -17,7 +17,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexna.blocksparsity import block_maps
-from flexna.layout import as_tile
+from flexna.geometry import Region, region_shape
+from flexna.layout import as_region, as_tile
 from flexna.masks import _resolve_device, build_tables
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern, as_int_tuple
 
@@ -90,11 +91,15 @@ def pattern_block_mask(
     q_block: int,
     kv_block: int,
     device: torch.device,
+    *,
+    q_region: Region | None = None,
+    kv_region: Region | None = None,
 ) -> BlockMask:
     """BlockMask of a validated pattern (see :func:`na_block_mask`)."""
+    regions = {"q_region": q_region, "kv_region": kv_region}
     with _single_thread_on_cpu(device):
-        partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device)
-        tables = build_tables(pattern, q_tile, kv_tile, device)
+        partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device, **regions)
+        tables = build_tables(pattern, q_tile, kv_tile, device, **regions)
         kv_num, kv_idx = _ordered(partial)
         full_kv_num, full_kv_idx = _ordered(full)
         q_num, q_idx = _ordered(partial.t())
@@ -125,6 +130,8 @@ def na_block_mask(
     kv_tile: int | Sequence[int] | None = None,
     block_size: int | Sequence[int] | None = None,
     device: torch.device | str | None = None,
+    q_region: Sequence[Sequence[int]] | None = None,
+    kv_region: Sequence[Sequence[int]] | None = None,
 ) -> BlockMask:
     """Analytic FlexAttention ``BlockMask`` of neighborhood attention.
 
@@ -137,9 +144,18 @@ def na_block_mask(
     equals ``create_block_mask(na_mask_mod(...), None, None, Nq, Nkv,
     BLOCK_SIZE=(q, kv))`` block for block, with full and partial blocks
     separated. Nq / Nkv are the (padded) lengths of the chosen orders.
+
+    ``q_region`` / ``kv_region``: one ``(start, stop)`` pair per axis selecting
+    a sub-box of the layout whose tokens are the queries / keys (in that box's
+    own order, tiled by ``q_tile`` / ``kv_tile``), with the pattern of the whole
+    layout: e.g. one shard's queries against its keys plus halo. Default: the
+    whole layout.
     """
     pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
-    q_t = as_tile("q_tile", q_tile, pattern.shape)
-    kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
+    q_reg = as_region("q_region", q_region, pattern.shape)
+    kv_reg = as_region("kv_region", kv_region, pattern.shape)
+    q_t = as_tile("q_tile", q_tile, region_shape(q_reg) if q_reg else pattern.shape)
+    kv_t = as_tile("kv_tile", kv_tile, region_shape(kv_reg) if kv_reg else pattern.shape)
     q_block, kv_block = resolve_block_sizes(block_size, q_t, kv_t)
-    return pattern_block_mask(pattern, q_t, kv_t, q_block, kv_block, _resolve_device(device))
+    return pattern_block_mask(pattern, q_t, kv_t, q_block, kv_block, _resolve_device(device),
+                              q_region=q_reg, kv_region=kv_reg)

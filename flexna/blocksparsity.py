@@ -27,8 +27,26 @@ import math
 
 import torch
 
-from flexna.geometry import axis_window_bounds, block_boxes, tile_grid
+from flexna.geometry import Region, axis_window_bounds, block_boxes, region_or_full, region_shape, tile_grid
 from flexna.pattern import NAPattern
+
+
+def block_as_tile(shape: tuple[int, ...], tile: tuple[int, ...], block_tiles: int) -> tuple[int, ...] | None:
+    """A tile whose single-tile blocks hold the same tokens as blocks of ``block_tiles`` tiles.
+
+    ``block_tiles`` consecutive tiles of the row-major tile grid form one box when they are
+    ``c`` whole rows of the grid's axes ``> j`` stacked along axis ``j`` and ``c`` divides the
+    grid there (e.g. row-major 128-token blocks on a 256-wide image are 1x128 tiles). Block
+    maps only depend on which tokens a block holds, so such blocks take the factorised path.
+    """
+    grid = tile_grid(shape, tile)
+    for j in reversed(range(len(grid))):
+        trailing = math.prod(grid[j + 1:])
+        if block_tiles % trailing == 0 and grid[j] % (block_tiles // trailing) == 0:
+            c = block_tiles // trailing
+            return (*tile[:j], tile[j] * c, *(t * g for t, g in zip(tile[j + 1:], grid[j + 1:],
+                                                                      strict=True)))
+    return None
 
 
 def _ravel(coords: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -132,48 +150,59 @@ def _exact_pairs(
 
 
 def axis_tile_tables(
-    pattern: NAPattern, axis: int, q_tile: int, kv_tile: int, device: torch.device | str | None = None
+    pattern: NAPattern, axis: int, q_tile: int, kv_tile: int, device: torch.device | str | None = None,
+    q_span: tuple[int, int] | None = None, kv_span: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-axis tile tables ``(some, every)``, bool ``[tiles_q, tiles_kv]`` along ``axis``.
 
     ``some[i, j]``: a query of q tile ``i`` attends a key of kv tile ``j``
     along this axis; ``every[i, j]``: all of them do and neither tile is
-    clipped by the layout's end (padding).
+    clipped by the end of its span (padding). Tiles start at the span's
+    start (``q_span``/``kv_span``: ``(start, stop)``, default the whole axis).
     """
     length = pattern.shape[axis]
     lo, hi = axis_window_bounds(length, pattern.kernel_size[axis], pattern.stride[axis],
                                 pattern.dilation[axis], pattern.is_causal[axis], device)
-    tq = torch.arange(-(-length // q_tile), device=device) * q_tile
-    tk = torch.arange(-(-length // kv_tile), device=device) * kv_tile
-    qa, qb = tq, torch.clamp(tq + q_tile, max=length) - 1
-    ka, kb = tk, torch.clamp(tk + kv_tile, max=length) - 1
+    q0, q1 = q_span or (0, length)
+    k0, k1 = kv_span or (0, length)
+    tq = q0 + torch.arange(-(-(q1 - q0) // q_tile), device=device) * q_tile
+    tk = k0 + torch.arange(-(-(k1 - k0) // kv_tile), device=device) * kv_tile
+    qa, qb = tq, torch.clamp(tq + q_tile, max=q1) - 1
+    ka, kb = tk, torch.clamp(tk + kv_tile, max=k1) - 1
     some, every = _exact_pairs(qa[:, None], qb[:, None], ka[None, :], kb[None, :], lo, hi,
                                pattern.dilation[axis])
-    every = every & (tq + q_tile <= length)[:, None] & (tk + kv_tile <= length)[None, :]
+    every = every & (tq + q_tile <= q1)[:, None] & (tk + kv_tile <= k1)[None, :]
     return some, every
 
 
 def _tile_maps(
-    pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device | str | None
+    pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device | str | None,
+    q_region: Region, kv_region: Region,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block maps when every block is exactly one tile (one box): the answer factorises.
 
     Block ``b`` is tile ``unravel(b)`` of the grid, so "some pair attends" and
     "every pair attends" are products over axes of :func:`axis_tile_tables`;
-    one broadcast AND gives the dense map.
+    one broadcast AND gives the dense map. The per-axis tables are tiny and
+    built on the CPU, then moved in one copy: on a GPU the build is a handful
+    of kernel launches.
     """
     n = pattern.ndim
-    q_grid, kv_grid = tile_grid(pattern.shape, q_tile), tile_grid(pattern.shape, kv_tile)
-    some = torch.ones(*q_grid, *kv_grid, dtype=torch.bool, device=device)
-    full = torch.ones_like(some)
+    q_grid = tile_grid(region_shape(q_region), q_tile)
+    kv_grid = tile_grid(region_shape(kv_region), kv_tile)
+    tables = [t for a in range(n) for t in axis_tile_tables(pattern, a, q_tile[a], kv_tile[a], "cpu",
+                                                             q_region[a], kv_region[a])]
+    moved = torch.cat([t.flatten() for t in tables]).to(device).split([t.numel() for t in tables])
+    some = full = None
     for a in range(n):
-        s_a, e_a = axis_tile_tables(pattern, a, q_tile[a], kv_tile[a], device)
         view = [1] * (2 * n)
         view[a], view[n + a] = q_grid[a], kv_grid[a]
-        some &= s_a.reshape(view)
-        full &= e_a.reshape(view)
+        s_a, e_a = moved[2 * a].reshape(view), moved[2 * a + 1].reshape(view)
+        some = s_a if some is None else some & s_a
+        full = e_a if full is None else full & e_a
     nq, nkv = math.prod(q_grid), math.prod(kv_grid)
-    some, full = some.reshape(nq, nkv), full.reshape(nq, nkv)
+    some = some.expand(*q_grid, *kv_grid).reshape(nq, nkv)
+    full = full.expand(*q_grid, *kv_grid).reshape(nq, nkv)
     return some & ~full, full
 
 
@@ -184,28 +213,41 @@ def block_maps(
     q_block: int,
     kv_block: int,
     device: torch.device | str | None = None,
+    *,
+    q_region: Region | None = None,
+    kv_region: Region | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block maps of ``pattern``: ``(partial, full)``, bool ``[num_q_blocks, num_kv_blocks]``.
 
     ``q_block``/``kv_block`` are block sizes in tokens, multiples of the tile
-    token counts. The maps are dense at block granularity only (BlockMask's
-    own index tensors are that size); filling them costs O(pairs reached).
+    token counts. Queries (keys) are the tokens of ``q_region`` (``kv_region``)
+    in that region's own tiled order; by default the whole layout. The maps are
+    dense at block granularity only (BlockMask's own index tensors are that
+    size); filling them costs O(pairs reached).
     """
     n = pattern.ndim
+    q_region = region_or_full(q_region, pattern.shape)
+    kv_region = region_or_full(kv_region, pattern.shape)
+    q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
     if n == 1:  # a 1-D block is one interval: treat it as a tile of its own
         q_tile, kv_tile = (q_block,), (kv_block,)
     q_tiles = q_block // math.prod(q_tile)
     kv_tiles = kv_block // math.prod(kv_tile)
-    if q_tiles == 1 and kv_tiles == 1:
-        return _tile_maps(pattern, q_tile, kv_tile, device)
-    kv_grid = tile_grid(pattern.shape, kv_tile)
+    q_as_tile = block_as_tile(q_shape, q_tile, q_tiles)
+    kv_as_tile = block_as_tile(kv_shape, kv_tile, kv_tiles)
+    if q_as_tile is not None and kv_as_tile is not None:
+        return _tile_maps(pattern, q_as_tile, kv_as_tile, device, q_region, kv_region)
+    kv_grid = tile_grid(kv_shape, kv_tile)
     num_kv = -(-math.prod(kv_grid) // kv_tiles)
-    qlo, qhi, qcount = block_boxes(pattern.shape, q_tile, q_tiles, device)
+    q_start = torch.tensor([s for s, _ in q_region], device=device)
+    kv_start = torch.tensor([s for s, _ in kv_region], device=device)
+    kv_last = torch.tensor(kv_shape, device=device) - 1  # in region coordinates
+    qlo, qhi, qcount = block_boxes(q_shape, q_tile, q_tiles, device)
+    qlo, qhi = qlo + q_start, qhi + q_start  # layout coordinates (empty slots stay lo > hi)
     num_q = qlo.shape[0]
     bounds = [axis_window_bounds(pattern.shape[a], pattern.kernel_size[a], pattern.stride[a],
                                  pattern.dilation[a], pattern.is_causal[a], device)
               for a in range(n)]
-    box_ok = qlo[..., 0] <= qhi[..., 0]  # [nq, S]
     shape_max = torch.tensor(pattern.shape, device=device) - 1
     qa = torch.minimum(qlo, shape_max)
     qb = torch.minimum(qhi.clamp_min(0), shape_max)
@@ -213,6 +255,10 @@ def block_maps(
                                        pattern.dilation[a], True) for a in range(n)], -1)
     w_hi = torch.stack([_range_extreme(bounds[a][1], qa[..., a], qb[..., a],
                                        pattern.dilation[a], False) for a in range(n)], -1)
+    # the reached keys, clipped to the key region, in region coordinates
+    w_lo = torch.maximum(w_lo - kv_start, torch.zeros_like(w_lo))
+    w_hi = torch.minimum(w_hi - kv_start, kv_last)
+    box_ok = (qlo[..., 0] <= qhi[..., 0]) & (w_lo <= w_hi).all(-1)  # [nq, S]
     kv_t = torch.tensor(kv_tile, device=device)
     owner = torch.arange(num_q, device=device)[:, None].expand_as(box_ok)[box_ok]
     run_owner, start, end = _box_runs(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t,
@@ -222,13 +268,16 @@ def block_maps(
     reached[q_idx, kv_idx] = True
     full = torch.zeros_like(reached)
 
+    q_real = qlo[..., 0] <= qhi[..., 0]
     q_complete = qcount == q_block
     if all(d == 1 for d in pattern.dilation):
         big = torch.iinfo(torch.int64).max
-        i_lo = torch.stack([torch.where(box_ok, bounds[a][0][qb[..., a]], -1).amax(1)
+        i_lo = torch.stack([torch.where(q_real, bounds[a][0][qb[..., a]], -1).amax(1)
                             for a in range(n)], -1)
-        i_hi = torch.stack([torch.where(box_ok, bounds[a][1][qa[..., a]], big).amin(1)
+        i_hi = torch.stack([torch.where(q_real, bounds[a][1][qa[..., a]], big).amin(1)
                             for a in range(n)], -1)
+        i_lo = torch.maximum(i_lo - kv_start, torch.zeros_like(i_lo))
+        i_hi = torch.minimum(i_hi - kv_start, kv_last)
         t_lo = -(-i_lo // kv_t)
         t_hi = (i_hi + 1) // kv_t - 1
         ok = q_complete & (t_lo <= t_hi).all(dim=1)
@@ -238,7 +287,8 @@ def block_maps(
         full[q_idx, kv_idx] = True
         return reached & ~full, full
 
-    klo, khi, kcount = block_boxes(pattern.shape, kv_tile, kv_tiles, device)
+    klo, khi, kcount = block_boxes(kv_shape, kv_tile, kv_tiles, device)
+    klo, khi = klo + kv_start, khi + kv_start
     slots = qlo.shape[1]
     cand_q, cand_kv = reached.nonzero(as_tuple=True)
     reached.zero_()
@@ -256,7 +306,7 @@ def block_maps(
                                     pattern.dilation[a])
             some &= s_a
             every &= e_a
-        pair_ok = box_ok[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
+        pair_ok = q_real[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
         some = (some & pair_ok).flatten(1).any(1)
         every = ((every | ~pair_ok).flatten(1).all(1) & some
                  & q_complete[qi] & (kcount[ki] == kv_block))

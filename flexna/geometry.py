@@ -54,6 +54,19 @@ def axis_pair_count(length: int, kernel: int, stride: int, dilation: int, causal
     return int(((hi - lo) // dilation + 1).sum())
 
 
+# Per axis ``(start, stop)``: the sub-box of the layout a side's tokens come from (queries of
+# one shard against its keys plus halo, say). ``None`` is the whole layout.
+Region = tuple[tuple[int, int], ...]
+
+
+def region_or_full(region: Region | None, shape: tuple[int, ...]) -> Region:
+    return tuple((0, length) for length in shape) if region is None else region
+
+
+def region_shape(region: Region) -> tuple[int, ...]:
+    return tuple(stop - start for start, stop in region)
+
+
 def padded_shape(shape: tuple[int, ...], tile: tuple[int, ...]) -> tuple[int, ...]:
     """Layout shape rounded up to whole tiles on every axis."""
     return tuple(-(-length // t) * t for length, t in zip(shape, tile, strict=True))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flexna.geometry import padded_shape, tile_grid
+from flexna.geometry import Region, padded_shape, tile_grid
 from flexna.pattern import as_int_tuple, as_shape
 
 
@@ -33,6 +33,24 @@ def as_tile(name: str, tile: int | Sequence[int] | None, shape: tuple[int, ...])
             "indices allow"
         )
     return tile_t
+
+
+def as_region(name: str, region: Sequence[Sequence[int]] | None, shape: tuple[int, ...]) -> Region | None:
+    """Validate a per-axis ``(start, stop)`` sub-box of the layout (``None``: the whole layout)."""
+    if region is None:
+        return None
+    try:
+        pairs = tuple((int(start), int(stop)) for start, stop in region)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be one (start, stop) pair per axis, got {region!r}") from None
+    if len(pairs) != len(shape):
+        raise ValueError(f"{name} must have one (start, stop) pair per axis ({len(shape)}), "
+                         f"got {len(pairs)}: {region!r}")
+    for axis, ((start, stop), length) in enumerate(zip(pairs, shape, strict=True)):
+        if not 0 <= start < stop <= length:
+            raise ValueError(f"{name}[axis {axis}] = ({start}, {stop}) is out of range: need "
+                             f"0 <= start < stop <= {length}")
+    return pairs
 
 
 def tiled_length(shape: Sequence[int], tile: int | Sequence[int] | None) -> int:
@@ -87,14 +105,17 @@ def axis_values_in_order(
 ) -> torch.Tensor:
     """Per-token table ``[N_tiled]`` whose entry is ``values[coordinate on axis]``.
 
-    ``values`` has one entry per coordinate of ``axis``; positions padded on
-    that axis get ``pad``. Built by broadcasting and one tile permutation,
+    ``values`` has one entry per coordinate of ``axis`` (or per padded
+    coordinate); positions padded on that axis get ``pad``. Built by broadcasting and one tile permutation,
     so the cost is one pass over the tokens.
     """
     grid = tile_grid(shape, tile)
     padded = padded_shape(shape, tile)
-    col = torch.full((padded[axis],), pad, dtype=values.dtype, device=values.device)
-    col[: shape[axis]] = values
+    if values.numel() == padded[axis]:  # already padded
+        col = values
+    else:
+        col = torch.full((padded[axis],), pad, dtype=values.dtype, device=values.device)
+        col[: shape[axis]] = values
     view = [1] * len(shape)
     view[axis] = padded[axis]
     full = col.reshape(view).expand(padded)[None]

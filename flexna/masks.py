@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexna.geometry import axis_window_bounds
+from flexna.geometry import Region, axis_window_bounds, padded_shape, region_or_full, region_shape
 from flexna.layout import as_tile, axis_values_in_order
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern
 
@@ -68,20 +68,43 @@ def build_tables(
     q_tile: tuple[int, ...],
     kv_tile: tuple[int, ...],
     device: torch.device | str | None = None,
+    *,
+    q_region: Region | None = None,
+    kv_region: Region | None = None,
 ) -> MaskTables:
-    """Lookup tables for ``pattern`` with queries in ``q_tile`` and keys in ``kv_tile`` order."""
-    q_lo, q_hi, kv_pos = [], [], []
+    """Lookup tables for ``pattern`` with queries in ``q_tile`` and keys in ``kv_tile`` order.
+
+    Queries (keys) are the tokens of ``q_region`` (``kv_region``), a per-axis
+    ``(start, stop)`` sub-box of the layout in its own tiled order; by default
+    the whole layout. The per-axis columns are computed on the CPU and moved in
+    one copy; each table is then one broadcast-and-permute on ``device``.
+    """
+    q_region = region_or_full(q_region, pattern.shape)
+    kv_region = region_or_full(kv_region, pattern.shape)
+    q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
+    q_pad, kv_pad = padded_shape(q_shape, q_tile), padded_shape(kv_shape, kv_tile)
+    cols, dtypes = [], []
     for a in range(pattern.ndim):
         length, d = pattern.shape[a], pattern.dilation[a]
-        dtype = torch.int32 if d * length < 2**31 - 1 else torch.int64
         lo, hi = axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
-                                    pattern.is_causal[a], device)
-        x = torch.arange(length, device=device)
+                                    pattern.is_causal[a])
+        x = torch.arange(length)
         shift = (x % d) * length  # moves the window into the query's dilation group
-        shape = pattern.shape
-        q_lo.append(axis_values_in_order((lo + shift).to(dtype), a, shape, q_tile, 1))
-        q_hi.append(axis_values_in_order((hi + shift).to(dtype), a, shape, q_tile, 0))
-        kv_pos.append(axis_values_in_order((x + shift).to(dtype), a, shape, kv_tile, -1))
+        (q0, q1), (k0, k1) = q_region[a], kv_region[a]
+
+        def padded(values: torch.Tensor, size: int, pad: int) -> torch.Tensor:
+            return torch.cat([values, torch.full((size - values.numel(),), pad)])
+
+        cols += [padded((lo + shift)[q0:q1], q_pad[a], 1), padded((hi + shift)[q0:q1], q_pad[a], 0),
+                 padded((x + shift)[k0:k1], kv_pad[a], -1)]
+        dtypes.append(torch.int32 if d * length < 2**31 - 1 else torch.int64)
+    moved = torch.cat(cols).to(device).split([c.numel() for c in cols])
+    q_lo, q_hi, kv_pos = [], [], []
+    for a in range(pattern.ndim):
+        lo_c, hi_c, pos_c = (c.to(dtypes[a]) for c in moved[3 * a:3 * a + 3])
+        q_lo.append(axis_values_in_order(lo_c, a, q_shape, q_tile, 1))
+        q_hi.append(axis_values_in_order(hi_c, a, q_shape, q_tile, 0))
+        kv_pos.append(axis_values_in_order(pos_c, a, kv_shape, kv_tile, -1))
     return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos))
 
 

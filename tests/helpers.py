@@ -175,3 +175,21 @@ def eager_flex_ok():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=EAGER_FLEX_MSG)
         yield
+
+
+def region_order(shape: Sequence[int], region: Sequence[tuple[int, int]],
+                 tile: Sequence[int] | None) -> np.ndarray:
+    """Row-major index in the whole layout of each position of a sub-box's tiled order.
+
+    The sub-box ``region`` (per axis ``(start, stop)``) is ordered as a layout of its own
+    (:func:`tiled_order`); -1 marks padding.
+    """
+    sub = tuple(stop - start for start, stop in region)
+    local = tiled_order(sub, tile)
+    out = np.full(local.shape, -1, dtype=np.int64)
+    for pos, idx in enumerate(local):
+        if idx < 0:
+            continue
+        coord = np.unravel_index(idx, sub)
+        out[pos] = rowmajor_index([c + s for c, (s, _) in zip(coord, region, strict=True)], shape)
+    return out

@@ -180,3 +180,58 @@ def test_budget_block_sets_independent():
     assert torch.equal(maps["kv_full"], full)
     assert torch.equal(maps["kv_partial"], partial)
     assert int(full.sum()) == 24768 and int(partial.sum()) == 124128
+
+
+# ----------------------------------------------------------------------------------------------
+# Sub-box regions (a shard's queries against its keys plus halo)
+
+@st.composite
+def region_configs(draw):
+    tc = draw(tiled_configs(max_tokens=700, block_sizes=False))
+    shape = tc.cfg.shape
+
+    def region():
+        out = []
+        for length in shape:
+            start = draw(st.integers(0, length - 1))
+            out.append((start, draw(st.integers(start + 1, length))))
+        return tuple(out)
+
+    q_region, kv_region = region(), region()
+    block = draw(st.sampled_from([None, (8, 16), (128, 128)]))
+    if block is not None:  # multiples of the tile token counts
+        block = tuple(b * (1 if t is None else math.prod(t))
+                      for b, t in zip(block, (tc.q_tile, tc.kv_tile), strict=True))
+    return tc, q_region, kv_region, block
+
+
+@settings(max_examples=150, deadline=None)
+@given(region_configs())
+def test_region_block_mask_equals_create_block_mask(rc):
+    from helpers import region_order
+
+    tc, q_region, kv_region, block = rc
+    cfg = tc.cfg
+    ref = reference_mask(*cfg.args())
+    qi = torch.from_numpy(region_order(cfg.shape, q_region, tc.q_tile))
+    ki = torch.from_numpy(region_order(cfg.shape, kv_region, tc.kv_tile))
+    want_dense = ref[qi.clamp_min(0)][:, ki.clamp_min(0)] & (qi >= 0)[:, None] & (ki >= 0)[None, :]
+    got = flexna.na_block_mask(**cfg.kwargs(), q_tile=tc.q_tile, kv_tile=tc.kv_tile,
+                               block_size=block, q_region=q_region, kv_region=kv_region,
+                               device="cpu")
+    bs = block or (_default_block(tc.q_tile), _default_block(tc.kv_tile))
+    context = f"{tc!r} q_region={q_region} kv_region={kv_region} block={block}"
+    assert_block_masks_equal(got, expected_block_mask(want_dense, bs), context=context)
+    assert torch.equal(dense_mask(got.mask_mod, *want_dense.shape), want_dense), context
+
+
+@pytest.mark.parametrize("region, message", [
+    (((0, 5),), r"one \(start, stop\) pair per axis \(2\)"),
+    (((0, 5), (3, 3)), r"q_region\[axis 1\] = \(3, 3\) is out of range: need 0 <= start < stop <= 12"),
+    (((-1, 5), (0, 12)), r"q_region\[axis 0\] = \(-1, 5\)"),
+    (((0, 11), (0, 12)), r"q_region\[axis 0\] = \(0, 11\) is out of range: need 0 <= start < stop <= 10"),
+    ((1, 2), "one \\(start, stop\\) pair per axis"),
+])
+def test_region_validation(region, message):
+    with pytest.raises(ValueError, match=message):
+        flexna.na_block_mask((10, 12), 3, q_region=region)
