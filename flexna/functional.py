@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from flexna.blockmask import DEFAULT_BLOCK, pattern_block_mask
 from flexna.extended import PerHead, head_patterns, patterns_block_mask
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern
-from flexna.scores import _rpb_score_mod, check_rpb, compose_score_mods
+from flexna.scores import _packed_rpb_score_mod, _rpb_score_mod, check_rpb, compose_score_mods
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_CACHE_SIZE = 64
@@ -309,7 +309,8 @@ def neighborhood_attention(
     ``additional_queries`` ``[batch, Mq, heads, dim]``: extra query rows attending
     every key (layout and additional); their output is returned too.
     ``rel_pos_bias``: ``[heads, *flexna.rpb_table_shape(kernel_size, stride, is_causal)]``
-    relative positional bias (NAT/DiNAT ``rpb``); ``score_mod``: a FlexAttention
+    relative positional bias (NAT/DiNAT ``rpb``; with per-head patterns each head uses its
+    own pattern, all heads giving the same table shape); ``score_mod``: a FlexAttention
     score_mod applied after the bias, indices in the fused sequence (layout tokens
     first, then the additional ones).
 
@@ -334,12 +335,10 @@ def neighborhood_attention(
                            query, "query")
     patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads=heads)
     if rel_pos_bias is not None:
-        if len(patterns) > 1:
-            raise ValueError("rel_pos_bias needs one pattern for all heads, got per-head patterns")
-        check_rpb(rel_pos_bias, patterns[0], heads)
+        check_rpb(rel_pos_bias, patterns, heads)
         if rel_pos_bias.device != query.device:
             raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {query.device}")
-        bias = _rpb_score_mod(rel_pos_bias, patterns[0], extra_q, extra_kv, query.device)
+        bias = _rpb_score_mod(rel_pos_bias, patterns, extra_q, extra_kv, query.device)
         score_mod = compose_score_mods(bias, score_mod)
     mask = cached_extended_block_mask(patterns, extra_q, extra_kv, query.device)
     tokens = patterns[0].num_tokens
@@ -405,6 +404,7 @@ def packed_neighborhood_attention(
     scale: float | None = None,
     *,
     block_size: int = 128,
+    rel_pos_bias: torch.Tensor | None = None,
     score_mod: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Neighborhood attention over several layouts packed in one sequence (variable resolution).
@@ -412,6 +412,9 @@ def packed_neighborhood_attention(
     ``query`` ``[batch, L, heads, dim]`` with ``L = flexna.packed_length(shapes, block_size)``
     (build it with :func:`flexna.pack_tokens`); ``key``/``value`` likewise (fewer heads:
     GQA). Each sample attends only within its own layout; padding outputs are 0.
+    ``rel_pos_bias`` ``[heads, *flexna.rpb_table_shape(kernel_size, stride, is_causal)]``: one
+    table for all samples, each sample's tokens indexing it with their own layout's
+    coordinates; ``score_mod`` is applied after it (indices in the packed sequence).
     Returns ``[batch, L, heads, value_dim]`` (split it with :func:`flexna.unpack_tokens`).
     """
     from flexna.packing import _block, packed_length, packed_patterns, packed_patterns_block_mask
@@ -428,6 +431,12 @@ def packed_neighborhood_attention(
                 f"tokens, got {got}"
             )
     _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+    if rel_pos_bias is not None:
+        check_rpb(rel_pos_bias, patterns[0], query.shape[2])
+        if rel_pos_bias.device != query.device:
+            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {query.device}")
+        score_mod = compose_score_mods(_packed_rpb_score_mod(rel_pos_bias, patterns, block, query.device),
+                                       score_mod)
     key_ = ("packed", patterns, block, query.device)
     mask = _mask_cache.get(key_)
     if mask is None:

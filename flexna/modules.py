@@ -7,7 +7,10 @@ a ``proj`` Linear. Keys ``qkv.weight``, ``qkv.bias``, ``proj.weight``,
 ``rel_pos_bias=True`` as in NAT/DiNAT checkpoints (older NATTEN).
 
 ``attn_drop`` (dropout on attention probabilities) cannot be expressed in
-FlexAttention (a score_mod acts before the softmax); ``attn_drop > 0`` raises.
+FlexAttention (a score_mod acts before the softmax, and the fused kernel never
+materialises the probabilities); ``attn_drop > 0`` raises. NATTEN >= 0.20's modules
+have no ``attn_drop`` argument at all for the same reason (their fused kernels have
+no attention dropout); both offer ``proj_drop``, dropout on the output projection.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from torch import nn
 from flexna.extended import PerHead
 from flexna.functional import neighborhood_attention
 from flexna.pattern import as_bool_tuple, as_int_tuple
-from flexna.scores import rpb_table_shape
+from flexna.scores import common_table_shape, rpb_table_shape
 
 
 class NeighborhoodAttentionGeneric(nn.Module):
     """NATTEN-compatible neighborhood attention module over ``na_dim`` spatial axes.
 
     ``kernel_size``/``stride``/``dilation``/``is_causal`` may be :class:`flexna.PerHead`
-    (per-head patterns, no ``rel_pos_bias``). ``num_kv_heads`` (default ``num_heads``)
+    (per-head patterns; with ``rel_pos_bias`` every head must give the same table shape,
+    e.g. per-head dilation only). ``num_kv_heads`` (default ``num_heads``)
     gives GQA/MQA: ``qkv`` then outputs ``(num_heads + 2 * num_kv_heads) * head_dim``.
     """
 
@@ -44,7 +48,9 @@ class NeighborhoodAttentionGeneric(nn.Module):
         if attn_drop:
             raise ValueError(
                 f"attn_drop={attn_drop}: dropout on attention probabilities cannot be expressed "
-                "in FlexAttention (score_mods act before the softmax); use attn_drop=0.0"
+                "in FlexAttention (score_mods act before the softmax; the fused kernel never "
+                "materialises the probabilities), and NATTEN >= 0.20's modules have no attn_drop "
+                "either. Use attn_drop=0.0, and proj_drop for dropout after the output projection"
             )
 
         def norm(name: str, value: Any, fn) -> Any:
@@ -67,9 +73,13 @@ class NeighborhoodAttentionGeneric(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
-            if any(isinstance(v, PerHead) for v in (self.kernel_size, self.stride, self.is_causal)):
-                raise ValueError("rel_pos_bias=True needs one kernel_size/stride/is_causal for all heads")
-            table = rpb_table_shape(self.kernel_size, self.stride, self.is_causal, na_dim)
+            def head(value: Any, h: int) -> Any:
+                return value.values[h] if isinstance(value, PerHead) else value
+
+            table = common_table_shape(
+                [rpb_table_shape(head(self.kernel_size, h), head(self.stride, h),
+                                 head(self.is_causal, h), na_dim) for h in range(num_heads)],
+                "rel_pos_bias=True")
             self.rpb = nn.Parameter(torch.zeros(num_heads, *table))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:

@@ -6,6 +6,11 @@ multiple of ``block_size`` (default 128), so that no BlockMask block straddles
 two samples. Each token attends only its own sample's neighborhood; padded
 positions never attend and are never attended (their outputs are 0). The
 packed length is ``sum(ceil(N_i / block_size) * block_size)``.
+
+Relative positional bias over a packed sequence
+(:func:`packed_rel_pos_bias_score_mod`, or ``rel_pos_bias=`` of
+:func:`flexna.packed_neighborhood_attention`): one table for all samples, each
+sample's tokens indexing it with their own layout's coordinates.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flexna.blocksparsity import block_maps
 from flexna.extended import assemble_block_mask
 from flexna.masks import MaskMod, _resolve_device, build_tables
 from flexna.pattern import NAPattern, as_shape
+from flexna.scores import ScoreMod, _packed_rpb_score_mod, check_rpb
 
 DEFAULT_BLOCK = 128
 
@@ -165,3 +171,21 @@ def packed_block_mask(shapes, kernel_size, stride=1, dilation=1, is_causal=False
     """
     patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
     return packed_patterns_block_mask(patterns, _block(block_size), _resolve_device(device))
+
+
+def packed_rel_pos_bias_score_mod(table: torch.Tensor, shapes, kernel_size, stride=1, dilation=1,
+                                  is_causal=False, *, block_size: int = DEFAULT_BLOCK,
+                                  device=None) -> ScoreMod:
+    """``score_mod`` adding relative positional bias over the packed sequence of ``shapes``.
+
+    ``table``: ``[heads, *flexna.rpb_table_shape(kernel_size, stride, is_causal)]``, shared by
+    all samples; a query and a key of the same sample get ``table[h, ...]`` at their offset
+    in that sample's layout (as :func:`flexna.rel_pos_bias_score_mod` for one layout).
+    Pairs across samples or involving padding are masked by :func:`packed_block_mask`
+    (their bias is meaningless). Gradients reach ``table``.
+    """
+    patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
+    heads = table.shape[0] if isinstance(table, torch.Tensor) and table.dim() else 0
+    check_rpb(table, patterns[0], heads, "table")
+    return _packed_rpb_score_mod(table, patterns, _block(block_size),
+                                 table.device if device is None else _resolve_device(device))

@@ -18,11 +18,20 @@ Tables are ``[heads, R_1, ..., R_n]``; :func:`rpb_table_shape` gives ``R``.
 The score_mod reads two per-token tables (a query base and a key base whose
 sum is the flat table index) and one table entry: three loads per score.
 Extra tokens (index ``>= N``) get no bias.
+
+Per-head patterns (:class:`flexna.PerHead`): every head indexes its own row of
+the table with its own pattern (e.g. DiNAT's half-local / half-dilated heads:
+same kernel, per-head dilation). All heads must give the same table shape, i.e.
+the same ``rpb_table_shape(kernel_size, stride, is_causal)``; the per-token
+tables then have a head dimension ``[H, N]``.
+
+Packed layouts (variable resolution, :mod:`flexna.packing`): each sample's
+tokens index the (shared) table with their own layout's coordinates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -70,14 +79,49 @@ def rpb_token_tables(pattern: NAPattern, num_extra_q: int = 0, num_extra_kv: int
     return q_base, kv_base
 
 
-def check_rpb(table: torch.Tensor, pattern: NAPattern, num_heads: int) -> None:
-    sizes = rpb_table_shape(pattern.kernel_size, pattern.stride, pattern.is_causal, pattern.ndim)
+def _table_shape_of(pattern: NAPattern) -> tuple[int, ...]:
+    return rpb_table_shape(pattern.kernel_size, pattern.stride, pattern.is_causal, pattern.ndim)
+
+
+def _heads_text(heads: list[int]) -> str:
+    return f"head {heads[0]}" if len(heads) == 1 else f"heads {heads}"
+
+
+def common_table_shape(shapes: Sequence[tuple[int, ...]], name: str = "rel_pos_bias") -> tuple[int, ...]:
+    """The one table shape of per-head ``shapes`` (one entry per head), or a ``ValueError``
+    naming which heads give which shape."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for h, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(h)
+    if len(groups) > 1:
+        listed = "; ".join(f"{_heads_text(hs)}: {shape}" for shape, hs in groups.items())
+        raise ValueError(
+            f"{name} needs one table shape for all heads, but the per-head patterns give "
+            f"different rpb_table_shape(kernel_size, stride, is_causal): {listed}. Per-head "
+            "dilation is fine; kernel_size, stride and is_causal must give the same table"
+        )
+    return next(iter(groups))
+
+
+def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], num_heads: int,
+              name: str = "rel_pos_bias") -> None:
+    """``ValueError`` unless ``table`` is a floating tensor ``[num_heads, *table shape]``.
+
+    ``patterns``: one pattern for all heads, or one per head (:class:`flexna.PerHead`),
+    whose table shapes must agree.
+    """
+    patterns = (patterns,) if isinstance(patterns, NAPattern) else tuple(patterns)
+    sizes = common_table_shape([_table_shape_of(p) for p in patterns], name)
     if not isinstance(table, torch.Tensor) or tuple(table.shape) != (num_heads, *sizes):
         got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        what = (f"{patterns[0]}" if len(patterns) == 1 else
+                f"{len(patterns)} per-head patterns on layout {patterns[0].shape}")
         raise ValueError(
-            f"rel_pos_bias must be a tensor shaped [heads, *table] = {(num_heads, *sizes)} for "
-            f"{pattern} with {num_heads} heads, got {got}"
+            f"{name} must be a tensor shaped [heads, *table] = {(num_heads, *sizes)} for "
+            f"{what} with {num_heads} heads, got {got}"
         )
+    if table.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} dtype must be float32, float16 or bfloat16, got {table.dtype}")
 
 
 def rel_pos_bias_score_mod(table: torch.Tensor, shape, kernel_size, stride=1, dilation=1,
@@ -86,33 +130,70 @@ def rel_pos_bias_score_mod(table: torch.Tensor, shape, kernel_size, stride=1, di
     """``score_mod`` adding ``table[h, idx_1, ..., idx_n]`` (see module docstring) to each score.
 
     ``table``: ``[heads, *rpb_table_shape(kernel_size, stride, is_causal)]``; gradients
-    reach it (it is a captured tensor). Row-major token order; extra tokens
-    (index ``>= prod(shape)``) get no bias. Masked pairs may read any table entry
-    (their score is discarded).
+    reach it (it is a captured tensor). Any pattern argument may be a
+    :class:`flexna.PerHead` with one entry per head (``table.shape[0]``): head ``h``
+    then indexes ``table[h]`` with its own pattern (all heads must give the same table
+    shape). Row-major token order; extra tokens (index ``>= prod(shape)``) get no bias.
+    Masked pairs may read any table entry (their score is discarded).
     """
-    pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
-    check_rpb(table, pattern, table.shape[0] if isinstance(table, torch.Tensor) and table.dim() else 0)
-    return _rpb_score_mod(table, pattern, num_extra_q, num_extra_kv,
+    from flexna.extended import head_patterns
+
+    if not isinstance(table, torch.Tensor) or table.dim() < 1:
+        got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"table must be a tensor [heads, *rpb_table_shape(...)], got {got}")
+    patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads=table.shape[0])
+    check_rpb(table, patterns, table.shape[0], "table")
+    return _rpb_score_mod(table, patterns, num_extra_q, num_extra_kv,
                           table.device if device is None else device)
 
 
-def _rpb_score_mod(table: torch.Tensor, pattern: NAPattern, num_extra_q: int, num_extra_kv: int,
-                   device) -> ScoreMod:
-    q_base, kv_base = rpb_token_tables(pattern, num_extra_q, num_extra_kv, device)
+def _token_bases(patterns: Sequence[NAPattern], num_extra_q: int, num_extra_kv: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_base, kv_base)``: ``[N + extra]`` for one pattern, ``[H, N + extra]`` per head."""
+    distinct = list(dict.fromkeys(patterns))
+    bases = {p: rpb_token_tables(p, num_extra_q, num_extra_kv, device) for p in distinct}
+    if len(distinct) == 1:
+        return bases[distinct[0]]
+    return (torch.stack([bases[p][0] for p in patterns]), torch.stack([bases[p][1] for p in patterns]))
+
+
+def _rpb_score_mod(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], num_extra_q: int,
+                   num_extra_kv: int, device) -> ScoreMod:
+    patterns = (patterns,) if isinstance(patterns, NAPattern) else tuple(patterns)
+    q_base, kv_base = _token_bases(patterns, num_extra_q, num_extra_kv, device)
+    return _bias_score_mod(table, q_base, kv_base, patterns[0].num_tokens,
+                           bool(num_extra_q or num_extra_kv))
+
+
+def _bias_score_mod(table: torch.Tensor, q_base: torch.Tensor, kv_base: torch.Tensor,
+                    n_tok: int | None, has_extra: bool) -> ScoreMod:
+    """score + ``table[h].flatten()[q_base[(h,) q] + kv_base[(h,) kv]]`` (0 for extra tokens)."""
     flat = table.reshape(table.shape[0], -1)
     top = flat.shape[1] - 1
-    n_tok = pattern.num_tokens
-    has_extra = bool(num_extra_q or num_extra_kv)
+    per_head = q_base.dim() == 2
 
     def rpb_score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                       kv_idx: torch.Tensor) -> torch.Tensor:
-        idx = (q_base[q_idx] + kv_base[kv_idx]).clamp(0, top)
-        bias = flat[h, idx]
+        idx = q_base[h, q_idx] + kv_base[h, kv_idx] if per_head else q_base[q_idx] + kv_base[kv_idx]
+        bias = flat[h, idx.clamp(0, top)]
         if has_extra:
             bias = torch.where((q_idx < n_tok) & (kv_idx < n_tok), bias, torch.zeros_like(bias))
         return score + bias
 
     return rpb_score_mod
+
+
+def _packed_rpb_score_mod(table: torch.Tensor, patterns: Sequence[NAPattern], block: int,
+                          device) -> ScoreMod:
+    """Bias over a packed sequence (each sample padded to a multiple of ``block``): each
+    sample's tokens index ``table`` with their own layout's coordinates."""
+    q_parts, kv_parts = [], []
+    for p in patterns:
+        q_base, kv_base = rpb_token_tables(p, 0, 0, device)
+        pad = -(-p.num_tokens // block) * block - p.num_tokens
+        q_parts.append(torch.nn.functional.pad(q_base, (0, pad)))
+        kv_parts.append(torch.nn.functional.pad(kv_base, (0, pad)))
+    return _bias_score_mod(table, torch.cat(q_parts), torch.cat(kv_parts), None, False)
 
 
 def softcap_score_mod(cap: float) -> ScoreMod:

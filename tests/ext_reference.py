@@ -35,3 +35,49 @@ def attention64(q, k, v, mask, bias=None, scale=None):
     s = s.masked_fill(empty, 0.0)
     p = torch.softmax(s, -1).masked_fill(empty | ~mask, 0.0)
     return p @ v
+
+
+def per_axis(value, n):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def per_head_mask_and_bias(table, shape, heads):
+    """Per-head ``[H, N, N]`` mask and bias; ``heads``: one dict of pattern kwargs per head
+    (kernel_size, stride, dilation, is_causal; scalars or per-axis tuples). Head ``h``
+    indexes ``table[h]`` with its own pattern. ``table=None``: bias is None."""
+    from flexna.reference import reference_mask
+
+    n = len(shape)
+    masks, biases = [], []
+    for h, kw in enumerate(heads):
+        p = {name: per_axis(kw.get(name, default), n) for name, default in
+             (("kernel_size", 1), ("stride", 1), ("dilation", 1), ("is_causal", False))}
+        masks.append(reference_mask(shape, **p))
+        if table is not None:
+            biases.append(rpb_dense(table[h:h + 1], shape, p["kernel_size"], p["stride"], p["dilation"],
+                                    p["is_causal"])[0])
+    return torch.stack(masks), (torch.stack(biases) if table is not None else None)
+
+
+def packed_mask_and_bias(table, shapes, block, kernel_size, stride=1, dilation=1, is_causal=False):
+    """Packed sequence (each sample padded to a multiple of ``block``): block-diagonal
+    ``[L, L]`` mask and ``[H, L, L]`` bias (zeros off the samples; None without a table),
+    each sample's block built from its own layout alone."""
+    from flexna.reference import reference_mask
+
+    lengths = [-(-int(np.prod(s)) // block) * block for s in shapes]
+    total = sum(lengths)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    bias = None if table is None else torch.zeros(table.shape[0], total, total, dtype=table.dtype)
+    off = 0
+    for s, length in zip(shapes, lengths, strict=True):
+        n = len(s)
+        kw = {"kernel_size": per_axis(kernel_size, n), "stride": per_axis(stride, n),
+              "dilation": per_axis(dilation, n), "is_causal": per_axis(is_causal, n)}
+        tok = int(np.prod(s))
+        mask[off:off + tok, off:off + tok] = reference_mask(s, **kw)
+        if table is not None:
+            bias[:, off:off + tok, off:off + tok] = rpb_dense(table, s, kw["kernel_size"], kw["stride"],
+                                                             kw["dilation"], kw["is_causal"])
+        off += length
+    return mask, bias

@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 import flexna
 from flexna.functional import EagerFallbackWarning, dense_flex_attention
 from flexna.reference import reference_mask
-from tests.ext_reference import attention64, rpb_dense
+from tests.ext_reference import attention64, packed_mask_and_bias, per_head_mask_and_bias, rpb_dense
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -113,6 +113,116 @@ def test_score_mod_composition_direct_flex():
     s = 5.0 * torch.tanh(s / 5.0)
     s = s.masked_fill(~reference_mask(shape, kern), float("-inf"))
     torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ v.double(), atol=1e-5, rtol=1e-5)
+
+
+# per-head patterns with one table (DiNAT: half the heads local, half dilated)
+def expand_heads(heads, **params):
+    """One kwargs dict per head from pattern params that may be PerHead."""
+    return [{k: (v.values[h] if isinstance(v, flexna.PerHead) else v) for k, v in params.items()}
+            for h in range(heads)]
+
+
+def extended_reference(q, k, v, mask, bias, ak=None, av=None, aq=None):
+    """float64 attention over layout + additional tokens; mask/bias [H, N, N] of the layout;
+    extra tokens attend / are attended by everything, with no bias."""
+    n = mask.shape[-1]
+    mq = 0 if aq is None else aq.shape[1]
+    mk = 0 if ak is None else ak.shape[1]
+    full = torch.ones(mask.shape[0], n + mq, n + mk, dtype=torch.bool)
+    full[:, :n, :n] = mask
+    fb = torch.zeros(mask.shape[0], n + mq, n + mk, dtype=torch.float64)
+    fb[:, :n, :n] = bias
+    qq = torch.cat([bhnd(q), aq.transpose(1, 2)], 2) if mq else bhnd(q)
+    kk = torch.cat([bhnd(k), ak.transpose(1, 2)], 2) if mk else bhnd(k)
+    vv = torch.cat([bhnd(v), av.transpose(1, 2)], 2) if mk else bhnd(v)
+    rep = qq.shape[1] // kk.shape[1]
+    ref = attention64(qq, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1), full, fb)
+    return ref.transpose(1, 2)  # [B, N + mq, H, D]
+
+
+PER_HEAD_RPB = {
+    "dinat-2d": ((10, 12), 4, 0, 0, {"kernel_size": (3, 5),
+                                     "dilation": flexna.PerHead([1, 1, (2, 2), (3, 2)])}),
+    "same-table-other-kernel-1d-extra": ((30,), 2, 3, 5, {"kernel_size": flexna.PerHead([3, 4]),
+                                                          "stride": flexna.PerHead([3, 1]),
+                                                          "dilation": flexna.PerHead([1, 2])}),
+    "causal-stride-2d": ((9, 8), 2, 0, 4, {"kernel_size": 3, "stride": (2, 1), "is_causal": (True, False),
+                                           "dilation": flexna.PerHead([1, (2, 2)])}),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_HEAD_RPB))
+def test_rpb_per_head_forward_backward_vs_float64(case):
+    """Functional API: head h adds table[h] indexed with head h's own pattern; grads reach the
+    table; direct flex use (rel_pos_bias_score_mod with PerHead + extended_na_block_mask) agrees."""
+    torch.manual_seed(10)
+    shape, heads, mq, mk, params = PER_HEAD_RPB[case]
+    per_head = expand_heads(heads, **params)
+    tables = {flexna.rpb_table_shape(kw["kernel_size"], kw.get("stride", 1), kw.get("is_causal", False),
+                                     len(shape)) for kw in per_head}
+    assert len(tables) == 1
+    table = rand(heads, *tables.pop(), grad=True)
+    q, k, v = (rand(2, *shape, heads, 8, grad=True) for _ in range(3))
+    ak, av = (rand(2, mk, heads, 8, grad=True) for _ in range(2)) if mk else (None, None)
+    aq = rand(2, mq, heads, 8, grad=True) if mq else None
+    with pytest.warns(EagerFallbackWarning):
+        res = flexna.neighborhood_attention(q, k, v, rel_pos_bias=table, additional_keys=ak,
+                                            additional_values=av, additional_queries=aq, **params)
+    out, extra = res if mq else (res, None)
+    mask, bias = per_head_mask_and_bias(table, shape, per_head)
+    ref = extended_reference(q, k, v, mask, bias, ak, av, aq)
+    n = math.prod(shape)
+    torch.testing.assert_close(out.double(), ref[:, :n].reshape(out.shape), atol=1e-5, rtol=1e-5)
+    if mq:
+        torch.testing.assert_close(extra.double(), ref[:, n:], atol=1e-5, rtol=1e-5)
+    leaves = [t for t in (q, k, v, table, ak, av, aq) if t is not None]
+    g = torch.randn_like(ref)
+    got = out.double().reshape(2, n, heads, 8) if not mq else torch.cat(
+        [out.double().reshape(2, n, heads, 8), extra.double()], 1)
+    grads = torch.autograd.grad(got, leaves, g)
+    grads_ref = torch.autograd.grad(ref, leaves, g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
+    assert grads[3].abs().sum() > 0
+    # direct flex_attention use, eager (no grad)
+    with torch.no_grad():
+        mod = flexna.rel_pos_bias_score_mod(table.detach(), shape, num_extra_q=mq, num_extra_kv=mk, **params)
+        bm = flexna.extended_na_block_mask(shape, num_extra_q=mq, num_extra_kv=mk, device="cpu", **params)
+        qq = torch.cat([bhnd(q), aq.transpose(1, 2)], 2) if mq else bhnd(q)
+        kk = torch.cat([bhnd(k), ak.transpose(1, 2)], 2) if mk else bhnd(k)
+        vv = torch.cat([bhnd(v), av.transpose(1, 2)], 2) if mk else bhnd(v)
+        direct = eager_flex(qq.detach(), kk.detach(), vv.detach(), score_mod=mod,
+                            block_mask=bm).transpose(1, 2)
+    torch.testing.assert_close(direct.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_rpb_per_head_compiled_cpu_inference():
+    """Compiled Flex (no grad) with per-head rpb + per-head BlockMask vs float64."""
+    torch.manual_seed(11)
+    shape, heads = (12, 10), 4
+    params = {"kernel_size": 3, "dilation": flexna.PerHead([1, 1, 2, (3, 2)])}
+    table = torch.randn(heads, 5, 5)
+    q, k, v = (torch.randn(1, *shape, heads, 16) for _ in range(3))
+    with torch.no_grad():
+        out = flexna.na2d(q, k, v, rel_pos_bias=table, **params)
+    mask, bias = per_head_mask_and_bias(table, shape, expand_heads(heads, **params))
+    ref = extended_reference(q, k, v, mask, bias)
+    torch.testing.assert_close(out.double(), ref.reshape(out.shape), atol=2e-5, rtol=1e-4)
+
+
+def test_rpb_per_head_table_shapes_must_agree():
+    x = torch.randn(1, 9, 9, 4, 8)
+    kern = flexna.PerHead([3, 3, 5, (3, 5)])
+    msg = r"one table shape for all heads.*heads \[0, 1\]: \(5, 5\); head 2: \(9, 9\); head 3: \(5, 9\)"
+    with pytest.raises(ValueError, match=msg):
+        flexna.na2d(x, x, x, kern, rel_pos_bias=torch.zeros(4, 5, 5))
+    with pytest.raises(ValueError, match=msg):
+        flexna.rel_pos_bias_score_mod(torch.zeros(4, 5, 5), (9, 9), kern)
+    with pytest.raises(ValueError, match=r"rel_pos_bias=True needs one table shape.*"
+                                         r"head 0: \(5, 5\); head 1: \(6, 5\)"):
+        flexna.NeighborhoodAttention2D(32, 2, 3, stride=flexna.PerHead([1, (2, 1)]), rel_pos_bias=True)
+    with pytest.raises(ValueError, match=r"kernel_size: PerHead has 4 entries, need one per query head \(2\)"):
+        flexna.rel_pos_bias_score_mod(torch.zeros(2, 5, 5), (9, 9), kern)
 
 
 # ---------------------------------------------------------------- 2. additional tokens
@@ -270,6 +380,65 @@ def test_packing_roundtrip_and_attention():
     torch.testing.assert_close(direct.transpose(1, 2), out.detach())
 
 
+PACKED_RPB = {
+    "2d-mixed": ([(9, 10), (5, 7), (20, 3), (4, 4)], 32, {"kernel_size": 3}, 2),
+    "2d-dilated-strided-gqa": ([(12, 9), (8, 14)], 16, {"kernel_size": (3, 4), "stride": (1, 2),
+                                                       "dilation": (2, 1)}, 1),
+    "1d-causal": ([(40,), (9,), (17,)], 16, {"kernel_size": 5, "is_causal": True, "dilation": 1}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_RPB))
+def test_packed_rpb_forward_backward_vs_float64(case):
+    """Variable resolution + rpb: each sample's tokens index the shared table with their own
+    layout's coordinates; whole packed output (padding rows 0) and grads vs float64."""
+    torch.manual_seed(12)
+    shapes, block, params, kv_heads = PACKED_RPB[case]
+    heads = 2
+    ndim = len(shapes[0])
+    table = rand(heads, *flexna.rpb_table_shape(params["kernel_size"], params.get("stride", 1),
+                                                params.get("is_causal", False), ndim), grad=True)
+    length = flexna.packed_length(shapes, block)
+    q = rand(2, length, heads, 8, grad=True)
+    k, v = (rand(2, length, kv_heads, 8, grad=True) for _ in range(2))
+    with pytest.warns(EagerFallbackWarning):
+        out = flexna.packed_neighborhood_attention(q, k, v, shapes, block_size=block, rel_pos_bias=table,
+                                                   **params)
+    mask, bias = packed_mask_and_bias(table, shapes, block, **params)
+    rep = heads // kv_heads
+    ref = attention64(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
+                      v.transpose(1, 2).repeat_interleave(rep, 1), mask, bias).transpose(1, 2)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v, table), g.float())
+    grads_ref = torch.autograd.grad(ref, (q, k, v, table), g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
+    assert grads[3].abs().sum() > 0
+    # direct flex_attention use: packed_rel_pos_bias_score_mod + packed_block_mask
+    with torch.no_grad():
+        mod = flexna.packing.packed_rel_pos_bias_score_mod(table.detach(), shapes, block_size=block, **params)
+        bm = flexna.packed_block_mask(shapes, block_size=block, device="cpu", **params)
+        direct = eager_flex(q.detach().transpose(1, 2), k.detach().transpose(1, 2),
+                            v.detach().transpose(1, 2), score_mod=mod, block_mask=bm,
+                            enable_gqa=kv_heads != heads)
+    torch.testing.assert_close(direct.transpose(1, 2).double(), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rpb_compiled_cpu_inference():
+    torch.manual_seed(13)
+    shapes, block, heads = [(10, 12), (6, 9)], 64, 2
+    table = torch.randn(heads, 5, 9)
+    q, k, v = (flexna.pack_tokens([torch.randn(1, *s, heads, 16) for s in shapes], shapes, block)
+               for _ in range(3))
+    with torch.no_grad():
+        out = flexna.packed_neighborhood_attention(q, k, v, shapes, (3, 5), block_size=block,
+                                                   rel_pos_bias=table)
+    mask, bias = packed_mask_and_bias(table, shapes, block, (3, 5))
+    ref = attention64(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, bias).transpose(1, 2)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_bad_inputs():
     x = torch.randn(1, 8, 8, 4, 8)
@@ -291,7 +460,7 @@ def test_bad_inputs():
         flexna.na2d(x, x, x, flexna.PerHead([3, 9, 3, 3]))
     with pytest.raises(ValueError, match="rel_pos_bias must be a tensor shaped"):
         flexna.na2d(x, x, x, 3, rel_pos_bias=torch.zeros(4, 3, 3))
-    with pytest.raises(ValueError, match="rel_pos_bias needs one pattern"):
+    with pytest.raises(ValueError, match="rel_pos_bias needs one table shape for all heads"):
         flexna.na2d(x, x, x, flexna.PerHead([3, 3, 5, 5]), rel_pos_bias=torch.zeros(4, 5, 5))
     shapes = [(9, 10), (5, 7)]
     bad = torch.randn(1, 200, 2, 8)
@@ -303,6 +472,136 @@ def test_bad_inputs():
         flexna.unpack_tokens(bad, shapes, 32)
     with pytest.raises(ValueError, match="num_extra_kv must be an int"):
         flexna.extended_na_block_mask((8, 8), 3, num_extra_kv=-1)
+
+
+# bad inputs not covered above / in test_validation.py: every one is a ValueError naming the
+# argument, the value and what is allowed, raised before any attention kernel runs
+X4 = torch.zeros(1, 8, 8, 4, 8)     # [B, H, W, heads=4, D=8]
+KV2 = torch.zeros(1, 8, 8, 2, 8)    # GQA: 2 kv heads
+P160 = torch.zeros(1, 160, 2, 8)    # layouts (9, 10) + (5, 7) packed in blocks of 32
+SHAPES = [(9, 10), (5, 7)]
+
+BAD_EXTENSION_INPUTS = {
+    # mismatched head counts
+    "extra-k-heads-vs-gqa-key": (lambda: flexna.na2d(X4, KV2, KV2, 3, additional_keys=torch.zeros(1, 5, 4, 8),
+                                                     additional_values=torch.zeros(1, 5, 4, 8)),
+                                 r"additional_keys must be shaped \[batch=1, M, heads=2, dim=8\] \(matching "
+                                 r"key\), got \(1, 5, 4, 8\)"),
+    "extra-q-heads": (lambda: flexna.na2d(X4, X4, X4, 3, additional_queries=torch.zeros(1, 5, 2, 8)),
+                      r"additional_queries must be shaped \[batch=1, M, heads=4, dim=8\] \(matching query\), "
+                      r"got \(1, 5, 2, 8\)"),
+    "rpb-heads": (lambda: flexna.na2d(X4, X4, X4, 3, rel_pos_bias=torch.zeros(2, 5, 5)),
+                  r"rel_pos_bias must be a tensor shaped \[heads, \*table\] = \(4, 5, 5\) .* with 4 heads, "
+                  r"got \(2, 5, 5\)"),
+    "packed-kv-heads": (lambda: flexna.packed_neighborhood_attention(
+        P160, torch.zeros(1, 160, 3, 8), torch.zeros(1, 160, 3, 8), SHAPES, 3, block_size=32),
+        r"key has 3 heads, query 2: the number of key/value heads must divide"),
+    "packed-rpb-heads": (lambda: flexna.packed_neighborhood_attention(
+        P160, P160, P160, SHAPES, 3, block_size=32, rel_pos_bias=torch.zeros(4, 5, 5)),
+        r"rel_pos_bias must be a tensor shaped \[heads, \*table\] = \(2, 5, 5\) .* got \(4, 5, 5\)"),
+    "module-heads-vs-embed": (lambda: flexna.NeighborhoodAttention2D(30, 4, 3),
+                              r"embed_dim \(30\) must be divisible by num_heads \(4\)"),
+    "module-extra-kv-heads": (lambda: flexna.NeighborhoodAttention2D(32, 4, 3, num_kv_heads=2)(
+        torch.zeros(1, 8, 8, 32), torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8)),
+        r"additional_keys must be shaped \[batch=1, M, heads=2, dim=8\]"),
+    # additional keys / values with wrong dims
+    "extra-k-3d": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(5, 4, 8),
+                                       additional_values=torch.zeros(5, 4, 8)),
+                   r"additional_keys must be shaped \[batch=1, M, heads=4, dim=8\] .*got \(5, 4, 8\)"),
+    "extra-k-batch": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(2, 5, 4, 8),
+                                          additional_values=torch.zeros(2, 5, 4, 8)),
+                      r"additional_keys must be shaped \[batch=1, .*got \(2, 5, 4, 8\)"),
+    "extra-k-empty": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(1, 0, 4, 8),
+                                          additional_values=torch.zeros(1, 0, 4, 8)),
+                      r"additional_keys must be shaped .*got \(1, 0, 4, 8\)"),
+    "extra-v-count": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(1, 5, 4, 8),
+                                          additional_values=torch.zeros(1, 6, 4, 8)),
+                      r"additional_values shape \(1, 6, 4, 8\) must match additional_keys \(1, 5, 4, 8\)"),
+    "extra-v-dim": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(1, 5, 4, 8),
+                                        additional_values=torch.zeros(1, 5, 4, 16)),
+                    r"additional_values must be shaped \[batch=1, M, heads=4, dim=8\] \(matching value\)"),
+    "extra-v-dtype": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(1, 5, 4, 8),
+                                          additional_values=torch.zeros(1, 5, 4, 8, dtype=torch.float16)),
+                      r"additional_values must have value's dtype and device \(torch.float32, cpu\), got "
+                      r"torch.float16"),
+    "extra-q-dim": (lambda: flexna.na2d(X4, X4, X4, 3, additional_queries=torch.zeros(1, 5, 4, 16)),
+                    r"additional_queries must be shaped \[batch=1, M, heads=4, dim=8\] .*got \(1, 5, 4, 16\)"),
+    # per-head lists of the wrong length
+    "perhead-dilation-long": (lambda: flexna.na2d(X4, X4, X4, 3, dilation=flexna.PerHead([1, 2, 1, 2, 1])),
+                              r"dilation: PerHead has 5 entries, need one per query head \(4\)"),
+    "perhead-stride-short": (lambda: flexna.na2d(X4, X4, X4, 3, stride=flexna.PerHead([1, 2])),
+                             r"stride: PerHead has 2 entries, need one per query head \(4\)"),
+    "perhead-causal": (lambda: flexna.na2d(X4, X4, X4, 3, is_causal=flexna.PerHead([True, False, True])),
+                       r"is_causal: PerHead has 3 entries, need one per query head \(4\)"),
+    "perhead-empty": (lambda: flexna.PerHead([]), r"PerHead needs a non-empty sequence of per-head values"),
+    "perhead-block-mask-num-heads": (lambda: flexna.extended_na_block_mask((8, 8), flexna.PerHead([3, 5]),
+                                                                           num_heads=4),
+                                     r"kernel_size: PerHead has 2 entries, need one per query head \(4\)"),
+    "perhead-head-value": (lambda: flexna.na2d(X4, X4, X4, 3, dilation=flexna.PerHead([1, 1, 1, 3])),
+                           r"head 3: kernel_size\[axis 0\] = 3 is out of range"),
+    "perhead-rpb-score-mod": (lambda: flexna.rel_pos_bias_score_mod(torch.zeros(4, 5, 5), (8, 8), 3,
+                                                                    dilation=flexna.PerHead([1, 2])),
+                              r"dilation: PerHead has 2 entries, need one per query head \(4\)"),
+    "perhead-module": (lambda: flexna.NeighborhoodAttention2D(32, 4, 3, dilation=flexna.PerHead([1, 2, 1])),
+                       r"dilation: PerHead has 3 entries, need one per query head \(4\)"),
+    # packed layouts that don't add up to the sequence length
+    "packed-key-length": (lambda: flexna.packed_neighborhood_attention(P160, torch.zeros(1, 128, 2, 8), P160,
+                                                                       SHAPES, 3, block_size=32),
+                          r"key must be shaped \[batch, 160, heads, dim\]: layouts \[\(9, 10\), \(5, 7\)\] "
+                          r"packed in blocks of 32 add up to 160 tokens, got \(1, 128, 2, 8\)"),
+    "packed-default-block": (lambda: flexna.packed_neighborhood_attention(P160, P160, P160, SHAPES, 3),
+                             r"query must be shaped \[batch, 256, heads, dim\]: .* blocks of 128 add up "
+                             r"to 256"),
+    "packed-3d-query": (lambda: flexna.packed_neighborhood_attention(P160[0], P160, P160, SHAPES, 3,
+                                                                     block_size=32),
+                        r"query must be shaped \[batch, 160, heads, dim\].*got \(160, 2, 8\)"),
+    "pack-count": (lambda: flexna.pack_tokens([torch.zeros(1, 9, 10, 8)], SHAPES),
+                   r"xs has 1 tensors but shapes has 2 layouts"),
+    "pack-shape": (lambda: flexna.pack_tokens([torch.zeros(1, 9, 10, 8), torch.zeros(1, 7, 5, 8)], SHAPES),
+                   r"xs\[1\] must be shaped \[batch, 5, 7, ...\], got \(1, 7, 5, 8\)"),
+    "packed-axes": (lambda: flexna.packed_length([(9, 10), (35,)]),
+                    r"shapes must all have the same number of axes, got \(\(9, 10\), \(35,\)\)"),
+    "packed-block": (lambda: flexna.packed_length(SHAPES, 0), r"block_size must be a positive int, got 0"),
+    # relative positional bias tables of the wrong shape / type
+    "rpb-stride-shape": (lambda: flexna.na2d(X4, X4, X4, 3, stride=2, rel_pos_bias=torch.zeros(4, 5, 5)),
+                         r"rel_pos_bias must be a tensor shaped \[heads, \*table\] = \(4, 6, 6\) .*got "
+                         r"\(4, 5, 5\)"),
+    "rpb-causal-shape": (lambda: flexna.na2d(X4, X4, X4, 3, is_causal=(True, False),
+                                             rel_pos_bias=torch.zeros(4, 5, 5)),
+                         r"= \(4, 3, 5\) .*got \(4, 5, 5\)"),
+    "rpb-flat": (lambda: flexna.na2d(X4, X4, X4, 3, rel_pos_bias=torch.zeros(4, 25)),
+                 r"= \(4, 5, 5\) .*got \(4, 25\)"),
+    "rpb-list": (lambda: flexna.na2d(X4, X4, X4, 3, rel_pos_bias=[[0.0] * 5] * 5),
+                 r"rel_pos_bias must be a tensor shaped .*got list"),
+    "rpb-int-dtype": (lambda: flexna.na2d(X4, X4, X4, 3, rel_pos_bias=torch.zeros(4, 5, 5, dtype=torch.int64)),
+                      r"rel_pos_bias dtype must be float32, float16 or bfloat16, got torch.int64"),
+    "rpb-score-mod-shape": (lambda: flexna.rel_pos_bias_score_mod(torch.zeros(4, 5, 5), (8, 8), (3, 5)),
+                            r"table must be a tensor shaped \[heads, \*table\] = \(4, 5, 9\) .*"
+                            r"got \(4, 5, 5\)"),
+    "rpb-score-mod-scalar": (lambda: flexna.rel_pos_bias_score_mod(torch.tensor(1.0), (8, 8), 3),
+                             r"table must be a tensor \[heads, \*rpb_table_shape\(...\)\], got \(\)"),
+    "packed-rpb-score-mod-shape": (lambda: flexna.packing.packed_rel_pos_bias_score_mod(
+        torch.zeros(2, 5, 5), SHAPES, (3, 5)),
+        r"table must be a tensor shaped \[heads, \*table\] = \(2, 5, 9\)"),
+    "packed-rpb-shape": (lambda: flexna.packed_neighborhood_attention(
+        P160, P160, P160, SHAPES, 3, block_size=32, rel_pos_bias=torch.zeros(2, 3, 3)),
+        r"rel_pos_bias must be a tensor shaped \[heads, \*table\] = \(2, 5, 5\) .*got \(2, 3, 3\)"),
+    "module-rpb-perhead": (lambda: flexna.NeighborhoodAttention2D(32, 2, flexna.PerHead([3, 5]),
+                                                                  rel_pos_bias=True),
+                           r"rel_pos_bias=True needs one table shape for all heads.*head 0: \(5, 5\); "
+                           r"head 1: \(9, 9\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EXTENSION_INPUTS))
+def test_bad_extension_inputs(case, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("attention ran before the inputs were validated")
+
+    monkeypatch.setattr(flexna.functional, "run_flex", no_kernel)
+    call, match = BAD_EXTENSION_INPUTS[case]
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 def test_dense_flex_matches_eager_flex():
