@@ -6,6 +6,7 @@ functional API (``na1d``/``na2d``/``na3d``/``neighborhood_attention``).
 The exact pattern is specified in the README ("Semantics").
 """
 
+from flexna.analysis import analyze, choose_layout, choose_tiles, search_tiles
 from flexna.blockmask import na_block_mask
 from flexna.extended import PerHead, extended_na_block_mask, extended_na_mask_mod
 from flexna.functional import (
@@ -15,8 +16,9 @@ from flexna.functional import (
     na3d,
     neighborhood_attention,
     packed_neighborhood_attention,
+    tiled_neighborhood_attention,
 )
-from flexna.layout import tile_tokens, tiled_length, untile_tokens
+from flexna.layout import TokenLayout, tile_tokens, tiled_length, untile_tokens
 from flexna.masks import na_mask_mod
 from flexna.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from flexna.packing import pack_tokens, packed_block_mask, packed_length, packed_mask_mod, unpack_tokens
@@ -35,6 +37,10 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "PerHead",
+    "TokenLayout",
+    "analyze",
+    "choose_layout",
+    "choose_tiles",
     "compose_score_mods",
     "dense_flex_attention",
     "distance_decay_score_mod",
@@ -53,9 +59,11 @@ __all__ = [
     "packed_neighborhood_attention",
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
+    "search_tiles",
     "softcap_score_mod",
     "tile_tokens",
     "tiled_length",
+    "tiled_neighborhood_attention",
     "unpack_tokens",
     "untile_tokens",
 ]

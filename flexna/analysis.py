@@ -18,6 +18,7 @@ thousands of tile pairs costs milliseconds.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from flexna.blockmask import DEFAULT_BLOCK, resolve_block_sizes
 from flexna.blocksparsity import axis_tile_tables, block_maps
 from flexna.geometry import padded_shape
-from flexna.layout import as_tile
+from flexna.layout import TokenLayout, as_tile
 from flexna.pattern import NAPattern
 
 
@@ -115,6 +116,7 @@ def search_tiles(
     q_tokens: Sequence[int] = (128,),
     kv_tokens: Sequence[int] = (128, 64),
     top: int = 5,
+    same_tile: bool = False,
 ) -> list[Analysis]:
     """Tile pairs (one tile per block) ranked by predicted cost, best first.
 
@@ -122,7 +124,8 @@ def search_tiles(
     (the kernel's block sizes). Ties go to fewer partial blocks, so a
     perfectly block-sparse arrangement (0 partial blocks) is found whenever
     one exists among the candidates at minimal cost. Padding is accounted for:
-    tiles that pad the layout add blocks.
+    tiles that pad the layout add blocks. ``same_tile``: only pairs with one
+    tile for queries and keys (one token order for a whole model).
     """
     axis_cache: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
@@ -137,6 +140,8 @@ def search_tiles(
     for qn, kn in itertools.product(q_tokens, kv_tokens):
         for q_tile in _tile_shapes(pattern.shape, qn):
             for kv_tile in _tile_shapes(pattern.shape, kn):
+                if same_tile and kv_tile != q_tile:
+                    continue
                 counts = [axis_counts(a, q_tile[a], kv_tile[a]) for a in range(pattern.ndim)]
                 some = math.prod(c[0] for c in counts)
                 full = math.prod(c[1] for c in counts)
@@ -153,5 +158,40 @@ def best_tiles(pattern: NAPattern) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return best.q_tile, best.kv_tile
 
 
-__all__ = ["Analysis", "analyze", "best_tiles", "partial_cost", "search_tiles"]
+# Tiled order must beat row-major by this much in predicted kernel cost to be chosen: it
+# costs a permute in and out (~6% of the kernel on the 2-D 256x256 row, measured on H200).
+TILED_MARGIN = 0.85
+
+
+@functools.lru_cache(maxsize=256)
+def choose_tiles(pattern: NAPattern, same_tile: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Tiles (q, kv) flexna runs ``pattern`` in, or ``None`` for row-major order.
+
+    128-token tiles (the kernels' default block) from :func:`search_tiles`, chosen
+    when their predicted cost is below ``TILED_MARGIN`` x row-major's (1-D layouts
+    are always row-major: a 1-D tile is a block already). Cached per pattern.
+    """
+    if pattern.ndim == 1 or pattern.num_tokens <= DEFAULT_BLOCK:
+        return None
+    best = search_tiles(pattern, q_tokens=(DEFAULT_BLOCK,), kv_tokens=(DEFAULT_BLOCK,), top=1,
+                        same_tile=same_tile)
+    if not best or best[0].cost >= TILED_MARGIN * analyze(pattern).cost:
+        return None
+    return best[0].q_tile, best[0].kv_tile
+
+
+def choose_layout(shape: Sequence[int], kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
+                  dilation: int | Sequence[int] = 1, is_causal: bool | Sequence[bool] = False) -> TokenLayout:
+    """The token order (one tile for queries and keys) a model should keep for this pattern.
+
+    Use it to stay tiled across layers: ``layout.to_tokens`` once at the input, attention
+    layers with ``layout=layout``, ``layout.from_tokens`` once at the output.
+    """
+    pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
+    tiles = choose_tiles(pattern, same_tile=True)
+    return TokenLayout.create(pattern.shape, None if tiles is None else tiles[0])
+
+
+__all__ = ["Analysis", "analyze", "best_tiles", "choose_layout", "choose_tiles", "partial_cost",
+           "search_tiles"]
 

@@ -8,18 +8,28 @@ FlexAttention with a cached analytic BlockMask and returns the same layout.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from flexna.analysis import choose_tiles
 from flexna.blockmask import DEFAULT_BLOCK, pattern_block_mask
 from flexna.extended import PerHead, head_patterns, patterns_block_mask
+from flexna.layout import TokenLayout, as_tile
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern
-from flexna.scores import _packed_rpb_score_mod, _rpb_score_mod, check_rpb, compose_score_mods
+from flexna.scores import (
+    _bias_score_mod,
+    _packed_rpb_score_mod,
+    _rpb_score_mod,
+    check_rpb,
+    compose_score_mods,
+    rpb_token_tables,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_CACHE_SIZE = 64
@@ -279,6 +289,85 @@ def cached_extended_block_mask(patterns: tuple[NAPattern, ...], extra_q: int, ex
         patterns, extra_q, extra_kv, DEFAULT_BLOCK, DEFAULT_BLOCK, device))
 
 
+Tiles = str | None | Sequence[int] | tuple[Sequence[int], Sequence[int]]
+
+
+def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], extra_tokens: bool,
+                  user_score_mod: bool) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(q_tile, kv_tile)`` a call runs in, or ``None`` for row-major (see ``tiles``)."""
+    if tiles is None or tiles == "row-major":
+        return None
+    if isinstance(tiles, str):
+        if tiles != "auto":
+            raise ValueError(f"tiles must be 'auto', None, a tile or a (q_tile, kv_tile) pair, "
+                             f"got {tiles!r}")
+        if len(patterns) > 1 or extra_tokens or user_score_mod:
+            return None
+        return choose_tiles(patterns[0])
+    if len(patterns) > 1 or extra_tokens:
+        raise ValueError("tiles: tiled order supports one pattern for all heads and no additional "
+                         "tokens; use tiles=None (row-major) with per-head patterns or "
+                         "additional_keys/values/queries")
+    shape = patterns[0].shape
+    pair = (isinstance(tiles, Sequence) and len(tiles) == 2
+            and all(isinstance(t, Sequence) for t in tiles))
+    q_tile, kv_tile = tiles if pair else (tiles, tiles)
+    q_t, kv_t = as_tile("q_tile", q_tile, shape), as_tile("kv_tile", kv_tile, shape)
+    for name, t in (("q_tile", q_t), ("kv_tile", kv_t)):
+        if math.prod(t) != DEFAULT_BLOCK and math.prod(t) != 1:
+            raise ValueError(f"tiles: {name} {t} holds {math.prod(t)} tokens; the functional API "
+                             f"runs one tile per {DEFAULT_BLOCK}-token block, so a tile must hold "
+                             f"{DEFAULT_BLOCK} tokens (or 1 for row-major); build masks with "
+                             "flexna.na_block_mask for other tiles")
+    return q_t, kv_t
+
+
+def _ordered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       pattern: NAPattern, q_layout: TokenLayout, kv_layout: TokenLayout,
+                       scale: float | None, return_lse: bool, rel_pos_bias: torch.Tensor | None,
+                       score_mod: Callable[..., torch.Tensor] | None) -> Any:
+    """Attention in the layouts' token orders on NATTEN-layout tensors: permute, run, permute back."""
+    out = attention_in_order(q_layout.heads_first(query), kv_layout.heads_first(key),
+                             kv_layout.heads_first(value), pattern, q_layout, kv_layout, scale,
+                             return_lse, rel_pos_bias, score_mod)
+    if not return_lse:
+        return q_layout.from_heads_first(out)
+    return q_layout.from_heads_first(out[0]), q_layout.from_heads_first(out[1][..., None])[..., 0]
+
+
+def attention_in_order(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pattern: NAPattern,
+                       q_layout: TokenLayout, kv_layout: TokenLayout, scale: float | None,
+                       return_lse: bool, rel_pos_bias: torch.Tensor | None = None,
+                       score_mod: Callable[..., torch.Tensor] | None = None) -> Any:
+    """Fused attention on ``[B, H, N, D]`` tensors already in the layouts' orders (cached mask)."""
+    heads = query.shape[1]
+    device = query.device
+    q_t, kv_t = q_layout.tile, kv_layout.tile
+    if rel_pos_bias is not None:
+        check_rpb(rel_pos_bias, pattern, heads)
+        if rel_pos_bias.device != device:
+            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {device}")
+
+        def token_tables() -> tuple[torch.Tensor, torch.Tensor]:
+            q_base, kv_base = rpb_token_tables(pattern, device=device)
+            return (q_layout.to_tokens(q_base.reshape(1, *pattern.shape))[0],
+                    kv_layout.to_tokens(kv_base.reshape(1, *pattern.shape))[0])
+
+        q_base, kv_base = _cached_mask(("rpb", pattern, q_t, kv_t, device), token_tables)
+        score_mod = compose_score_mods(_bias_score_mod(rel_pos_bias, q_base, kv_base, None, False),
+                                       score_mod)
+    blocks = (math.prod(q_t) if math.prod(q_t) > 1 else DEFAULT_BLOCK,
+              math.prod(kv_t) if math.prod(kv_t) > 1 else DEFAULT_BLOCK)
+    mask = _cached_mask((pattern, q_t, kv_t, blocks, device), lambda: pattern_block_mask(
+        pattern, q_t, kv_t, blocks[0], blocks[1], device))
+    kwargs: dict[str, Any] = {}
+    if score_mod is not None:
+        kwargs["score_mod"] = score_mod
+    if key.shape[1] != heads:
+        kwargs["enable_gqa"] = True
+    return run_flex(query, key, value, mask, scale, return_lse, **kwargs)
+
+
 def neighborhood_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -295,6 +384,7 @@ def neighborhood_attention(
     additional_queries: torch.Tensor | None = None,
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: Callable[..., torch.Tensor] | None = None,
+    tiles: Tiles = "auto",
     _ndim: int | None = None,
 ) -> Any:
     """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
@@ -313,6 +403,12 @@ def neighborhood_attention(
     own pattern, all heads giving the same table shape); ``score_mod``: a FlexAttention
     score_mod applied after the bias, indices in the fused sequence (layout tokens
     first, then the additional ones).
+
+    ``tiles``: the token order attention runs in. ``"auto"`` (default) runs in tiled
+    order when :func:`flexna.choose_tiles` predicts it pays (one pattern for all heads, no
+    additional tokens, no user ``score_mod``; inputs are permuted in and the output back,
+    two copies); ``None`` forces row-major; a tile (one int per axis) or a ``(q_tile,
+    kv_tile)`` pair forces those tiles (then a user ``score_mod`` sees tiled indices).
 
     Returns the output ``[batch, *spatial, heads, value_dim]``; with
     ``additional_queries`` a pair ``(out, extra_out [batch, Mq, heads, value_dim])``;
@@ -334,6 +430,11 @@ def neighborhood_attention(
     extra_q = _check_extra("additional_queries", additional_queries, batch, heads, query.shape[-1],
                            query, "query")
     patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads=heads)
+    order = resolve_tiles(tiles, patterns, bool(extra_q or extra_kv), score_mod is not None)
+    if order is not None:
+        return _ordered_attention(query, key, value, patterns[0], TokenLayout(shape, order[0]),
+                                  TokenLayout(shape, order[1]), scale, return_lse, rel_pos_bias,
+                                  score_mod)
     if rel_pos_bias is not None:
         check_rpb(rel_pos_bias, patterns, heads)
         if rel_pos_bias.device != query.device:
@@ -366,6 +467,46 @@ def neighborhood_attention(
         if extra_q:
             outs.append(lse[:, tokens:])
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def tiled_neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: TokenLayout,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    rel_pos_bias: torch.Tensor | None = None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+) -> Any:
+    """Neighborhood attention on sequences already in ``layout``'s token order.
+
+    For models that stay tiled across layers: ``x = layout.to_tokens(x)`` once at the
+    input (``layout`` from :func:`flexna.choose_layout`), every attention layer calls this
+    with ``query``/``key``/``value`` ``[batch, layout.length, heads, head_dim]`` (no permute),
+    and ``layout.from_tokens`` once at the output. Returns ``[batch, layout.length, heads,
+    value_dim]`` (and the lse ``[batch, layout.length, heads]`` with ``return_lse``). Padded
+    positions attend nothing (their output is 0) and are never attended.
+    """
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != layout.length:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be shaped [batch, {layout.length}, heads, dim] (layout "
+                             f"{layout.shape} in tile {layout.tile} order), got {got}")
+    _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+    pattern = NAPattern.create(layout.shape, kernel_size, stride, dilation, is_causal)
+    out = attention_in_order(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                             pattern, layout, layout, scale, return_lse, rel_pos_bias, score_mod)
+    if return_lse:
+        return out[0].transpose(1, 2), out[1].transpose(1, 2)
+    return out.transpose(1, 2)
 
 
 def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -142,3 +143,79 @@ def untile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[in
     order += list(range(1 + 2 * n, x.dim()))
     x = x.permute(order).reshape(x.shape[0], *padded, *rest)
     return x[(slice(None), *(slice(0, length) for length in shape_t))]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A layout and the token order a model keeps its sequence in: row-major or tiled.
+
+    Build it with :meth:`create` (validated) or :func:`flexna.choose_layout` (tiles picked
+    for a pattern). A model that stays in tiled order permutes once at its input
+    (:meth:`to_tokens`) and once at its output (:meth:`from_tokens`); its attention layers
+    take ``layout=`` and never permute. Padded positions (axes not divisible by the tile)
+    hold zeros at the input, are never attended, and are dropped by :meth:`from_tokens`.
+    """
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+
+    @classmethod
+    def create(cls, shape: Sequence[int], tile: int | Sequence[int] | None = None) -> TokenLayout:
+        shape_t = as_shape("shape", shape)
+        return cls(shape_t, as_tile("tile", tile, shape_t))
+
+    @property
+    def is_row_major(self) -> bool:
+        return math.prod(self.tile) == 1
+
+    @property
+    def length(self) -> int:
+        """Sequence length in this order (the layout padded to whole tiles)."""
+        return math.prod(padded_shape(self.shape, self.tile))
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, *shape, *rest]`` -> ``[B, length, *rest]`` in this order."""
+        if self.is_row_major:
+            _check_spatial(x, 1, self.shape, "TokenLayout.to_tokens")
+            return x.reshape(x.shape[0], self.length, *x.shape[1 + len(self.shape):])
+        return tile_tokens(x, self.shape, self.tile)
+
+    def from_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, length, *rest]`` in this order -> ``[B, *shape, *rest]``."""
+        if self.is_row_major:
+            if x.dim() < 2 or x.shape[1] != self.length:
+                raise ValueError(f"x must be shaped [batch, {self.length}, ...] (layout "
+                                 f"{self.shape}), got {tuple(x.shape)}")
+            return x.reshape(x.shape[0], *self.shape, *x.shape[2:])
+        return untile_tokens(x, self.shape, self.tile)
+
+    def heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, *shape, heads, dim]`` (NATTEN layout) -> ``[B, heads, length, dim]`` contiguous.
+
+        One copy (two when the layout needs padding): the permute into this order and the
+        move of the heads axis in front happen in the same pass.
+        """
+        n = len(self.shape)
+        if self.is_row_major:
+            return x.reshape(x.shape[0], self.length, *x.shape[-2:]).transpose(1, 2).contiguous()
+        padded = padded_shape(self.shape, self.tile)
+        if padded != self.shape:
+            pad: list[int] = [0, 0, 0, 0]
+            for length, p in zip(reversed(self.shape), reversed(padded), strict=True):
+                pad += [0, p - length]
+            x = torch.nn.functional.pad(x, pad)
+        grid = tile_grid(self.shape, self.tile)
+        split = [x.shape[0]]
+        for g, t in zip(grid, self.tile, strict=True):
+            split += [g, t]
+        x = x.reshape(*split, *x.shape[-2:])
+        order = [0, 1 + 2 * n] + [1 + 2 * a for a in range(n)] + [2 + 2 * a for a in range(n)]
+        order.append(2 + 2 * n)
+        x = x.permute(order).reshape(x.shape[0], x.shape[1 + 2 * n], self.length, x.shape[-1])
+        return x.contiguous()  # a no-op unless reshape could return a view
+
+    def from_heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, length, dim]`` -> ``[B, *shape, heads, dim]`` (one copy, drops padding)."""
+        if self.is_row_major:
+            return x.transpose(1, 2).reshape(x.shape[0], *self.shape, x.shape[1], x.shape[-1])
+        return untile_tokens(x.transpose(1, 2), self.shape, self.tile)

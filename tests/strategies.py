@@ -42,6 +42,10 @@ class Config:
         return {"shape": self.shape, "kernel_size": self.kernel_size, "stride": self.stride,
                 "dilation": self.dilation, "is_causal": self.is_causal}
 
+    def kwargs_no_shape(self) -> dict:
+        """Pattern keywords of the functional API (the shape comes from the tensors)."""
+        return {k: v for k, v in self.kwargs().items() if k != "shape"}
+
 
 @dataclass(frozen=True)
 class TiledConfig:
