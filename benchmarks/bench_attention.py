@@ -1,18 +1,35 @@
 """GPU benchmark: flexna vs dense attention (cuDNN / flash SDPA, dense Flex) and NATTEN's Flex backend.
 
-Run on a CUDA machine:  python benchmarks/bench_attention.py [--workloads flux-na ...]
-    [--dtype fp16|bf16] [--backward] [--out benchmarks/results]
+Run on a CUDA machine (one invocation per dtype x direction; each < 10 minutes):
+
+    python benchmarks/bench_attention.py [--workloads flux-na ...] [--dtype fp16|bf16]
+        [--backward] [--out benchmarks/results] [--validate K] [--no-natten]
+
+or everything, spread over the visible GPUs: ``python benchmarks/run_all.py``.
 
 Per workload (catalogue names from masks/): batch 1, the entry's heads and head_dim,
-median of triton.testing.do_bench after warm-up. Writes a markdown table with the
-device name, torch version and date, and prints it.
+median of ``triton.testing.do_bench`` (CUDA events) after warm-up. Rows:
+
+* cuDNN and flash SDPA, dense Flex (no mask) — the dense baselines of the same run;
+* flexna kernel only: row-major 128-token blocks, and the tile search's best tiles
+  (inputs already permuted; forward may use 64-token kv tiles with ``BLOCK_N=64``);
+* flexna end to end per call: ``flexna.neighborhood_attention`` on NATTEN-layout tensors
+  with ``tiles="auto"`` (permute in, kernel, permute out; BlockMask cached, as in a model),
+  and the same with the BlockMask rebuilt on every call ("cold");
+* NATTEN's Flex backend per call (``backend="flex-fna"``, ``torch_compile=True``);
+* BlockMask build (GPU, median of 10, synchronised) and the token permute's GB/s.
+
+Writes ``<gpu>-<date>-<dtype>-<fwd|fwdbwd><tag>.json`` (raw numbers) and ``.md`` to
+``--out``; ``benchmarks/summarize.py`` merges them into the results file with ratios and
+the issue's targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import math
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,22 +41,51 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
+import flexna.functional as FN
+from flexna.analysis import analyze, choose_tiles, search_tiles
 from flexna.catalogue import load_entry
+from flexna.layout import TokenLayout
 
 DEFAULT_WORKLOADS = ["long-1d", "long-1d-s256", "long-1d-blocked", "flux-na", "flux-gna",
                      "hunyuan-na", "hunyuan-gna"]
 
 
-def bench(fn, backward: bool = False) -> float:
-    """Median ms of ``fn`` (forward, or forward+backward)."""
+def bench(fn, backward: bool = False, grads=()) -> float:
+    """Median ms of ``fn`` (forward, or forward + backward) over do_bench's CUDA-event timings."""
     from triton.testing import do_bench
 
     if backward:
         def step():
+            for t in grads:
+                t.grad = None
             out = fn()
+            out = out[0] if isinstance(out, tuple) else out
             out.backward(torch.ones_like(out))
         return do_bench(step, warmup=50, rep=200, return_mode="median")
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def build_ms(build, reps: int = 10) -> float:
+    """Median wall ms of a (synchronised) BlockMask build after two warm-ups."""
+    for _ in range(2):
+        build()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        build()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def guarded(row: dict, key: str, fn) -> None:
+    """row[key] = fn(), or row[key + '_error'] with the exception (one failure must not end the run)."""
+    try:
+        row[key] = fn()
+    except Exception as exc:
+        row[key + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        torch.cuda.empty_cache()
 
 
 def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
@@ -51,114 +97,104 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, dim, device=dev, dtype=dtype, requires_grad=backward)
                for _ in range(3))
-    row: dict = {"name": name, "pattern": str(p), "heads": heads, "limit": p.flop_limit()}
+    grads = (q, k, v) if backward else ()
+    args = (p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
+    row: dict = {"name": name, "pattern": str(p), "heads": heads, "head_dim": dim, "tokens": n,
+                 "limit": p.flop_limit(), "ndim": p.ndim}
     cflex = torch.compile(flex_attention, dynamic=False)
 
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        row["cudnn"] = bench(lambda: F.scaled_dot_product_attention(q, k, v), backward)
+        guarded(row, "cudnn", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        row["flash"] = bench(lambda: F.scaled_dot_product_attention(q, k, v), backward)
-    row["flex_dense"] = bench(lambda: cflex(q, k, v), backward)
+        guarded(row, "flash", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
+    guarded(row, "flex_dense", lambda: bench(lambda: cflex(q, k, v), backward, grads))
 
-    # row-major, 128-token blocks
-    args = (p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
-    flexna.na_block_mask(*args, device=dev)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    # --- kernel only, row-major 128-token blocks
     bm = flexna.na_block_mask(*args, device=dev)
-    torch.cuda.synchronize()
-    row["build_rowmajor_ms"] = (time.perf_counter() - t0) * 1e3
-    row["rowmajor"] = bench(lambda: cflex(q, k, v, block_mask=bm), backward)
+    row["build_rowmajor_ms"] = build_ms(lambda: flexna.na_block_mask(*args, device=dev))
     row["rowmajor_blocks"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
+    guarded(row, "rowmajor", lambda: bench(lambda: cflex(q, k, v, block_mask=bm), backward, grads))
 
-    # tiled: the tile search's best arrangement
-    from flexna.analysis import analyze, search_tiles
-
-    ranked = search_tiles(p, top=max(1, validate))
-    q_tile, kv_tile = ranked[0].q_tile, ranked[0].kv_tile
-    if validate:
-        meas = []
+    # --- kernel only, the tile search's best tiles (backward: 128-token kv tiles only)
+    ranked = search_tiles(p, kv_tokens=(128,) if backward else (128, 64), top=max(1, validate))
+    best = ranked[0]
+    if validate and not backward:
+        row["validate"] = []
         for cand in [*ranked, analyze(p)]:
             vbm = flexna.na_block_mask(*args, q_tile=cand.q_tile, kv_tile=cand.kv_tile, device=dev)
             vq = torch.randn(1, heads, vbm.seq_lengths[0], dim, device=dev, dtype=dtype)
             vk = torch.randn(1, heads, vbm.seq_lengths[1], dim, device=dev, dtype=dtype)
-            kvb = vbm.BLOCK_SIZE[1]
-            vopts = {"BLOCK_N": kvb} if kvb < 128 else None
-            ms = bench(lambda vq=vq, vk=vk, vbm=vbm, vopts=vopts: cflex(vq, vk, vk, block_mask=vbm,
-                                                                       kernel_options=vopts))
-            meas.append((cand.summary(), cand.cost * heads, ms))  # cost x heads: comparable across rows
-            print(f"  validate {name}: predicted cost {cand.cost * heads:.0f}, measured {ms:.3f} ms — "
-                  f"{cand.summary()}", flush=True)
-        row["validate"] = meas
-    if q_tile is not None:
+            opts = {"BLOCK_N": vbm.BLOCK_SIZE[1]} if vbm.BLOCK_SIZE[1] < 128 else None
+            ms = bench(lambda vq=vq, vk=vk, vbm=vbm, opts=opts: cflex(vq, vk, vk, block_mask=vbm,
+                                                                      kernel_options=opts))
+            row["validate"].append((cand.summary(), cand.cost * heads, ms))
+    if p.ndim > 1:
+        q_tile, kv_tile = best.q_tile, best.kv_tile
         tbm = flexna.na_block_mask(*args, q_tile=q_tile, kv_tile=kv_tile, device=dev)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tbm = flexna.na_block_mask(*args, q_tile=q_tile, kv_tile=kv_tile, device=dev)
-        torch.cuda.synchronize()
-        row["build_tiled_ms"] = (time.perf_counter() - t0) * 1e3
+        row["build_tiled_ms"] = build_ms(
+            lambda: flexna.na_block_mask(*args, q_tile=q_tile, kv_tile=kv_tile, device=dev))
         row["tiles"] = f"{'x'.join(map(str, q_tile))}/{'x'.join(map(str, kv_tile))}"
         row["tiled_blocks"] = (int(tbm.full_kv_num_blocks.sum()), int(tbm.kv_num_blocks.sum()))
+        row["tiled_predicted_partial"] = best.partial_blocks
+        ql, kl = TokenLayout.create(p.shape, q_tile), TokenLayout.create(p.shape, kv_tile)
+        natten_layout = [t.detach().transpose(1, 2).reshape(1, *p.shape, heads, dim).contiguous()
+                         for t in (q, k, v)]
+        qt = ql.heads_first(natten_layout[0]).requires_grad_(backward)
+        kt = kl.heads_first(natten_layout[1]).requires_grad_(backward)
+        vt = kl.heads_first(natten_layout[2]).requires_grad_(backward)
+        opts = {"BLOCK_N": tbm.BLOCK_SIZE[1]} if tbm.BLOCK_SIZE[1] < 128 else None
+        guarded(row, "tiled", lambda: bench(lambda: cflex(qt, kt, vt, block_mask=tbm, kernel_options=opts),
+                                            backward, (qt, kt, vt) if backward else ()))
+        # token permute into tiled order, heads first: bytes read + written per tensor
+        x = natten_layout[0]
+        ms = bench(lambda: ql.heads_first(x))
+        row["permute_ms"] = ms
+        row["permute_gbps"] = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+        y = qt.detach()
+        ms = bench(lambda: ql.from_heads_first(y).contiguous())
+        row["unpermute_gbps"] = 2 * y.numel() * y.element_size() / (ms * 1e-3) / 1e9
+    else:
+        row["build_tiled_ms"] = row["build_rowmajor_ms"]
 
-        def perm(t, tile):
-            return flexna.tile_tokens(t.transpose(1, 2).reshape(1, *p.shape, heads, dim), p.shape,
-                                      tile).transpose(1, 2).contiguous()
+    # --- end to end per call, NATTEN layout in and out
+    qn, kn, vn = (t.detach().transpose(1, 2).reshape(1, *p.shape, heads, dim).contiguous()
+                  .requires_grad_(backward) for t in (q, k, v))
+    grads_n = (qn, kn, vn) if backward else ()
+    chosen = choose_tiles(p)
+    row["auto_tiles"] = "row-major" if chosen is None else \
+        f"{'x'.join(map(str, chosen[0]))}/{'x'.join(map(str, chosen[1]))}"
 
-        qt, kt, vt = perm(q.detach(), q_tile), perm(k.detach(), kv_tile), perm(v.detach(), kv_tile)
-        if backward:
-            qt, kt, vt = (t.requires_grad_() for t in (qt, kt, vt))
-        kv_block = tbm.BLOCK_SIZE[1]
-        opts = {"BLOCK_N": kv_block} if kv_block < 128 else None
-        row["tiled"] = bench(lambda: cflex(qt, kt, vt, block_mask=tbm, kernel_options=opts),
-                             backward)
-        row["permute"] = bench(lambda: (perm(q.detach(), q_tile), perm(k.detach(), kv_tile),
-                                        perm(v.detach(), kv_tile)))
+    def e2e():
+        return flexna.neighborhood_attention(qn, kn, vn, p.kernel_size, p.stride, p.dilation,
+                                             p.is_causal, tiles="auto")
+
+    def e2e_cold():
+        FN._mask_cache.clear()
+        return e2e()
+
+    guarded(row, "e2e", lambda: bench(e2e, backward, grads_n))
+    guarded(row, "e2e_cold", lambda: bench(e2e_cold, backward, grads_n))
+
     if natten_ok:
         import natten
 
         natten.allow_flex_compile()
+        if backward and hasattr(natten, "allow_flex_compile_backprop"):
+            natten.allow_flex_compile_backprop()
         fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[p.ndim]
-        qn, kn, vn = (t.detach().transpose(1, 2).reshape(1, *p.shape, heads, dim).contiguous()
-                      for t in (q, k, v))
-        try:
-            row["natten"] = bench(lambda: fn(qn, kn, vn, kernel_size=p.kernel_size, stride=p.stride,
-                                             dilation=p.dilation, is_causal=p.is_causal,
-                                             backend="flex-fna", torch_compile=True))
-        except Exception as exc:  # report, don't stop the run
-            row["natten_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        guarded(row, "natten", lambda: bench(lambda: fn(qn, kn, vn, kernel_size=p.kernel_size, stride=p.stride,
+                                                        dilation=p.dilation, is_causal=p.is_causal,
+                                                        backend="flex-fna", torch_compile=True),
+                                             backward, grads_n))
     torch.cuda.empty_cache()
     return row
-
-
-def fmt_table(rows: list[dict], dtype: str, backward: bool) -> str:
-    dev = torch.cuda.get_device_name()
-    head = (f"# flexna benchmark — {dev}, torch {torch.__version__}, {dtype}, "
-            f"{'forward+backward' if backward else 'forward'}, {datetime.date.today()}\n\n"
-            "Median ms (triton do_bench). Speed-ups are cuDNN time / flexna time; 'vs limit' is "
-            "flexna kernel / (Flex dense / FLOP-wise limit).\n\n")
-    cols = ["workload", "cuDNN", "flash", "Flex dense", "limit", "flexna row-major",
-            "blocks full/partial", "flexna tiled", "tiles", "blocks full/partial", "permute",
-            "best × cuDNN", "best vs limit", "NATTEN flex", "mask build GPU ms (rm / tiled)"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        best = min(r["rowmajor"], r.get("tiled", math.inf))
-        lines.append("| " + " | ".join([
-            r["name"], f"{r['cudnn']:.3f}", f"{r['flash']:.3f}", f"{r['flex_dense']:.3f}",
-            f"{r['limit']:.2f}×", f"{r['rowmajor']:.3f}", "{}/{}".format(*r["rowmajor_blocks"]),
-            f"{r.get('tiled', float('nan')):.3f}", r.get("tiles", "-"),
-            "{}/{}".format(*r.get("tiled_blocks", (0, 0))), f"{r.get('permute', float('nan')):.3f}",
-            f"{r['cudnn'] / best:.2f}×", f"{best / (r['flex_dense'] / r['limit']):.2f}",
-            f"{r['natten']:.3f}" if "natten" in r else r.get("natten_error", "n/a"),
-            f"{r['build_rowmajor_ms']:.2f} / {r.get('build_tiled_ms', float('nan')):.2f}",
-        ]) + " |")
-    return head + "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="*", default=DEFAULT_WORKLOADS)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--validate", type=int, default=0,
@@ -170,34 +206,25 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 256
     try:
         import natten  # noqa: F401
-        natten_ok = True
+        natten_ok = not a.no_natten
     except ImportError:
         natten_ok = False
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "date": str(datetime.date.today()),
+            "dtype": a.dtype, "backward": a.backward, "natten": natten_ok}
+    gpu = meta["device"].replace(" ", "-")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{gpu}-{meta['date']}-{a.dtype}-{'fwdbwd' if a.backward else 'fwd'}{a.tag}.json"
     rows = []
     for w in a.workloads:
         t0 = time.time()
-        rows.append(run_workload(w, dtype, a.backward, natten_ok and not a.no_natten, a.validate))
-        print(f"{w}: {time.time() - t0:.0f} s {rows[-1]}", flush=True)
-    table = fmt_table(rows, a.dtype, a.backward)
-    val = [(w["name"], c, ms) for w in rows for (_, c, ms) in w.get("validate", [])]
-    if len(val) > 2:
-        import statistics
-        costs = [c for _, c, _ in val]
-        times = [ms for _, _, ms in val]
-        # per workload the model predicts time up to a constant: correlate within workloads
-        corr = statistics.correlation(costs, times)
-        table += f"\nPredictor check: Pearson correlation of predicted cost vs measured time over {len(val)} "
-        table += f"(workload, tiles) points: {corr:.3f}\n\n"
-        table += "| workload | predicted cost | measured ms |\n|---|---|---|\n"
-        table += "".join(f"| {w} | {c:.0f} | {ms:.3f} |\n" for w, c, ms in val)
-    print(table)
-    gpu = torch.cuda.get_device_name().replace(" ", "-")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{gpu}-{datetime.date.today()}-{a.dtype}{'-fwdbwd' if a.backward else ''}{a.tag}.md"
-    (out / name).write_text(table)
-    print(f"wrote {out / name}")
+        rows.append(run_workload(w, dtype, a.backward, natten_ok, a.validate))
+        rows[-1]["seconds"] = time.time() - t0
+        print(f"{w}: {rows[-1]['seconds']:.0f} s {json.dumps(rows[-1])}", flush=True)
+        path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # after every workload
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
