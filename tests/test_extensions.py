@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -13,6 +14,7 @@ import flexna
 from flexna.functional import EagerFallbackWarning, dense_flex_attention
 from flexna.reference import reference_mask
 from tests.ext_reference import attention64, packed_mask_and_bias, per_head_mask_and_bias, rpb_dense
+from tests.helpers import assert_compiled
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -50,31 +52,85 @@ def rand(*shape, grad=False):
     return torch.randn(*shape, requires_grad=grad)
 
 
+# Attention tests run on the CPU (the dense differentiable fallback: EagerFallbackWarning)
+# and on CUDA (compiled Flex forward + backward; `python -m pytest -q -m gpu`).
+DEVICES = ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])]
+# vs the float64 reference: (forward atol, rtol), (gradient atol, rtol)
+TOL = {
+    ("cpu", torch.float32): ((1e-5, 1e-5), (1e-5, 1e-4)),
+    ("cuda", torch.float32): ((1e-4, 1e-4), (1e-3, 1e-3)),
+    ("cuda", torch.float16): ((4e-3, 4e-3), (2e-2, 2e-2)),
+}
+
+
+class Leaves:
+    """Random leaf tensors on ``device``/``dtype`` plus float64 CPU copies of the same (rounded)
+    values, for a float64 autograd reference of forward and backward."""
+
+    def __init__(self, device="cpu", dtype=torch.float32):
+        self.device, self.dtype = device, dtype
+        self.dev: list[torch.Tensor] = []
+        self.ref: list[torch.Tensor] = []
+
+    def __call__(self, *shape):
+        t = torch.randn(*shape).to(self.dtype)
+        self.dev.append(t.to(self.device).requires_grad_())
+        self.ref.append(t.double().requires_grad_())
+        return self.dev[-1], self.ref[-1]
+
+    def check(self, got: torch.Tensor, ref: torch.Tensor, nonzero_grads=()):
+        """Compare forward and the gradients of every leaf (random output gradient)."""
+        (fa, fr), (ga, gr) = TOL[(torch.device(self.device).type, self.dtype)]
+        torch.testing.assert_close(got.detach().cpu().double(), ref.detach(), atol=fa, rtol=fr)
+        g = torch.randn(ref.shape, dtype=torch.float64).to(self.dtype)
+        grads = torch.autograd.grad(got, self.dev, g.to(self.device))
+        grads_ref = torch.autograd.grad(ref, self.ref, g.double())
+        for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True)):
+            torch.testing.assert_close(a.cpu().double(), b, atol=ga, rtol=gr,
+                                       msg=lambda text, i=i: f"gradient of leaf {i}: {text}")
+        for i in nonzero_grads:
+            assert grads[i].abs().sum() > 0
+
+
+@contextlib.contextmanager
+def runs(device):
+    """CPU: gradients need the dense fallback, which warns. CUDA: compiled Flex, fresh caches
+    (no recompile limit across tests) and no silent eager fallback."""
+    if device == "cpu":
+        with pytest.warns(EagerFallbackWarning):
+            yield
+    else:
+        torch.compiler.reset()
+        with assert_compiled():
+            yield
+
+
+def cat_tokens(x, extra):
+    """[B, *spatial, H, D] + optional [B, M, H, D] -> [B, H, N + M, D]."""
+    return torch.cat([bhnd(x), extra.transpose(1, 2)], 2) if extra is not None else bhnd(x)
+
+
 # ---------------------------------------------------------------- 1. relative positional bias
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel,stride,dilation,causal", [
     ((3, 5), (1, 1), (2, 1), (False, False)),      # DiNAT, NAT table [H, 5, 9]
     ((4, 3), (2, 3), (1, 2), (False, True)),       # even kernel, strides, a causal axis
 ])
-def test_rpb_forward_backward_vs_float64(kernel, stride, dilation, causal):
+def test_rpb_forward_backward_vs_float64(kernel, stride, dilation, causal, device):
     torch.manual_seed(0)
     shape, heads = (9, 8), 2
     table_shape = flexna.rpb_table_shape(kernel, stride, causal)
     want = tuple(k if c else 2 * k + s - 2 for k, s, c in zip(kernel, stride, causal, strict=True))
     assert table_shape == want
-    rpb = rand(heads, *table_shape, grad=True)
-    q, k, v = (rand(2, *shape, heads, 8, grad=True) for _ in range(3))
-    with pytest.warns(EagerFallbackWarning):
+    leaves = Leaves(device)
+    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 8) for _ in range(3))
+    rpb, rpb_ = leaves(heads, *table_shape)
+    with runs(device):
         out = flexna.na2d(q, k, v, kernel, stride, dilation, causal, rel_pos_bias=rpb)
     mask = reference_mask(shape, kernel, stride, dilation, causal)
-    bias = rpb_dense(rpb, shape, kernel, stride, dilation, causal)
-    ref = attention64(bhnd(q), bhnd(k), bhnd(v), mask, bias).transpose(1, 2).reshape(out.shape)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, (q, k, v, rpb), g.float())
-    grads_ref = torch.autograd.grad(ref, (q, k, v, rpb), g)
-    for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
-    assert grads[3].abs().sum() > 0
+    bias = rpb_dense(rpb_, shape, kernel, stride, dilation, causal)
+    ref = attention64(bhnd(q_), bhnd(k_), bhnd(v_), mask, bias).transpose(1, 2).reshape(out.shape)
+    leaves.check(out, ref, nonzero_grads=[3])
 
 
 def test_rpb_table_covers_every_offset():
@@ -122,22 +178,27 @@ def expand_heads(heads, **params):
             for h in range(heads)]
 
 
-def extended_reference(q, k, v, mask, bias, ak=None, av=None, aq=None):
+def extended_reference(q, k, v, mask, bias=None, ak=None, av=None, aq=None):
     """float64 attention over layout + additional tokens; mask/bias [H, N, N] of the layout;
-    extra tokens attend / are attended by everything, with no bias."""
+    extra tokens attend / are attended by everything, with no bias. Returns [B, N + Mq, H, D]."""
     n = mask.shape[-1]
     mq = 0 if aq is None else aq.shape[1]
     mk = 0 if ak is None else ak.shape[1]
     full = torch.ones(mask.shape[0], n + mq, n + mk, dtype=torch.bool)
     full[:, :n, :n] = mask
     fb = torch.zeros(mask.shape[0], n + mq, n + mk, dtype=torch.float64)
-    fb[:, :n, :n] = bias
-    qq = torch.cat([bhnd(q), aq.transpose(1, 2)], 2) if mq else bhnd(q)
-    kk = torch.cat([bhnd(k), ak.transpose(1, 2)], 2) if mk else bhnd(k)
-    vv = torch.cat([bhnd(v), av.transpose(1, 2)], 2) if mk else bhnd(v)
+    if bias is not None:
+        fb[:, :n, :n] = bias
+    qq, kk, vv = cat_tokens(q, aq), cat_tokens(k, ak), cat_tokens(v, av)
     rep = qq.shape[1] // kk.shape[1]
     ref = attention64(qq, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1), full, fb)
-    return ref.transpose(1, 2)  # [B, N + mq, H, D]
+    return ref.transpose(1, 2)
+
+
+def joined(out, extra):
+    """Functional result(s) -> [B, N + Mq, H, D] like extended_reference."""
+    main = out.reshape(out.shape[0], -1, out.shape[-2], out.shape[-1])
+    return main if extra is None else torch.cat([main, extra], 1)
 
 
 PER_HEAD_RPB = {
@@ -151,8 +212,9 @@ PER_HEAD_RPB = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(PER_HEAD_RPB))
-def test_rpb_per_head_forward_backward_vs_float64(case):
+def test_rpb_per_head_forward_backward_vs_float64(case, device):
     """Functional API: head h adds table[h] indexed with head h's own pattern; grads reach the
     table; direct flex use (rel_pos_bias_score_mod with PerHead + extended_na_block_mask) agrees."""
     torch.manual_seed(10)
@@ -161,38 +223,27 @@ def test_rpb_per_head_forward_backward_vs_float64(case):
     tables = {flexna.rpb_table_shape(kw["kernel_size"], kw.get("stride", 1), kw.get("is_causal", False),
                                      len(shape)) for kw in per_head}
     assert len(tables) == 1
-    table = rand(heads, *tables.pop(), grad=True)
-    q, k, v = (rand(2, *shape, heads, 8, grad=True) for _ in range(3))
-    ak, av = (rand(2, mk, heads, 8, grad=True) for _ in range(2)) if mk else (None, None)
-    aq = rand(2, mq, heads, 8, grad=True) if mq else None
-    with pytest.warns(EagerFallbackWarning):
+    leaves = Leaves(device)
+    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 8) for _ in range(3))
+    table, table_ = leaves(heads, *tables.pop())
+    ak, ak_ = leaves(2, mk, heads, 8) if mk else (None, None)
+    av, av_ = leaves(2, mk, heads, 8) if mk else (None, None)
+    aq, aq_ = leaves(2, mq, heads, 8) if mq else (None, None)
+    with runs(device):
         res = flexna.neighborhood_attention(q, k, v, rel_pos_bias=table, additional_keys=ak,
                                             additional_values=av, additional_queries=aq, **params)
     out, extra = res if mq else (res, None)
-    mask, bias = per_head_mask_and_bias(table, shape, per_head)
-    ref = extended_reference(q, k, v, mask, bias, ak, av, aq)
-    n = math.prod(shape)
-    torch.testing.assert_close(out.double(), ref[:, :n].reshape(out.shape), atol=1e-5, rtol=1e-5)
-    if mq:
-        torch.testing.assert_close(extra.double(), ref[:, n:], atol=1e-5, rtol=1e-5)
-    leaves = [t for t in (q, k, v, table, ak, av, aq) if t is not None]
-    g = torch.randn_like(ref)
-    got = out.double().reshape(2, n, heads, 8) if not mq else torch.cat(
-        [out.double().reshape(2, n, heads, 8), extra.double()], 1)
-    grads = torch.autograd.grad(got, leaves, g)
-    grads_ref = torch.autograd.grad(ref, leaves, g)
-    for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
-    assert grads[3].abs().sum() > 0
+    mask, bias = per_head_mask_and_bias(table_, shape, per_head)
+    ref = extended_reference(q_, k_, v_, mask, bias, ak_, av_, aq_)
+    leaves.check(joined(out, extra), ref, nonzero_grads=[3])
+    if device != "cpu":
+        return
     # direct flex_attention use, eager (no grad)
     with torch.no_grad():
         mod = flexna.rel_pos_bias_score_mod(table.detach(), shape, num_extra_q=mq, num_extra_kv=mk, **params)
         bm = flexna.extended_na_block_mask(shape, num_extra_q=mq, num_extra_kv=mk, device="cpu", **params)
-        qq = torch.cat([bhnd(q), aq.transpose(1, 2)], 2) if mq else bhnd(q)
-        kk = torch.cat([bhnd(k), ak.transpose(1, 2)], 2) if mk else bhnd(k)
-        vv = torch.cat([bhnd(v), av.transpose(1, 2)], 2) if mk else bhnd(v)
-        direct = eager_flex(qq.detach(), kk.detach(), vv.detach(), score_mod=mod,
-                            block_mask=bm).transpose(1, 2)
+        direct = eager_flex(cat_tokens(q, aq).detach(), cat_tokens(k, ak).detach(), cat_tokens(v, av).detach(),
+                            score_mod=mod, block_mask=bm).transpose(1, 2)
     torch.testing.assert_close(direct.double(), ref.detach(), atol=1e-5, rtol=1e-5)
 
 
@@ -233,31 +284,26 @@ def union_mask(shape, kern, mq, mk, **kw):
     return m
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mq,mk", [(0, 5), (7, 3), (4, 0)])
-def test_additional_tokens_vs_reference(mq, mk):
+def test_additional_tokens_vs_reference(mq, mk, device):
+    """Extra keys/values (every query attends them) and extra query rows (attending every key),
+    one fused call, forward + backward of every input vs float64."""
     torch.manual_seed(2)
     shape, heads, kern = (6, 5, 4), 2, (3, 3, 2)
-    q, k, v = (rand(2, *shape, heads, 8, grad=True) for _ in range(3))
-    ak, av = (rand(2, mk, heads, 8, grad=True) for _ in range(2)) if mk else (None, None)
-    aq = rand(2, mq, heads, 8, grad=True) if mq else None
-    with pytest.warns(EagerFallbackWarning):
+    leaves = Leaves(device)
+    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 8) for _ in range(3))
+    ak, ak_ = leaves(2, mk, heads, 8) if mk else (None, None)
+    av, av_ = leaves(2, mk, heads, 8) if mk else (None, None)
+    aq, aq_ = leaves(2, mq, heads, 8) if mq else (None, None)
+    with runs(device):
         res = flexna.na3d(q, k, v, kern, dilation=(2, 1, 1), additional_keys=ak, additional_values=av,
                           additional_queries=aq)
     out, extra = res if mq else (res, None)
-    qq = torch.cat([bhnd(q), aq.transpose(1, 2)], 2) if mq else bhnd(q)
-    kk = torch.cat([bhnd(k), ak.transpose(1, 2)], 2) if mk else bhnd(k)
-    vv = torch.cat([bhnd(v), av.transpose(1, 2)], 2) if mk else bhnd(v)
-    ref = attention64(qq, kk, vv, union_mask(shape, kern, mq, mk, dilation=(2, 1, 1))).transpose(1, 2)
-    n = math.prod(shape)
-    torch.testing.assert_close(out.double(), ref[:, :n].reshape(out.shape), atol=1e-5, rtol=1e-5)
-    if mq:
-        torch.testing.assert_close(extra.double(), ref[:, n:], atol=1e-5, rtol=1e-5)
-    leaves = [t for t in (q, k, v, ak, av, aq) if t is not None]
-    total = out.sum() + (extra.sum() if mq else 0)
-    grads = torch.autograd.grad(total, leaves)
-    grads_ref = torch.autograd.grad(ref.sum(), leaves)
-    for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
+    assert out.shape == q.shape and (extra is None or extra.shape == aq.shape)
+    mask = reference_mask(shape, kern, dilation=(2, 1, 1))[None].expand(heads, -1, -1)
+    ref = extended_reference(q_, k_, v_, mask, None, ak_, av_, aq_)
+    leaves.check(joined(out, extra), ref)
 
 
 @pytest.mark.parametrize("shape,kern,kw,mq,mk,block", [
@@ -300,45 +346,48 @@ def test_additional_tokens_compiled_cpu_inference():
 
 
 # ---------------------------------------------------------------- 3. GQA / MQA
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_gqa_forward_backward(kv_heads):
+def test_gqa_forward_backward(kv_heads, device):
     torch.manual_seed(4)
     shape = (11, 7)
-    q = rand(2, *shape, 4, 8, grad=True)
-    k, v = (rand(2, *shape, kv_heads, 8, grad=True) for _ in range(2))
-    with pytest.warns(EagerFallbackWarning):
+    leaves = Leaves(device)
+    q, q_ = leaves(2, *shape, 4, 8)
+    (k, k_), (v, v_) = (leaves(2, *shape, kv_heads, 8) for _ in range(2))
+    with runs(device):
         out = flexna.na2d(q, k, v, (3, 5), dilation=(2, 1))
     rep = 4 // kv_heads
-    ref = attention64(bhnd(q), bhnd(k).repeat_interleave(rep, 1), bhnd(v).repeat_interleave(rep, 1),
+    ref = attention64(bhnd(q_), bhnd(k_).repeat_interleave(rep, 1), bhnd(v_).repeat_interleave(rep, 1),
                       reference_mask(shape, (3, 5), dilation=(2, 1))).transpose(1, 2).reshape(out.shape)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)),
-                    strict=True):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
+    leaves.check(out, ref)
+    if device != "cpu":
+        return
     # direct flex use: the BlockMask broadcasts over heads, flex's enable_gqa does the grouping
     with torch.no_grad():
         bm = flexna.na_block_mask(shape, (3, 5), dilation=(2, 1), device="cpu")
         direct = eager_flex(bhnd(q).detach(), bhnd(k).detach(), bhnd(v).detach(), block_mask=bm,
                             enable_gqa=True)
-    torch.testing.assert_close(direct.transpose(1, 2).reshape(out.shape), out.detach())
+    torch.testing.assert_close(direct.transpose(1, 2).reshape(out.shape).double(), ref.detach(),
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- 4. per-head patterns
-def test_per_head_patterns():
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_head_patterns(device):
     torch.manual_seed(5)
     shape = (12, 10)
     kern = flexna.PerHead([3, 5, (5, 3), 7])
     dil = flexna.PerHead([1, 2, 1, 1])
-    q, k, v = (rand(1, *shape, 4, 8, grad=True) for _ in range(3))
-    with pytest.warns(EagerFallbackWarning):
+    leaves = Leaves(device)
+    (q, q_), (k, k_), (v, v_) = (leaves(1, *shape, 4, 8) for _ in range(3))
+    with runs(device):
         out = flexna.na2d(q, k, v, kern, dilation=dil)
     masks = torch.stack([reference_mask(shape, kk, dilation=dd) for kk, dd in
                          zip(kern.values, dil.values, strict=True)])
-    ref = attention64(bhnd(q), bhnd(k), bhnd(v), masks).transpose(1, 2).reshape(out.shape)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)),
-                    strict=True):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
+    ref = attention64(bhnd(q_), bhnd(k_), bhnd(v_), masks).transpose(1, 2).reshape(out.shape)
+    leaves.check(out, ref)
+    if device != "cpu":
+        return
     bm = flexna.extended_na_block_mask(shape, kern, dilation=dil, num_extra_kv=9, block_size=16,
                                        device="cpu")
     assert bm.kv_num_blocks.shape[:2] == (1, 4)
@@ -347,40 +396,29 @@ def test_per_head_patterns():
     with torch.no_grad():  # direct flex use with the per-head BlockMask
         bm0 = flexna.extended_na_block_mask(shape, kern, dilation=dil, device="cpu")
         direct = eager_flex(bhnd(q).detach(), bhnd(k).detach(), bhnd(v).detach(), block_mask=bm0)
-    torch.testing.assert_close(direct.transpose(1, 2).reshape(out.shape), out.detach())
+    torch.testing.assert_close(direct.transpose(1, 2).reshape(out.shape).double(), ref.detach(),
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- 5. packing
-def test_packing_roundtrip_and_attention():
+def test_packing_roundtrip_and_block_mask():
     torch.manual_seed(6)
     shapes = [(9, 10), (5, 7), (20, 3)]
     xs = [torch.randn(2, *s, 3, 8) for s in shapes]
     packed = flexna.pack_tokens(xs, shapes, block_size=32)
     assert packed.shape == (2, flexna.packed_length(shapes, block_size=32), 3, 8) == (2, 96 + 64 + 64, 3, 8)
+    assert packed[:, 90:96].abs().max() == 0 and packed[:, 131:160].abs().max() == 0
     for a, b in zip(flexna.unpack_tokens(packed, shapes, block_size=32), xs, strict=True):
         assert torch.equal(a, b)
-    q, k, v = (flexna.pack_tokens([torch.randn(1, *s, 2, 8) for s in shapes], shapes, 32).requires_grad_()
-               for _ in range(3))
-    with pytest.warns(EagerFallbackWarning):
-        out = flexna.packed_neighborhood_attention(q, k, v, shapes, 3, dilation=(1, 1), block_size=32)
-    offs = 0
-    for s, o in zip(shapes, flexna.unpack_tokens(out, shapes, 32), strict=True):
-        n = math.prod(s)
-        ref = attention64(*(t[:, offs:offs + n].transpose(1, 2) for t in (q, k, v)), reference_mask(s, 3))
-        torch.testing.assert_close(o.reshape(1, n, 2, 8).double(), ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
-        offs += -(-n // 32) * 32
-    assert out[:, 90:96].abs().max() == 0  # padding outputs are zero
-    out.sum().backward()
-    assert torch.isfinite(q.grad).all() and q.grad[:, 90:96].abs().max() == 0
     bm = flexna.packed_block_mask(shapes, 3, block_size=32, device="cpu")
     ref_bm = create_block_mask(bm.mask_mod, None, None, *bm.seq_lengths, device="cpu", BLOCK_SIZE=32)
     assert_same_block_mask(bm, ref_bm)
-    with torch.no_grad():  # direct flex use
-        direct = eager_flex(*(t.detach().transpose(1, 2) for t in (q, k, v)), block_mask=bm)
-    torch.testing.assert_close(direct.transpose(1, 2), out.detach())
+    mask, _ = packed_mask_and_bias(None, shapes, 32, 3)
+    dense = torch.nn.attention.flex_attention.create_mask(bm.mask_mod, None, None, 224, 224, "cpu")[0, 0]
+    assert torch.equal(dense, mask)
 
 
-PACKED_RPB = {
+PACKED = {
     "2d-mixed": ([(9, 10), (5, 7), (20, 3), (4, 4)], 32, {"kernel_size": 3}, 2),
     "2d-dilated-strided-gqa": ([(12, 9), (8, 14)], 16, {"kernel_size": (3, 4), "stride": (1, 2),
                                                        "dilation": (2, 1)}, 1),
@@ -388,36 +426,39 @@ PACKED_RPB = {
 }
 
 
-@pytest.mark.parametrize("case", list(PACKED_RPB))
-def test_packed_rpb_forward_backward_vs_float64(case):
-    """Variable resolution + rpb: each sample's tokens index the shared table with their own
-    layout's coordinates; whole packed output (padding rows 0) and grads vs float64."""
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_rpb", [False, True], ids=["plain", "rpb"])
+@pytest.mark.parametrize("case", list(PACKED))
+def test_packed_forward_backward_vs_float64(case, with_rpb, device):
+    """Variable resolution (+ rpb: each sample's tokens index the shared table with their own
+    layout's coordinates): whole packed output (padding rows 0) and grads vs float64."""
     torch.manual_seed(12)
-    shapes, block, params, kv_heads = PACKED_RPB[case]
+    shapes, block, params, kv_heads = PACKED[case]
     heads = 2
     ndim = len(shapes[0])
-    table = rand(heads, *flexna.rpb_table_shape(params["kernel_size"], params.get("stride", 1),
-                                                params.get("is_causal", False), ndim), grad=True)
     length = flexna.packed_length(shapes, block)
-    q = rand(2, length, heads, 8, grad=True)
-    k, v = (rand(2, length, kv_heads, 8, grad=True) for _ in range(2))
-    with pytest.warns(EagerFallbackWarning):
+    leaves = Leaves(device)
+    q, q_ = leaves(2, length, heads, 8)
+    (k, k_), (v, v_) = (leaves(2, length, kv_heads, 8) for _ in range(2))
+    table, table_ = None, None
+    if with_rpb:
+        table, table_ = leaves(heads, *flexna.rpb_table_shape(params["kernel_size"], params.get("stride", 1),
+                                                              params.get("is_causal", False), ndim))
+    with runs(device):
         out = flexna.packed_neighborhood_attention(q, k, v, shapes, block_size=block, rel_pos_bias=table,
                                                    **params)
-    mask, bias = packed_mask_and_bias(table, shapes, block, **params)
+    mask, bias = packed_mask_and_bias(table_, shapes, block, **params)
     rep = heads // kv_heads
-    ref = attention64(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
-                      v.transpose(1, 2).repeat_interleave(rep, 1), mask, bias).transpose(1, 2)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, (q, k, v, table), g.float())
-    grads_ref = torch.autograd.grad(ref, (q, k, v, table), g)
-    for a, b in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
-    assert grads[3].abs().sum() > 0
-    # direct flex_attention use: packed_rel_pos_bias_score_mod + packed_block_mask
+    ref = attention64(q_.transpose(1, 2), k_.transpose(1, 2).repeat_interleave(rep, 1),
+                      v_.transpose(1, 2).repeat_interleave(rep, 1), mask, bias).transpose(1, 2)
+    leaves.check(out, ref, nonzero_grads=[3] if with_rpb else [])
+    assert (out.detach()[:, ~mask.any(1).to(out.device)] == 0).all()  # padding rows give 0
+    if device != "cpu":
+        return
+    # direct flex_attention use: packed_block_mask (+ packed_rel_pos_bias_score_mod)
     with torch.no_grad():
-        mod = flexna.packing.packed_rel_pos_bias_score_mod(table.detach(), shapes, block_size=block, **params)
+        mod = None if table is None else flexna.packing.packed_rel_pos_bias_score_mod(
+            table.detach(), shapes, block_size=block, **params)
         bm = flexna.packed_block_mask(shapes, block_size=block, device="cpu", **params)
         direct = eager_flex(q.detach().transpose(1, 2), k.detach().transpose(1, 2),
                             v.detach().transpose(1, 2), score_mod=mod, block_mask=bm,
@@ -616,34 +657,80 @@ def test_dense_flex_matches_eager_flex():
     torch.testing.assert_close(la, lb)
 
 
-# ---------------------------------------------------------------- GPU
+# ---------------------------------------------------------------- GPU only
+# (the attention tests above also run on CUDA: their "cuda" parameters carry the gpu mark)
 @gpu
 @needs_cuda
-def test_everything_cuda_forward_backward():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gpu_everything_at_once(dtype):
+    """GQA + per-head dilation + per-head rpb + extra keys/values + extra queries, one compiled
+    call, forward + backward vs float64 (fp16: inputs rounded first, fp16 tolerances)."""
     torch.manual_seed(8)
-    dev = "cuda"
-    shape = (12, 14)
-    q = torch.randn(1, *shape, 4, 32, device=dev, requires_grad=True)
-    k, v = (torch.randn(1, *shape, 2, 32, device=dev, requires_grad=True) for _ in range(2))
-    ak, av = (torch.randn(1, 7, 2, 32, device=dev, requires_grad=True) for _ in range(2))
-    rpb = torch.randn(4, 5, 9, device=dev, requires_grad=True)
-    out = flexna.na2d(q, k, v, (3, 5), dilation=(2, 1), additional_keys=ak, additional_values=av,
-                      rel_pos_bias=rpb)
-    n = 168
-    bias = torch.zeros(4, n, n + 7, dtype=torch.float64)
-    bias[:, :, :n] = rpb_dense(rpb.cpu(), shape, (3, 5), (1, 1), (2, 1), (False, False))
-    leaves = (q, k, v, ak, av, rpb)
-    cpu = [t.detach().cpu().requires_grad_() for t in leaves]
-    kk = torch.cat([bhnd(cpu[1]), cpu[3].transpose(1, 2)], 2).repeat_interleave(2, 1)
-    vv = torch.cat([bhnd(cpu[2]), cpu[4].transpose(1, 2)], 2).repeat_interleave(2, 1)
-    bias = torch.zeros(4, n, n + 7, dtype=torch.float64)
-    bias[:, :, :n] = rpb_dense(cpu[5], shape, (3, 5), (1, 1), (2, 1), (False, False))
-    ref = attention64(bhnd(cpu[0]), kk, vv, union_mask(shape, (3, 5), 0, 7, dilation=(2, 1)), bias)
-    ref = ref.transpose(1, 2).reshape(out.shape)
-    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-3, rtol=2e-3)
-    for a, b in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), cpu), strict=True):
-        torch.testing.assert_close(a.double().cpu(), b.double(), atol=5e-3, rtol=5e-3)
-    packed = flexna.pack_tokens([torch.randn(1, 9, 10, 2, 32, device=dev),
-                                 torch.randn(1, 5, 7, 2, 32, device=dev)], [(9, 10), (5, 7)])
-    res = flexna.packed_neighborhood_attention(packed, packed, packed, [(9, 10), (5, 7)], 3)
-    assert torch.isfinite(res).all()
+    shape, heads, kv_heads, m, mq = (12, 14), 4, 2, 7, 5
+    dil = flexna.PerHead([1, 1, (2, 1), (2, 2)])
+    leaves = Leaves("cuda", dtype)
+    q, q_ = leaves(1, *shape, heads, 32)
+    (k, k_), (v, v_) = (leaves(1, *shape, kv_heads, 32) for _ in range(2))
+    (ak, ak_), (av, av_) = (leaves(1, m, kv_heads, 32) for _ in range(2))
+    aq, aq_ = leaves(1, mq, heads, 32)
+    rpb, rpb_ = leaves(heads, 5, 9)
+    with runs("cuda"):
+        out, extra = flexna.na2d(q, k, v, (3, 5), dilation=dil, additional_keys=ak, additional_values=av,
+                                 additional_queries=aq, rel_pos_bias=rpb)
+    assert out.dtype == dtype and out.device.type == "cuda"
+    mask, bias = per_head_mask_and_bias(rpb_, shape, expand_heads(heads, kernel_size=(3, 5), dilation=dil))
+    ref = extended_reference(q_, k_, v_, mask, bias, ak_, av_, aq_)
+    leaves.check(joined(out, extra), ref, nonzero_grads=[5])
+
+
+@gpu
+@needs_cuda
+def test_gpu_direct_flex_attention_compiled():
+    """Direct use on CUDA: torch.compile(flex_attention) with flexna's score_mods (per-head rpb,
+    composed with softcap; packed rpb) and BlockMasks, forward + backward incl. the tables."""
+    torch.manual_seed(9)
+    flex = torch.compile(flex_attention, dynamic=False)
+    torch.compiler.reset()
+    shape, heads, m = (10, 12), 2, 6
+    n = math.prod(shape)
+    dil = flexna.PerHead([1, (2, 3)])
+    leaves = Leaves("cuda")
+    (q, q_), (k, k_), (v, v_) = (leaves(1, heads, n + m, 16) for _ in range(3))
+    table, table_ = leaves(heads, 5, 5)
+    mod = flexna.compose_score_mods(
+        flexna.rel_pos_bias_score_mod(table, shape, 3, dilation=dil, num_extra_q=m, num_extra_kv=m),
+        flexna.softcap_score_mod(4.0))
+    bm = flexna.extended_na_block_mask(shape, 3, dilation=dil, num_extra_q=m, num_extra_kv=m, device="cuda")
+    with assert_compiled():
+        out = flex(q, k, v, score_mod=mod, block_mask=bm)
+    mask, bias = per_head_mask_and_bias(table_, shape, expand_heads(heads, kernel_size=3, dilation=dil))
+    full = torch.ones(heads, n + m, n + m, dtype=torch.bool)
+    full[:, :n, :n] = mask
+    fb = torch.zeros(heads, n + m, n + m, dtype=torch.float64)
+    fb[:, :n, :n] = bias
+    s = (q_ @ k_.transpose(-2, -1)) * 16 ** -0.5 + fb
+    s = (4.0 * torch.tanh(s / 4.0)).masked_fill(~full, float("-inf"))
+    leaves.check(out, torch.softmax(s, -1) @ v_, nonzero_grads=[3])
+
+    shapes, block = [(9, 10), (5, 7)], 32
+    length = flexna.packed_length(shapes, block)
+    leaves = Leaves("cuda")
+    (q, q_), (k, k_), (v, v_) = (leaves(1, heads, length, 16) for _ in range(3))
+    table, table_ = leaves(heads, 5, 5)
+    mod = flexna.packing.packed_rel_pos_bias_score_mod(table, shapes, 3, block_size=block)
+    bm = flexna.packed_block_mask(shapes, 3, block_size=block, device="cuda")
+    with assert_compiled():
+        out = flex(q, k, v, score_mod=mod, block_mask=bm)
+    mask, bias = packed_mask_and_bias(table_, shapes, block, 3)
+    leaves.check(out, attention64(q_, k_, v_, mask, bias), nonzero_grads=[3])
+
+
+@gpu
+@needs_cuda
+def test_gpu_rel_pos_bias_on_another_device():
+    x = torch.zeros(1, 8, 8, 2, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"rel_pos_bias is on cpu, query on cuda"):
+        flexna.na2d(x, x, x, 3, rel_pos_bias=torch.zeros(2, 5, 5))
+    p = torch.zeros(1, 128, 2, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"rel_pos_bias is on cpu, query on cuda"):
+        flexna.packed_neighborhood_attention(p, p, p, [(8, 8)], 3, rel_pos_bias=torch.zeros(2, 5, 5))
