@@ -206,7 +206,7 @@ def natten_style_state(embed_dim, heads, kv_heads=None, table=None, seed=0):
     if natten_available() and kv_heads == heads:
         import natten
 
-        theirs = natten.NeighborhoodAttention1D(embed_dim, heads, 1)
+        theirs = natten.NeighborhoodAttention1D(embed_dim, heads, 3)  # keys do not depend on it
         state = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in state.items()} == {
             "qkv.weight": (qkv_out, embed_dim), "qkv.bias": (qkv_out,),
