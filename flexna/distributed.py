@@ -1,0 +1,436 @@
+"""Context-parallel neighborhood attention: one layout sharded along an axis across ranks.
+
+Each rank of a ``torch.distributed`` process group holds a slab of ``q``/``k``/``v``
+(NATTEN layout ``[batch, *spatial, heads, dim]``): consecutive rows of one spatial
+axis (the *shard axis*, by default axis 0, e.g. video time). Neighborhood attention
+only reaches a bounded distance along that axis, so a rank needs the keys/values of its
+own slab plus a *halo*: the rows just beyond its borders that its queries' windows
+reach. The halo is derived exactly from :func:`flexna.geometry.axis_window_bounds`
+(any kernel, stride, dilation; causal axes need no right halo), and is fetched from
+whichever ranks own those rows (more than the adjacent one when shards are thinner
+than the halo) with point-to-point sends, never an all-gather of the sequence.
+
+The local call is one fused FlexAttention call: "my queries x (left halo + my keys +
+right halo)" with an analytic BlockMask of the *global* pattern restricted to those two
+sub-boxes (``q_region`` / ``kv_region`` of :func:`flexna.blockmask.pattern_block_mask`),
+so the result equals single-process :func:`flexna.neighborhood_attention` on the
+gathered tensors. The halo exchange is an autograd function: its backward sends the
+halo rows' dK/dV back to their owners, who add them to their own, so training works
+with FlexAttention's own backward for the attention part.
+
+With ``overlap=True`` the exchange runs asynchronously while the *interior* queries
+(whose windows stay inside the own slab) attend the own keys; the border queries then
+attend the assembled keys. Softmax is per query, so the union of these calls is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.attention.flex_attention import BlockMask
+
+from flexna.blockmask import pattern_block_mask, resolve_block_sizes
+from flexna.functional import _cached_mask, _check_tensors, run_flex
+from flexna.geometry import Region, axis_window_bounds
+from flexna.layout import as_tile, tile_tokens, untile_tokens
+from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, _is_int
+
+# [start, stop) along the shard axis, in global coordinates
+Rows = tuple[int, int]
+# (peer rank in the group, start, stop): rows moved between this rank and ``peer``
+Transfer = tuple[int, int, int]
+
+
+def split_sizes(length: int, world_size: int) -> tuple[int, ...]:
+    """Default shard sizes of an axis of ``length`` over ``world_size`` ranks.
+
+    Like ``torch.tensor_split``: the first ``length % world_size`` ranks get one row more.
+    """
+    if not _is_int(length) or not _is_int(world_size) or world_size < 1 or length < world_size:
+        raise ValueError(f"cannot split length {length!r} over {world_size!r} ranks: need "
+                         "1 <= world_size <= length (every shard needs at least one row)")
+    base, extra = divmod(length, world_size)
+    return tuple(base + (r < extra) for r in range(world_size))
+
+
+def shard(x: torch.Tensor, rank: int, world_size: int, axis: int = 0,
+          shard_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Rank ``rank``'s slab of a global ``[batch, *spatial, ...]`` tensor along spatial ``axis``
+    (default split: :func:`split_sizes`). A view; ``.contiguous()`` it if you keep it."""
+    length = x.shape[1 + axis]
+    sizes = split_sizes(length, world_size) if shard_sizes is None else tuple(shard_sizes)
+    start = sum(sizes[:rank])
+    return x.narrow(1 + axis, start, sizes[rank])
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """Which rows of the shard axis one rank needs, sends and receives.
+
+    Derived from the global pattern and the shard sizes only, so every rank computes
+    every other rank's plan identically and the sends match the receives.
+    """
+
+    rank: int
+    offsets: tuple[int, ...]  # rank r owns rows [offsets[r], offsets[r + 1])
+    keys: Rows  # key rows this rank's queries need, own slab included (own + halos)
+    recv: tuple[Transfer, ...]  # halo pieces received, in row order (left of own, then right)
+    send: tuple[Transfer, ...]  # pieces of the own slab other ranks need
+    interior: Rows  # query rows whose keys all lie in the own slab (start == stop: none)
+    left_border: Rows  # query rows before the interior, and the key rows they need
+    left_border_keys: Rows
+    right_border: Rows  # query rows after the interior, and the key rows they need
+    right_border_keys: Rows
+
+    @property
+    def own(self) -> Rows:
+        return self.offsets[self.rank], self.offsets[self.rank + 1]
+
+    def halo_rows(self) -> tuple[int, int]:
+        """(left, right) halo widths in rows."""
+        return self.own[0] - self.keys[0], self.keys[1] - self.own[1]
+
+
+def halo_plan(pattern: NAPattern, axis: int, shard_sizes: Sequence[int], rank: int) -> HaloPlan:
+    """The :class:`HaloPlan` of ``rank`` for ``pattern`` sharded by ``shard_sizes`` on ``axis``."""
+    return _halo_plan(pattern, axis, tuple(shard_sizes), rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _halo_plan(pattern: NAPattern, axis: int, sizes: tuple[int, ...], rank: int) -> HaloPlan:
+    lo, hi = axis_window_bounds(pattern.shape[axis], pattern.kernel_size[axis], pattern.stride[axis],
+                                pattern.dilation[axis], pattern.is_causal[axis])
+    lo_l, hi_l = lo.tolist(), hi.tolist()
+    offsets = (0, *itertools.accumulate(sizes))
+
+    def key_rows(start: int, stop: int, keep_own: bool) -> Rows:
+        """Smallest row range holding every key of queries [start, stop) (and those rows)."""
+        if start == stop:
+            return start, start
+        first, last = min(lo_l[start:stop]), max(hi_l[start:stop]) + 1
+        return (min(first, start), max(last, stop)) if keep_own else (first, last)
+
+    needs = [key_rows(offsets[r], offsets[r + 1], True) for r in range(len(sizes))]
+    a, b = offsets[rank], offsets[rank + 1]
+    ka, kb = needs[rank]
+    recv = tuple((j, max(ka, offsets[j]), min(kb, offsets[j + 1])) for j in range(len(sizes))
+                 if j != rank and max(ka, offsets[j]) < min(kb, offsets[j + 1]))
+    send = tuple((j, max(needs[j][0], a), min(needs[j][1], b)) for j in range(len(sizes))
+                 if j != rank and max(needs[j][0], a) < min(needs[j][1], b))
+    # interior: the longest run of queries whose keys lie inside [a, b)
+    best, run_start = (a, a), a
+    for x in range(a, b + 1):
+        if x == b or not (lo_l[x] >= a and hi_l[x] < b):
+            if x - run_start > best[1] - best[0]:
+                best = (run_start, x)
+            run_start = x + 1
+    (ia, ib) = best if best[1] > best[0] else (a, a)
+    return HaloPlan(rank=rank, offsets=offsets, keys=(ka, kb), recv=recv, send=send,
+                    interior=(ia, ib), left_border=(a, ia), left_border_keys=key_rows(a, ia, False),
+                    right_border=(ib, b), right_border_keys=key_rows(ib, b, False))
+
+
+# --------------------------------------------------------------------------- communication
+
+
+def _peer(group: dist.ProcessGroup | None, rank_in_group: int) -> int:
+    """Global rank of ``rank_in_group`` (P2POp takes global ranks)."""
+    return rank_in_group if group is None else dist.get_global_rank(group, rank_in_group)
+
+
+def _pack(tensors: Sequence[torch.Tensor], dim: int, start: int, length: int) -> torch.Tensor:
+    """Rows [start, start + length) of each tensor along ``dim``, flattened into one buffer."""
+    return torch.cat([t.narrow(dim, start, length).reshape(-1) for t in tensors])
+
+
+def _unpack(buf: torch.Tensor, like: Sequence[torch.Tensor], dim: int, length: int) -> list[torch.Tensor]:
+    """Inverse of :func:`_pack`: tensors shaped like ``like`` with ``length`` rows on ``dim``."""
+    shapes = [(*t.shape[:dim], length, *t.shape[dim + 1:]) for t in like]
+    pieces = buf.split([math.prod(s) for s in shapes])
+    return [p.view(s) for p, s in zip(pieces, shapes, strict=True)]
+
+
+def _packed_numel(like: Sequence[torch.Tensor], dim: int, length: int) -> int:
+    return sum(t.numel() // t.shape[dim] * length for t in like)
+
+
+def _start_p2p(outgoing: list[tuple[int, torch.Tensor]], incoming: list[tuple[int, torch.Tensor]],
+               group: dist.ProcessGroup | None) -> list[Any]:
+    """Post all sends and receives as one batch; returns the works to wait on."""
+    ops = [dist.P2POp(dist.isend, buf, _peer(group, peer), group) for peer, buf in outgoing]
+    ops += [dist.P2POp(dist.irecv, buf, _peer(group, peer), group) for peer, buf in incoming]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+class PendingHalo:
+    """A halo exchange in flight: the own rows others need are sent, the halo rows posted
+    for receipt. :meth:`wait` returns the received pieces (one list of tensors per piece)."""
+
+    def __init__(self, plan: HaloPlan, tensors: Sequence[torch.Tensor], dim: int,
+                 group: dist.ProcessGroup | None) -> None:
+        self.plan, self.dim, self.group = plan, dim, group
+        own0 = plan.own[0]
+        like = [t.detach() for t in tensors]
+        self._like = like
+        self._send = [(peer, _pack(like, dim, start - own0, stop - start))
+                      for peer, start, stop in plan.send]
+        self._recv = [(peer, torch.empty(_packed_numel(like, dim, stop - start), dtype=like[0].dtype,
+                                         device=like[0].device))
+                      for peer, start, stop in plan.recv]
+        self._works = _start_p2p(self._send, self._recv, group)
+
+    def wait(self) -> list[list[torch.Tensor]]:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        self._send = []  # the sends are done: release their buffers
+        return [_unpack(buf, self._like, self.dim, stop - start)
+                for (_, buf), (_, start, stop) in zip(self._recv, self.plan.recv, strict=True)]
+
+
+class _HaloAssemble(torch.autograd.Function):
+    """``[left halo, own, right halo]`` along the shard axis for each tensor (k, v).
+
+    Forward waits for a :class:`PendingHalo` started on the same tensors. Backward sends
+    each halo piece's gradient back to the rank that owns those rows and adds the
+    gradients it receives for its own rows (one row may be in several ranks' halos).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pending: PendingHalo, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        plan, dim = pending.plan, pending.dim
+        ctx.plan, ctx.dim, ctx.group = plan, dim, pending.group
+        received = pending.wait()
+        rank = plan.rank
+        left = [p for (peer, _, _), p in zip(plan.recv, received, strict=True) if peer < rank]
+        right = [p for (peer, _, _), p in zip(plan.recv, received, strict=True) if peer > rank]
+        return tuple(torch.cat([*(p[i] for p in left), t, *(p[i] for p in right)], dim)
+                     for i, t in enumerate(tensors))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        plan, dim = ctx.plan, ctx.dim
+        k0, (own0, own1) = plan.keys[0], plan.own
+        grads = tuple(g.contiguous() for g in grads)
+        outgoing = [(peer, _pack(grads, dim, start - k0, stop - start)) for peer, start, stop in plan.recv]
+        incoming = [(peer, torch.empty(_packed_numel(grads, dim, stop - start), dtype=grads[0].dtype,
+                                       device=grads[0].device)) for peer, start, stop in plan.send]
+        works = _start_p2p(outgoing, incoming, ctx.group)
+        own = [g.narrow(dim, own0 - k0, own1 - own0).clone(memory_format=torch.contiguous_format)
+               for g in grads]
+        for work in works:
+            work.wait()
+        for (_, buf), (_, start, stop) in zip(incoming, plan.send, strict=True):
+            for acc, piece in zip(own, _unpack(buf, grads, dim, stop - start), strict=True):
+                acc.narrow(dim, start - own0, stop - start).add_(piece)
+        return (None, *own)
+
+
+# --------------------------------------------------------------------------- local attention
+
+
+def _rows_region(shape: tuple[int, ...], axis: int, rows: Rows) -> Region:
+    return tuple(rows if a == axis else (0, length) for a, length in enumerate(shape))
+
+
+def region_block_mask(pattern: NAPattern, q_region: Region, kv_region: Region,
+                      q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device) -> BlockMask:
+    """Analytic BlockMask of ``pattern`` for queries of ``q_region`` x keys of ``kv_region``
+    (each in its own, optionally tiled, order), cached per (pattern, regions, tiles, device)."""
+    q_block, kv_block = resolve_block_sizes(None, q_tile, kv_tile)
+    return _cached_mask(("region", pattern, q_region, kv_region, q_tile, kv_tile, device),
+                        lambda: pattern_block_mask(pattern, q_tile, kv_tile, q_block, kv_block, device,
+                                                   q_region=q_region, kv_region=kv_region))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPattern, axis: int,
+            q_rows: Rows, kv_rows: Rows, q_tile: tuple[int, ...] | None,
+            kv_tile: tuple[int, ...] | None, scale: float | None) -> torch.Tensor:
+    """One fused Flex call: queries of rows ``q_rows`` (tensor ``q``) x keys of ``kv_rows``."""
+    n = pattern.ndim
+    q_region = _rows_region(pattern.shape, axis, q_rows)
+    kv_region = _rows_region(pattern.shape, axis, kv_rows)
+    q_shape, kv_shape = tuple(q.shape[1:1 + n]), tuple(k.shape[1:1 + n])
+    q_t = (1,) * n if q_tile is None else q_tile
+    kv_t = (1,) * n if kv_tile is None else kv_tile
+    mask = region_block_mask(pattern, q_region, kv_region, q_t, kv_t, q.device)
+
+    def flat(t: torch.Tensor, shape: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
+        if math.prod(tile) > 1:
+            return tile_tokens(t, shape, tile).transpose(1, 2)
+        return t.reshape(t.shape[0], math.prod(shape), *t.shape[-2:]).transpose(1, 2)
+
+    kwargs = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
+    out = run_flex(flat(q, q_shape, q_t), flat(k, kv_shape, kv_t), flat(v, kv_shape, kv_t), mask,
+                   scale, False, **kwargs).transpose(1, 2)
+    if math.prod(q_t) > 1:
+        return untile_tokens(out, q_shape, q_t)
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_axis(axis: object, spatial: int, shape: tuple[int, ...]) -> int:
+    if not _is_int(axis) or not -spatial <= int(axis) < spatial:  # type: ignore[call-overload]
+        raise ValueError(f"axis = {axis!r} is out of range: need an int with -{spatial} <= axis < "
+                         f"{spatial} (a spatial axis of query {shape})")
+    return int(axis) % spatial  # type: ignore[call-overload]
+
+
+def _group_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: the default torch.distributed process group is not initialised; "
+                         "call torch.distributed.init_process_group first (e.g. launch with torchrun)")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of "
+                         "the given process group")
+    return rank, dist.get_world_size(group)
+
+
+def _check_sizes(shard_sizes: object, world: int, rank: int, local: int, axis: int) -> tuple[int, ...]:
+    if isinstance(shard_sizes, (str, bytes)) or not isinstance(shard_sizes, Sequence):
+        raise ValueError(f"shard_sizes must be a sequence of {world} ints (one per rank), got "
+                         f"{shard_sizes!r}")
+    if len(shard_sizes) != world or not all(_is_int(s) for s in shard_sizes):
+        raise ValueError(f"shard_sizes must have one int per rank of the group ({world}), got "
+                         f"{tuple(shard_sizes)!r}")
+    sizes = tuple(int(s) for s in shard_sizes)
+    for r, s in enumerate(sizes):
+        if s < 1:
+            raise ValueError(f"shard_sizes[rank {r}] = {s} is out of range: every rank needs a shard "
+                             f"of at least 1 row along axis {axis} (use fewer ranks)")
+    if sizes[rank] != local:
+        raise ValueError(f"shard_sizes[rank {rank}] = {sizes[rank]} does not match this rank's "
+                         f"query, which has {local} rows along axis {axis}")
+    return sizes
+
+
+def _gather_shapes(tensors: Sequence[torch.Tensor], dim: int, world: int, rank: int,
+                   group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    """All-gather every rank's q/k/v shapes (one small collective); returns the shard sizes
+    and raises the same ValueError on every rank if the slabs do not fit together."""
+    mine = torch.tensor([s for t in tensors for s in t.shape], dtype=torch.int64, device=tensors[0].device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    shapes = torch.stack(gathered).cpu()
+    sizes = tuple(int(s) for s in shapes[:, dim])
+    other = torch.ones(mine.numel(), dtype=torch.bool)
+    other[[dim + i * tensors[0].dim() for i in range(len(tensors))]] = False
+    for r in range(world):
+        if sizes[r] < 1:
+            raise ValueError(f"rank {r} holds a shard of size 0 along the shard axis: every rank "
+                             "needs at least 1 row (use fewer ranks)")
+        if not torch.equal(shapes[r][other], shapes[0][other]):
+            raise ValueError(f"query/key/value shapes differ across ranks beyond the shard axis: rank 0 "
+                             f"has {shapes[0].tolist()}, rank {r} {shapes[r].tolist()} (q, k, v shapes "
+                             "concatenated)")
+    return sizes
+
+
+def sharded_neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    scale: float | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    axis: int = 0,
+    shard_sizes: Sequence[int] | None = None,
+    overlap: bool = False,
+    q_tile: int | Sequence[int] | None = None,
+    kv_tile: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Neighborhood attention over a layout sharded along spatial ``axis`` across ``group``.
+
+    ``query``/``key``/``value``: this rank's slab ``[batch, *local_spatial, heads, dim]``
+    (key/value may have fewer heads: GQA). Rank ``r`` of the group holds rows
+    ``[sum(shard_sizes[:r]), sum(shard_sizes[:r + 1]))`` of the global layout along
+    ``axis``; the global layout is the local one with that axis' length replaced by
+    ``sum(shard_sizes)``. Pattern parameters refer to the global layout.
+    ``shard_sizes``: the row count of every rank; ``None`` all-gathers the shapes (one
+    small collective per call, which also checks that the slabs fit together); pass them
+    in hot loops (e.g. :func:`split_sizes`). ``overlap``: exchange the halo while the
+    interior queries are computed. ``q_tile``/``kv_tile``: tiled token order for the local
+    call (applied to each local box; as in :func:`flexna.na_block_mask`).
+
+    Returns this rank's output slab ``[batch, *local_spatial, heads, value_dim]``, equal to
+    the matching rows of ``flexna.neighborhood_attention`` on the gathered tensors, with
+    gradients flowing back to every rank's q/k/v. Every rank must call it with the same
+    arguments (except its own tensors). Inputs are validated before any communication
+    (except the shape all-gather when ``shard_sizes`` is ``None``, whose mismatches are
+    reported on every rank).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    spatial = query.dim() - 3
+    if not 1 <= spatial <= MAX_AXES:
+        raise ValueError(f"query must be shaped [batch, *spatial, heads, head_dim] with 1 to {MAX_AXES} "
+                         f"spatial axes, got {query.dim()} dims: {tuple(query.shape)}")
+    axis = _check_axis(axis, spatial, tuple(query.shape))
+    dim = 1 + axis
+    if query.shape[dim] == 0:
+        raise ValueError(f"query has a shard of size 0 along axis {axis}: every rank needs at least "
+                         "1 row (use fewer ranks)")
+    _check_tensors(query, key, value, None)
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be a bool, got {overlap!r}")
+    rank, world = _group_rank(group)
+    local = query.shape[dim]
+    if shard_sizes is None:
+        sizes = _gather_shapes((query, key, value), dim, world, rank, group)
+    else:
+        sizes = _check_sizes(shard_sizes, world, rank, local, axis)
+    global_shape = list(query.shape[1:1 + spatial])
+    global_shape[axis] = sum(sizes)
+    pattern = NAPattern.create(tuple(global_shape), kernel_size, stride, dilation, is_causal)
+    plan = halo_plan(pattern, axis, sizes, rank)
+    local_shape = tuple(query.shape[1:1 + spatial])
+    q_t = None if q_tile is None else as_tile("q_tile", q_tile, local_shape)
+    kv_t = None if kv_tile is None else as_tile("kv_tile", kv_tile, local_shape)
+
+    own = plan.own
+    pending = PendingHalo(plan, (key, value), dim, group)
+    attend = functools.partial(_attend, pattern=pattern, axis=axis, q_tile=q_t, kv_tile=kv_t, scale=scale)
+    # one call without overlap, or when there is nothing to overlap: no interior, or no border.
+    # (The assembled keys must feed the graph on every rank: their backward is a collective.)
+    if not overlap or plan.interior[0] == plan.interior[1] or plan.interior == own:
+        k_ext, v_ext = _HaloAssemble.apply(pending, key, value)
+        return attend(query, k_ext, v_ext, q_rows=own, kv_rows=plan.keys)
+
+    # interior queries against the own keys while the halo is in flight
+    ia, ib = plan.interior
+    inner = attend(query.narrow(dim, ia - own[0], ib - ia), key, value, q_rows=(ia, ib), kv_rows=own)
+    k_ext, v_ext = _HaloAssemble.apply(pending, key, value)
+    parts = []
+    for rows, keys in ((plan.left_border, plan.left_border_keys), (plan.right_border, plan.right_border_keys)):
+        if rows[0] == rows[1]:
+            parts.append(None)
+            continue
+        q_part = query.narrow(dim, rows[0] - own[0], rows[1] - rows[0])
+        k_part, v_part = (t.narrow(dim, keys[0] - plan.keys[0], keys[1] - keys[0]) for t in (k_ext, v_ext))
+        parts.append(attend(q_part, k_part, v_part, q_rows=rows, kv_rows=keys))
+    return torch.cat([p for p in (parts[0], inner, parts[1]) if p is not None], dim)
+
+
+def halo_bytes(pattern: NAPattern, axis: int, shard_sizes: Sequence[int], batch: int, kv_heads: int,
+               head_dim: int, value_dim: int | None = None, element_size: int = 2) -> list[int]:
+    """Bytes of K and V each rank receives per forward call (the same amount of dK/dV goes
+    back in the backward), e.g. to compare with ring attention's ``(P - 1) / P`` of all K, V."""
+    value_dim = head_dim if value_dim is None else value_dim
+    row = math.prod(pattern.shape) // pattern.shape[axis] * batch * kv_heads * (head_dim + value_dim)
+    return [sum(stop - start for _, start, stop in halo_plan(pattern, axis, shard_sizes, r).recv)
+            * row * element_size for r in range(len(shard_sizes))]
