@@ -37,9 +37,9 @@ import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexna.blockmask import pattern_block_mask, resolve_block_sizes
-from flexna.functional import _cached_mask, _check_tensors, run_flex
+from flexna.functional import Tiles, _cached_mask, _check_tensors, resolve_tiles, run_flex
 from flexna.geometry import Region, axis_window_bounds
-from flexna.layout import as_tile, tile_tokens, untile_tokens
+from flexna.layout import TokenLayout
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, _is_int
 
 # [start, stop) along the shard axis, in global coordinates
@@ -251,28 +251,20 @@ def region_block_mask(pattern: NAPattern, q_region: Region, kv_region: Region,
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPattern, axis: int,
-            q_rows: Rows, kv_rows: Rows, q_tile: tuple[int, ...] | None,
-            kv_tile: tuple[int, ...] | None, scale: float | None) -> torch.Tensor:
-    """One fused Flex call: queries of rows ``q_rows`` (tensor ``q``) x keys of ``kv_rows``."""
+            q_rows: Rows, kv_rows: Rows, tiles: tuple[tuple[int, ...], tuple[int, ...]] | None,
+            scale: float | None) -> torch.Tensor:
+    """One fused Flex call: queries of rows ``q_rows`` (tensor ``q``) x keys of ``kv_rows``,
+    each box in its own token order (row-major, or tiled by ``tiles = (q_tile, kv_tile)``)."""
     n = pattern.ndim
-    q_region = _rows_region(pattern.shape, axis, q_rows)
-    kv_region = _rows_region(pattern.shape, axis, kv_rows)
-    q_shape, kv_shape = tuple(q.shape[1:1 + n]), tuple(k.shape[1:1 + n])
-    q_t = (1,) * n if q_tile is None else q_tile
-    kv_t = (1,) * n if kv_tile is None else kv_tile
-    mask = region_block_mask(pattern, q_region, kv_region, q_t, kv_t, q.device)
-
-    def flat(t: torch.Tensor, shape: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
-        if math.prod(tile) > 1:
-            return tile_tokens(t, shape, tile).transpose(1, 2)
-        return t.reshape(t.shape[0], math.prod(shape), *t.shape[-2:]).transpose(1, 2)
-
+    q_tile, kv_tile = ((1,) * n, (1,) * n) if tiles is None else tiles
+    q_layout = TokenLayout(tuple(q.shape[1:1 + n]), q_tile)
+    kv_layout = TokenLayout(tuple(k.shape[1:1 + n]), kv_tile)
+    mask = region_block_mask(pattern, _rows_region(pattern.shape, axis, q_rows),
+                             _rows_region(pattern.shape, axis, kv_rows), q_tile, kv_tile, q.device)
     kwargs = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
-    out = run_flex(flat(q, q_shape, q_t), flat(k, kv_shape, kv_t), flat(v, kv_shape, kv_t), mask,
-                   scale, False, **kwargs).transpose(1, 2)
-    if math.prod(q_t) > 1:
-        return untile_tokens(out, q_shape, q_t)
-    return out.reshape(*q.shape[:-1], v.shape[-1])
+    out = run_flex(q_layout.heads_first(q), kv_layout.heads_first(k), kv_layout.heads_first(v), mask,
+                   scale, False, **kwargs)
+    return q_layout.from_heads_first(out)
 
 
 # --------------------------------------------------------------------------- public API
@@ -350,8 +342,7 @@ def sharded_neighborhood_attention(
     axis: int = 0,
     shard_sizes: Sequence[int] | None = None,
     overlap: bool = False,
-    q_tile: int | Sequence[int] | None = None,
-    kv_tile: int | Sequence[int] | None = None,
+    tiles: Tiles = "auto",
 ) -> torch.Tensor:
     """Neighborhood attention over a layout sharded along spatial ``axis`` across ``group``.
 
@@ -363,8 +354,10 @@ def sharded_neighborhood_attention(
     ``shard_sizes``: the row count of every rank; ``None`` all-gathers the shapes (one
     small collective per call, which also checks that the slabs fit together); pass them
     in hot loops (e.g. :func:`split_sizes`). ``overlap``: exchange the halo while the
-    interior queries are computed. ``q_tile``/``kv_tile``: tiled token order for the local
-    call (applied to each local box; as in :func:`flexna.na_block_mask`).
+    interior queries are computed. ``tiles``: the token order of the local calls, as in
+    :func:`flexna.neighborhood_attention` (``"auto"``: the tiles flexna picks for the global
+    pattern, or row-major; ``None``: row-major; a tile or a ``(q_tile, kv_tile)`` pair of
+    128-token tiles), applied to each local box (query slab, key slab plus halo).
 
     Returns this rank's output slab ``[batch, *local_spatial, heads, value_dim]``, equal to
     the matching rows of ``flexna.neighborhood_attention`` on the gathered tensors, with
@@ -398,13 +391,11 @@ def sharded_neighborhood_attention(
     global_shape[axis] = sum(sizes)
     pattern = NAPattern.create(tuple(global_shape), kernel_size, stride, dilation, is_causal)
     plan = halo_plan(pattern, axis, sizes, rank)
-    local_shape = tuple(query.shape[1:1 + spatial])
-    q_t = None if q_tile is None else as_tile("q_tile", q_tile, local_shape)
-    kv_t = None if kv_tile is None else as_tile("kv_tile", kv_tile, local_shape)
+    order = resolve_tiles(tiles, (pattern,), False, False)
 
     own = plan.own
     pending = PendingHalo(plan, (key, value), dim, group)
-    attend = functools.partial(_attend, pattern=pattern, axis=axis, q_tile=q_t, kv_tile=kv_t, scale=scale)
+    attend = functools.partial(_attend, pattern=pattern, axis=axis, tiles=order, scale=scale)
     # one call without overlap, or when there is nothing to overlap: no interior, or no border.
     # (The assembled keys must feed the graph on every rank: their backward is a collective.)
     if not overlap or plan.interior[0] == plan.interior[1] or plan.interior == own:

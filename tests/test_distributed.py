@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexna
+from flexna.analysis import choose_tiles
 from flexna.distributed import halo_plan, shard, sharded_neighborhood_attention, split_sizes
 from flexna.functional import EagerFallbackWarning
 from flexna.pattern import NAPattern
@@ -53,15 +54,14 @@ class Case:
     heads: int = 2
     kv_heads: int = 2
     dim: int = 8
-    q_tile: tuple | None = None
-    kv_tile: tuple | None = None
+    tiles: object = "auto"  # the local token order ("auto", None, a tile or a (q, kv) pair)
     grad: bool = True  # False: forward only (compiled Flex on CPU)
     float64_reference: bool = False
     expect: dict = field(default_factory=dict)  # plan facts to assert, e.g. {"max_peers": 2}
 
 
 CASES_2 = [
-    Case((37,), (7,)),
+    Case((37,), (7,), tiles=None),
     Case((37,), (7,), causal=True, overlap=True),
     Case((40,), (5,), stride=2, dilation=3, sizes=(25, 15), overlap=True, expect={"split": True}),
     Case((40,), (5,), stride=2, dilation=3, causal=True, sizes=(9, 31)),
@@ -76,7 +76,8 @@ CASES_2 = [
     Case((5, 6, 12), (3, 3, 5), dilation=(1, 1, 2), axis=2, sizes=(7, 5), overlap=True),
     Case((7, 6, 5), (3, 5, 3), stride=(3, 1, 1), causal=(False, True, False), axis=1, gather=True),
     Case((16, 12), (5, 5), heads=4, kv_heads=2, overlap=True),  # GQA
-    Case((16, 12), (5, 5), stride=(2, 1), q_tile=(4, 4), kv_tile=(2, 4), overlap=True),  # tiled
+    Case((32, 24), (5, 7), stride=(2, 1), tiles=((8, 16), (4, 32)), overlap=True),  # tiled, padded
+    Case((8, 16, 16), (3, 5, 5), axis=1, sizes=(7, 9), overlap=True, expect={"auto_tiles": True}),
     Case((24,), (4,), stride=4, sizes=(12, 12), expect={"max_peers": 0}),  # blocks align: no halo
     Case((36,), (9,), dilation=2, gather=True, grad=False),  # compiled Flex forward
 ]
@@ -119,6 +120,8 @@ def _run_case(case: Case, rank: int, world: int, seed: int) -> list[str]:
     if case.expect.get("split") and not any(p.interior[0] < p.interior[1] and p.interior != p.own
                                             for p in plans):  # overlap splits some rank's queries
         failures.append(f"expected a rank with interior and border queries, plans {plans}")
+    if case.expect.get("auto_tiles") and choose_tiles(pattern) is None:
+        failures.append("expected tiles='auto' to pick tiles")
     q, k, v, dout = _global_qkv(case, seed)
     args = (case.kernel, case.stride, case.dilation, case.causal)
     gq, gk, gv = (t.clone().requires_grad_(case.grad) for t in (q, k, v))
@@ -132,7 +135,7 @@ def _run_case(case: Case, rank: int, world: int, seed: int) -> list[str]:
     lq, lk, lv = (local(t).requires_grad_(case.grad) for t in (q, k, v))
     out = sharded_neighborhood_attention(
         lq, lk, lv, *args, axis=case.axis, shard_sizes=None if case.gather else sizes,
-        overlap=case.overlap, q_tile=case.q_tile, kv_tile=case.kv_tile)
+        overlap=case.overlap, tiles=case.tiles)
     if case.grad:
         out.backward(local(dout))
     checks = [("out", out, local(want))]
@@ -255,7 +258,7 @@ def test_sharded_equals_single_process_gloo(world, cases, tmp_path):
 def test_sharded_equals_single_gpu_nccl(tmp_path):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     cases = [Case(c.shape, c.kernel, c.stride, c.dilation, c.causal, c.axis, c.sizes, c.gather,
-                  c.overlap, c.heads, c.kv_heads, 16, c.q_tile, c.kv_tile) for c in CASES_2]
+                  c.overlap, c.heads, c.kv_heads, 16, c.tiles) for c in CASES_2]
     _spawn(2, cases, tmp_path, backend="nccl")
 
 
