@@ -80,6 +80,7 @@ CASES_2 = [
     Case((8, 16, 16), (3, 5, 5), axis=1, sizes=(7, 9), overlap=True, expect={"auto_tiles": True}),
     Case((24,), (4,), stride=4, sizes=(12, 12), expect={"max_peers": 0}),  # blocks align: no halo
     Case((36,), (9,), dilation=2, gather=True, grad=False),  # compiled Flex forward
+    Case((16, 6, 8), (3, 3, 3), overlap=True, grad=False),  # compiled, border boxes 1 row thick
 ]
 
 CASES_3 = [
