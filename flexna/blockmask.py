@@ -48,35 +48,50 @@ def resolve_block_sizes(
     return sizes[0], sizes[1]
 
 
-def _ordered(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool ``[rows, cols]`` -> BlockMask's (counts ``[1, 1, rows]``, indices ``[1, 1, rows, cols]``).
+def ordered_indices(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``[K, rows, cols]`` -> BlockMask's (counts ``[K, rows]``, indices ``[K, rows, cols]``), int32.
 
-    Each row lists its True columns in increasing order, then the others (CUDA: one
-    stable sort, no host sync) or zeros (CPU: a scatter, cheaper there).
+    Each row lists its True columns in increasing order, then zeros; contiguous (Flex's
+    backward misreads strided index tensors: wrong dK/dV on CUDA). A True at column ``c``
+    goes to position ``(running count) - 1`` of its row. On a GPU: a cumsum and one
+    scatter over the whole map (False columns go to a spare column that is cut off), no
+    sort and no host sync. On a CPU: the same positions for the nonzeros only (2x faster
+    there, where the maps are sparse and scatters are slow).
     """
-    rows, cols = block_map.shape
-    if block_map.is_cuda:
-        counts = block_map.sum(dim=1, dtype=torch.int32)
-        indices = torch.argsort(block_map.to(torch.uint8), dim=1, descending=True, stable=True)
-        # contiguous: Flex's backward misreads strided q_indices (wrong dK/dV on CUDA)
-        return counts[None, None], indices.to(torch.int32).contiguous()[None, None]
-    row, col = block_map.nonzero(as_tuple=True)
-    counts = block_map.sum(dim=1, dtype=torch.int32)
-    starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
-    pos = torch.arange(row.numel(), device=row.device) - starts[row]
-    indices = torch.zeros(rows, cols, dtype=torch.int32, device=block_map.device)
-    indices[row, pos] = col.to(torch.int32)
-    return counts[None, None], indices[None, None]
+    if maps.is_cuda:
+        return ordered_by_scatter(maps)
+    k, rows, cols = maps.shape
+    counts = maps.sum(dim=-1, dtype=torch.int32)
+    flat = maps.reshape(k * rows, cols)
+    row, col = flat.nonzero(as_tuple=True)
+    flat_counts = counts.reshape(-1)
+    starts = torch.cumsum(flat_counts, 0, dtype=torch.int64) - flat_counts
+    pos = torch.arange(row.numel()) - starts[row]
+    out = torch.zeros(k * rows, cols, dtype=torch.int32)
+    out[row, pos] = col.to(torch.int32)
+    return counts, out.reshape(k, rows, cols)
+
+
+def ordered_by_scatter(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ordered_indices` without a host sync (the GPU path; runs on any device)."""
+    k, rows, cols = maps.shape
+    counts = maps.sum(dim=-1, dtype=torch.int32)
+    pos = torch.where(maps, torch.cumsum(maps, dim=-1) - 1, cols)
+    out = torch.zeros(k, rows, cols + 1, dtype=torch.int32, device=maps.device)
+    cols_t = torch.arange(cols, dtype=torch.int32, device=maps.device).expand(k, rows, cols)
+    out.scatter_(2, pos, cols_t)
+    return counts, out[..., :cols].contiguous()
 
 
 @contextmanager
-def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run the CPU build on one thread: its ops are small (~1e5 elements), and torch's
-    thread pool collapses (10-30x slower) when other processes share the cores."""
-    if device.type != "cpu":
+def single_threaded() -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside: the build's CPU work (all of it on a CPU,
+    the per-axis tables for a GPU) is small (~1e5 elements), and torch's thread pool
+    collapses (10-100x slower) when other processes share the cores."""
+    threads = torch.get_num_threads()
+    if threads == 1:
         yield
         return
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
@@ -97,23 +112,21 @@ def pattern_block_mask(
 ) -> BlockMask:
     """BlockMask of a validated pattern (see :func:`na_block_mask`)."""
     regions = {"q_region": q_region, "kv_region": kv_region}
-    with _single_thread_on_cpu(device):
+    with single_threaded():
         partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device, **regions)
         tables = build_tables(pattern, q_tile, kv_tile, device, **regions)
-        kv_num, kv_idx = _ordered(partial)
-        full_kv_num, full_kv_idx = _ordered(full)
-        q_num, q_idx = _ordered(partial.t())
-        full_q_num, full_q_idx = _ordered(full.t())
+        kv_num, kv_idx = ordered_indices(torch.stack([partial, full]))
+        q_num, q_idx = ordered_indices(torch.stack([partial.t(), full.t()]))
     return BlockMask(
         seq_lengths=(tables.q_len, tables.kv_len),
-        kv_num_blocks=kv_num,
-        kv_indices=kv_idx,
-        full_kv_num_blocks=full_kv_num,
-        full_kv_indices=full_kv_idx,
-        q_num_blocks=q_num,
-        q_indices=q_idx,
-        full_q_num_blocks=full_q_num,
-        full_q_indices=full_q_idx,
+        kv_num_blocks=kv_num[0][None, None],
+        kv_indices=kv_idx[0][None, None],
+        full_kv_num_blocks=kv_num[1][None, None],
+        full_kv_indices=kv_idx[1][None, None],
+        q_num_blocks=q_num[0][None, None],
+        q_indices=q_idx[0][None, None],
+        full_q_num_blocks=q_num[1][None, None],
+        full_q_indices=q_idx[1][None, None],
         BLOCK_SIZE=(q_block, kv_block),
         mask_mod=tables.mask_mod(),
     )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from flexna.blockmask import ordered_indices as _ordered_indices
 from flexna.blocksparsity import block_maps
 from flexna.masks import MaskMod, MaskTables, _resolve_device, build_tables
 from flexna.pattern import NAPattern, as_shape
@@ -219,15 +220,8 @@ def extended_block_maps(pattern: NAPattern, num_extra_q: int, num_extra_kv: int,
 
 def ordered_indices(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool ``[H, rows, cols]`` -> (counts ``[1, H, rows]``, indices ``[1, H, rows, cols]``)."""
-    heads, rows, cols = block_map.shape
-    flat = block_map.reshape(heads * rows, cols)
-    r, col = flat.nonzero(as_tuple=True)
-    counts = flat.sum(dim=1, dtype=torch.int32)
-    starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
-    pos = torch.arange(r.numel(), device=r.device) - starts[r]
-    indices = torch.zeros(heads * rows, cols, dtype=torch.int32, device=block_map.device)
-    indices[r, pos] = col.to(torch.int32)
-    return counts.reshape(1, heads, rows), indices.reshape(1, heads, rows, cols)
+    counts, indices = _ordered_indices(block_map)
+    return counts[None], indices[None]
 
 
 def assemble_block_mask(partial: torch.Tensor, full: torch.Tensor, seq_lengths: tuple[int, int],

@@ -11,6 +11,7 @@ builder relies on exactly these two facts.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,8 +29,21 @@ def axis_window_bounds(
 
     Query ``x`` attends key ``y`` on this axis iff ``lo[x] <= y <= hi[x]`` and
     ``y % dilation == x % dilation`` (``lo`` and ``hi`` share ``x``'s residue).
+    Computed once per argument set on the CPU (a pure function of five ints; cached,
+    O(length) memory) and copied to ``device``. Callers must not modify the result.
     """
-    x = torch.arange(length, device=device)
+    lo, hi = _cpu_window_bounds(length, kernel, stride, dilation, causal)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        return lo, hi
+    both = torch.stack([lo, hi]).to(device)
+    return both[0], both[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _cpu_window_bounds(length: int, kernel: int, stride: int, dilation: int,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.arange(length)
     g = x % dilation
     xg = x // dilation
     group_len = (length - g + dilation - 1) // dilation

@@ -83,7 +83,7 @@ def build_tables(
     kv_region = region_or_full(kv_region, pattern.shape)
     q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
     q_pad, kv_pad = padded_shape(q_shape, q_tile), padded_shape(kv_shape, kv_tile)
-    cols, dtypes = [], []
+    cols = []
     for a in range(pattern.ndim):
         length, d = pattern.shape[a], pattern.dilation[a]
         lo, hi = axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
@@ -97,11 +97,12 @@ def build_tables(
 
         cols += [padded((lo + shift)[q0:q1], q_pad[a], 1), padded((hi + shift)[q0:q1], q_pad[a], 0),
                  padded((x + shift)[k0:k1], kv_pad[a], -1)]
-        dtypes.append(torch.int32 if d * length < 2**31 - 1 else torch.int64)
-    moved = torch.cat(cols).to(device).split([c.numel() for c in cols])
+    wide = max(d * length for d, length in zip(pattern.dilation, pattern.shape, strict=True)) >= 2**31 - 1
+    moved = torch.cat(cols).to(torch.int64 if wide else torch.int32).to(device)
+    moved = moved.split([c.numel() for c in cols])
     q_lo, q_hi, kv_pos = [], [], []
     for a in range(pattern.ndim):
-        lo_c, hi_c, pos_c = (c.to(dtypes[a]) for c in moved[3 * a:3 * a + 3])
+        lo_c, hi_c, pos_c = moved[3 * a:3 * a + 3]
         q_lo.append(axis_values_in_order(lo_c, a, q_shape, q_tile, 1))
         q_hi.append(axis_values_in_order(hi_c, a, q_shape, q_tile, 0))
         kv_pos.append(axis_values_in_order(pos_c, a, kv_shape, kv_tile, -1))
