@@ -122,11 +122,11 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         row["validate"] = []
         for cand in [*ranked, analyze(p)]:
             vbm = flexna.na_block_mask(*args, q_tile=cand.q_tile, kv_tile=cand.kv_tile, device=dev)
-            vq = torch.randn(1, heads, vbm.seq_lengths[0], dim, device=dev, dtype=dtype)
-            vk = torch.randn(1, heads, vbm.seq_lengths[1], dim, device=dev, dtype=dtype)
+            vq, vk, vv = (torch.randn(1, heads, vbm.seq_lengths[i], dim, device=dev, dtype=dtype)
+                          for i in (0, 1, 1))
             opts = {"BLOCK_N": vbm.BLOCK_SIZE[1]} if vbm.BLOCK_SIZE[1] < 128 else None
-            ms = bench(lambda vq=vq, vk=vk, vbm=vbm, opts=opts: cflex(vq, vk, vk, block_mask=vbm,
-                                                                      kernel_options=opts))
+            ms = bench(lambda vq=vq, vk=vk, vv=vv, vbm=vbm, opts=opts: cflex(vq, vk, vv, block_mask=vbm,
+                                                                             kernel_options=opts))
             row["validate"].append((cand.summary(), cand.cost * heads, ms))
     if p.ndim > 1:
         q_tile, kv_tile = best.q_tile, best.kv_tile
