@@ -8,6 +8,7 @@ The exact pattern is specified in the README ("Semantics").
 
 from flexna.analysis import analyze, choose_layout, choose_tiles, search_tiles
 from flexna.blockmask import na_block_mask
+from flexna.distributed import sharded_neighborhood_attention
 from flexna.extended import PerHead, extended_na_block_mask, extended_na_mask_mod
 from flexna.functional import (
     dense_flex_attention,
@@ -60,6 +61,7 @@ __all__ = [
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
     "search_tiles",
+    "sharded_neighborhood_attention",
     "softcap_score_mod",
     "tile_tokens",
     "tiled_length",
