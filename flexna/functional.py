@@ -572,6 +572,12 @@ def packed_neighborhood_attention(
                 f"tokens, got {got}"
             )
     _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+    if query.device.type == "cuda" and block % DEFAULT_BLOCK:
+        raise ValueError(
+            f"block_size = {block}: on CUDA the packed samples' blocks must be a multiple of "
+            f"{DEFAULT_BLOCK} tokens (compiled FlexAttention needs BlockMask blocks divisible by its "
+            f"kernel tiles, up to 128 x 64); use block_size={DEFAULT_BLOCK} (the default)"
+        )
     if rel_pos_bias is not None:
         check_rpb(rel_pos_bias, patterns[0], query.shape[2])
         if rel_pos_bias.device != query.device:

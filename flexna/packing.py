@@ -5,7 +5,9 @@ Packing: sample ``i`` (layout ``shapes[i]``, row-major) occupies positions
 multiple of ``block_size`` (default 128), so that no BlockMask block straddles
 two samples. Each token attends only its own sample's neighborhood; padded
 positions never attend and are never attended (their outputs are 0). The
-packed length is ``sum(ceil(N_i / block_size) * block_size)``.
+packed length is ``sum(ceil(N_i / block_size) * block_size)``. On CUDA use a
+multiple of 128: compiled FlexAttention needs BlockMask blocks divisible by its
+kernel tiles (up to 128 x 64), and fails to compile smaller ones.
 
 Relative positional bias over a packed sequence
 (:func:`packed_rel_pos_bias_score_mod`, or ``rel_pos_bias=`` of

@@ -123,7 +123,7 @@ def test_rpb_forward_backward_vs_float64(kernel, stride, dilation, causal, devic
     want = tuple(k if c else 2 * k + s - 2 for k, s, c in zip(kernel, stride, causal, strict=True))
     assert table_shape == want
     leaves = Leaves(device)
-    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 8) for _ in range(3))
+    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 16) for _ in range(3))
     rpb, rpb_ = leaves(heads, *table_shape)
     with runs(device):
         out = flexna.na2d(q, k, v, kernel, stride, dilation, causal, rel_pos_bias=rpb)
@@ -224,11 +224,11 @@ def test_rpb_per_head_forward_backward_vs_float64(case, device):
                                      len(shape)) for kw in per_head}
     assert len(tables) == 1
     leaves = Leaves(device)
-    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 8) for _ in range(3))
+    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 16) for _ in range(3))
     table, table_ = leaves(heads, *tables.pop())
-    ak, ak_ = leaves(2, mk, heads, 8) if mk else (None, None)
-    av, av_ = leaves(2, mk, heads, 8) if mk else (None, None)
-    aq, aq_ = leaves(2, mq, heads, 8) if mq else (None, None)
+    ak, ak_ = leaves(2, mk, heads, 16) if mk else (None, None)
+    av, av_ = leaves(2, mk, heads, 16) if mk else (None, None)
+    aq, aq_ = leaves(2, mq, heads, 16) if mq else (None, None)
     with runs(device):
         res = flexna.neighborhood_attention(q, k, v, rel_pos_bias=table, additional_keys=ak,
                                             additional_values=av, additional_queries=aq, **params)
@@ -292,10 +292,10 @@ def test_additional_tokens_vs_reference(mq, mk, device):
     torch.manual_seed(2)
     shape, heads, kern = (6, 5, 4), 2, (3, 3, 2)
     leaves = Leaves(device)
-    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 8) for _ in range(3))
-    ak, ak_ = leaves(2, mk, heads, 8) if mk else (None, None)
-    av, av_ = leaves(2, mk, heads, 8) if mk else (None, None)
-    aq, aq_ = leaves(2, mq, heads, 8) if mq else (None, None)
+    (q, q_), (k, k_), (v, v_) = (leaves(2, *shape, heads, 16) for _ in range(3))
+    ak, ak_ = leaves(2, mk, heads, 16) if mk else (None, None)
+    av, av_ = leaves(2, mk, heads, 16) if mk else (None, None)
+    aq, aq_ = leaves(2, mq, heads, 16) if mq else (None, None)
     with runs(device):
         res = flexna.na3d(q, k, v, kern, dilation=(2, 1, 1), additional_keys=ak, additional_values=av,
                           additional_queries=aq)
@@ -352,8 +352,8 @@ def test_gqa_forward_backward(kv_heads, device):
     torch.manual_seed(4)
     shape = (11, 7)
     leaves = Leaves(device)
-    q, q_ = leaves(2, *shape, 4, 8)
-    (k, k_), (v, v_) = (leaves(2, *shape, kv_heads, 8) for _ in range(2))
+    q, q_ = leaves(2, *shape, 4, 16)
+    (k, k_), (v, v_) = (leaves(2, *shape, kv_heads, 16) for _ in range(2))
     with runs(device):
         out = flexna.na2d(q, k, v, (3, 5), dilation=(2, 1))
     rep = 4 // kv_heads
@@ -379,7 +379,7 @@ def test_per_head_patterns(device):
     kern = flexna.PerHead([3, 5, (5, 3), 7])
     dil = flexna.PerHead([1, 2, 1, 1])
     leaves = Leaves(device)
-    (q, q_), (k, k_), (v, v_) = (leaves(1, *shape, 4, 8) for _ in range(3))
+    (q, q_), (k, k_), (v, v_) = (leaves(1, *shape, 4, 16) for _ in range(3))
     with runs(device):
         out = flexna.na2d(q, k, v, kern, dilation=dil)
     masks = torch.stack([reference_mask(shape, kk, dilation=dd) for kk, dd in
@@ -434,12 +434,14 @@ def test_packed_forward_backward_vs_float64(case, with_rpb, device):
     layout's coordinates): whole packed output (padding rows 0) and grads vs float64."""
     torch.manual_seed(12)
     shapes, block, params, kv_heads = PACKED[case]
+    if device == "cuda":
+        block = 128  # compiled CUDA Flex needs blocks that are multiples of its 128 x 64 tiles
     heads = 2
     ndim = len(shapes[0])
     length = flexna.packed_length(shapes, block)
     leaves = Leaves(device)
-    q, q_ = leaves(2, length, heads, 8)
-    (k, k_), (v, v_) = (leaves(2, length, kv_heads, 8) for _ in range(2))
+    q, q_ = leaves(2, length, heads, 16)
+    (k, k_), (v, v_) = (leaves(2, length, kv_heads, 16) for _ in range(2))
     table, table_ = None, None
     if with_rpb:
         table, table_ = leaves(heads, *flexna.rpb_table_shape(params["kernel_size"], params.get("stride", 1),
@@ -712,7 +714,7 @@ def test_gpu_direct_flex_attention_compiled():
     s = (4.0 * torch.tanh(s / 4.0)).masked_fill(~full, float("-inf"))
     leaves.check(out, torch.softmax(s, -1) @ v_, nonzero_grads=[3])
 
-    shapes, block = [(9, 10), (5, 7)], 32
+    shapes, block = [(9, 10), (5, 7)], 128  # CUDA Flex: blocks multiple of its 128 x 64 tiles
     length = flexna.packed_length(shapes, block)
     leaves = Leaves("cuda")
     (q, q_), (k, k_), (v, v_) = (leaves(1, heads, length, 16) for _ in range(3))
@@ -727,10 +729,14 @@ def test_gpu_direct_flex_attention_compiled():
 
 @gpu
 @needs_cuda
-def test_gpu_rel_pos_bias_on_another_device():
-    x = torch.zeros(1, 8, 8, 2, 8, device="cuda")
+def test_gpu_bad_inputs():
+    p32 = torch.zeros(1, 160, 2, 16, device="cuda")
+    with pytest.raises(ValueError, match=r"block_size = 32: on CUDA the packed samples' blocks must be a "
+                                         r"multiple of 128"):
+        flexna.packed_neighborhood_attention(p32, p32, p32, [(9, 10), (5, 7)], 3, block_size=32)
+    x = torch.zeros(1, 8, 8, 2, 16, device="cuda")
     with pytest.raises(ValueError, match=r"rel_pos_bias is on cpu, query on cuda"):
         flexna.na2d(x, x, x, 3, rel_pos_bias=torch.zeros(2, 5, 5))
-    p = torch.zeros(1, 128, 2, 8, device="cuda")
+    p = torch.zeros(1, 128, 2, 16, device="cuda")
     with pytest.raises(ValueError, match=r"rel_pos_bias is on cpu, query on cuda"):
         flexna.packed_neighborhood_attention(p, p, p, [(8, 8)], 3, rel_pos_bias=torch.zeros(2, 5, 5))
