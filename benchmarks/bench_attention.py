@@ -12,7 +12,8 @@ median of ``triton.testing.do_bench`` (CUDA events) after warm-up. Rows:
 
 * cuDNN and flash SDPA, dense Flex (no mask) — the dense baselines of the same run;
 * flexna kernel only: row-major 128-token blocks, and the tile search's best tiles
-  (inputs already permuted; forward may use 64-token kv tiles with ``BLOCK_N=64``);
+  (inputs already permuted; forward may use 64-token kv tiles with ``BLOCK_N=64``), with
+  TMA loads as the functional API runs them (dense Flex: the faster of with / without);
 * flexna end to end per call: ``flexna.neighborhood_attention`` on NATTEN-layout tensors
   with ``tiles="auto"`` (permute in, kernel, permute out; BlockMask cached, as in a model),
   and the same with the BlockMask rebuilt on every call ("cold");
@@ -45,6 +46,9 @@ import flexna.functional as FN
 from flexna.analysis import analyze, choose_tiles, search_tiles
 from flexna.catalogue import load_entry
 from flexna.layout import TokenLayout
+
+# the kernel options flexna's functional API passes on Hopper (flexna.functional._use_tma)
+TMA = {"USE_TMA": True}
 
 DEFAULT_WORKLOADS = ["long-1d", "long-1d-s256", "long-1d-blocked", "flux-na", "flux-gna",
                      "hunyuan-na", "hunyuan-gna"]
@@ -107,13 +111,19 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         guarded(row, "cudnn", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         guarded(row, "flash", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
-    guarded(row, "flex_dense", lambda: bench(lambda: cflex(q, k, v), backward, grads))
+    # dense Flex with and without TMA loads; the faster is the baseline
+    guarded(row, "flex_dense_default", lambda: bench(lambda: cflex(q, k, v), backward, grads))
+    guarded(row, "flex_dense_tma", lambda: bench(lambda: cflex(q, k, v, kernel_options=TMA), backward, grads))
+    dense = [row[k] for k in ("flex_dense_default", "flex_dense_tma") if k in row]
+    if dense:
+        row["flex_dense"] = min(dense)
 
     # --- kernel only, row-major 128-token blocks
     bm = flexna.na_block_mask(*args, device=dev)
     row["build_rowmajor_ms"] = build_ms(lambda: flexna.na_block_mask(*args, device=dev))
     row["rowmajor_blocks"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
-    guarded(row, "rowmajor", lambda: bench(lambda: cflex(q, k, v, block_mask=bm), backward, grads))
+    guarded(row, "rowmajor", lambda: bench(lambda: cflex(q, k, v, block_mask=bm, kernel_options=TMA),
+                                           backward, grads))
 
     # --- kernel only, the tile search's best tiles (backward: 128-token kv tiles only)
     ranked = search_tiles(p, kv_tokens=(128,) if backward else (128, 64), top=max(1, validate))
@@ -124,7 +134,7 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
             vbm = flexna.na_block_mask(*args, q_tile=cand.q_tile, kv_tile=cand.kv_tile, device=dev)
             vq, vk, vv = (torch.randn(1, heads, vbm.seq_lengths[i], dim, device=dev, dtype=dtype)
                           for i in (0, 1, 1))
-            opts = {"BLOCK_N": vbm.BLOCK_SIZE[1]} if vbm.BLOCK_SIZE[1] < 128 else None
+            opts = {**TMA, "BLOCK_N": vbm.BLOCK_SIZE[1]} if vbm.BLOCK_SIZE[1] < 128 else TMA
             ms = bench(lambda vq=vq, vk=vk, vv=vv, vbm=vbm, opts=opts: cflex(vq, vk, vv, block_mask=vbm,
                                                                              kernel_options=opts))
             row["validate"].append((cand.summary(), cand.cost * heads, ms))
@@ -142,7 +152,7 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         qt = ql.heads_first(natten_layout[0]).requires_grad_(backward)
         kt = kl.heads_first(natten_layout[1]).requires_grad_(backward)
         vt = kl.heads_first(natten_layout[2]).requires_grad_(backward)
-        opts = {"BLOCK_N": tbm.BLOCK_SIZE[1]} if tbm.BLOCK_SIZE[1] < 128 else None
+        opts = {**TMA, "BLOCK_N": tbm.BLOCK_SIZE[1]} if tbm.BLOCK_SIZE[1] < 128 else TMA
         guarded(row, "tiled", lambda: bench(lambda: cflex(qt, kt, vt, block_mask=tbm, kernel_options=opts),
                                             backward, (qt, kt, vt) if backward else ()))
         # token permute into tiled order, heads first: bytes read + written per tensor

@@ -115,8 +115,13 @@ def pattern_block_mask(
     with single_threaded():
         partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device, **regions)
         tables = build_tables(pattern, q_tile, kv_tile, device, **regions)
-        kv_num, kv_idx = ordered_indices(torch.stack([partial, full]))
-        q_num, q_idx = ordered_indices(torch.stack([partial.t(), full.t()]))
+        maps = [partial, full, partial.t(), full.t()]
+        if partial.shape[0] == partial.shape[1]:  # one pass for all four
+            num, idx = ordered_indices(torch.stack(maps))
+            kv_num, kv_idx, q_num, q_idx = num[:2], idx[:2], num[2:], idx[2:]
+        else:
+            kv_num, kv_idx = ordered_indices(torch.stack(maps[:2]))
+            q_num, q_idx = ordered_indices(torch.stack(maps[2:]))
     return BlockMask(
         seq_lengths=(tables.q_len, tables.kv_len),
         kv_num_blocks=kv_num[0][None, None],

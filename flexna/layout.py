@@ -102,25 +102,22 @@ def _permute_to_tiles(x: torch.Tensor, grid: tuple[int, ...], tile: tuple[int, .
 
 
 def axis_values_in_order(
-    values: torch.Tensor, axis: int, shape: tuple[int, ...], tile: tuple[int, ...], pad: int
+    columns: Sequence[tuple[int, torch.Tensor]], shape: tuple[int, ...], tile: tuple[int, ...]
 ) -> torch.Tensor:
-    """Per-token table ``[N_tiled]`` whose entry is ``values[coordinate on axis]``.
+    """Per-token tables ``[m, N_tiled]``: row ``i`` holds ``column_i[coordinate on axis_i]``.
 
-    ``values`` has one entry per coordinate of ``axis`` (or per padded
-    coordinate); positions padded on that axis get ``pad``. Built by broadcasting and one tile permutation,
-    so the cost is one pass over the tokens.
+    ``columns`` are ``(axis, values)`` with one value per *padded* coordinate of that
+    axis (:func:`flexna.geometry.padded_shape`), so padded positions get whatever the
+    column holds there. All rows are made in two passes over the tokens (a broadcast
+    stack and one tile permutation; one pass for row-major order).
     """
-    grid = tile_grid(shape, tile)
     padded = padded_shape(shape, tile)
-    if values.numel() == padded[axis]:  # already padded
-        col = values
-    else:
-        col = torch.full((padded[axis],), pad, dtype=values.dtype, device=values.device)
-        col[: shape[axis]] = values
-    view = [1] * len(shape)
-    view[axis] = padded[axis]
-    full = col.reshape(view).expand(padded)[None]
-    return _permute_to_tiles(full, grid, tile)[0]
+    views = []
+    for axis, values in columns:
+        view = [1] * len(shape)
+        view[axis] = padded[axis]
+        views.append(values.reshape(view).expand(padded))
+    return _permute_to_tiles(torch.stack(views), tile_grid(shape, tile), tile)
 
 
 def untile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]) -> torch.Tensor:

@@ -83,29 +83,30 @@ def build_tables(
     kv_region = region_or_full(kv_region, pattern.shape)
     q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
     q_pad, kv_pad = padded_shape(q_shape, q_tile), padded_shape(kv_shape, kv_tile)
-    cols = []
+    q_cols, kv_cols = [], []
     for a in range(pattern.ndim):
         length, d = pattern.shape[a], pattern.dilation[a]
         lo, hi = axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
                                     pattern.is_causal[a])
         x = torch.arange(length)
-        shift = (x % d) * length  # moves the window into the query's dilation group
+        if d > 1:  # move the window into the query's dilation group
+            shift = (x % d) * length
+            lo, hi, x = lo + shift, hi + shift, x + shift
         (q0, q1), (k0, k1) = q_region[a], kv_region[a]
 
         def padded(values: torch.Tensor, size: int, pad: int) -> torch.Tensor:
             return torch.cat([values, torch.full((size - values.numel(),), pad)])
 
-        cols += [padded((lo + shift)[q0:q1], q_pad[a], 1), padded((hi + shift)[q0:q1], q_pad[a], 0),
-                 padded((x + shift)[k0:k1], kv_pad[a], -1)]
+        q_cols += [padded(lo[q0:q1], q_pad[a], 1), padded(hi[q0:q1], q_pad[a], 0)]
+        kv_cols.append(padded(x[k0:k1], kv_pad[a], -1))
     wide = max(d * length for d, length in zip(pattern.dilation, pattern.shape, strict=True)) >= 2**31 - 1
+    cols = q_cols + kv_cols
     moved = torch.cat(cols).to(torch.int64 if wide else torch.int32).to(device)
     moved = moved.split([c.numel() for c in cols])
-    q_lo, q_hi, kv_pos = [], [], []
-    for a in range(pattern.ndim):
-        lo_c, hi_c, pos_c = moved[3 * a:3 * a + 3]
-        q_lo.append(axis_values_in_order(lo_c, a, q_shape, q_tile, 1))
-        q_hi.append(axis_values_in_order(hi_c, a, q_shape, q_tile, 0))
-        kv_pos.append(axis_values_in_order(pos_c, a, kv_shape, kv_tile, -1))
+    n = pattern.ndim
+    q_all = axis_values_in_order([(i // 2, c) for i, c in enumerate(moved[:2 * n])], q_shape, q_tile)
+    kv_all = axis_values_in_order(list(enumerate(moved[2 * n:])), kv_shape, kv_tile)
+    q_lo, q_hi, kv_pos = q_all[0::2].unbind(0), q_all[1::2].unbind(0), kv_all.unbind(0)
     return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos))
 
 
