@@ -25,7 +25,6 @@ attend the assembled keys. Softmax is per query, so the union of these calls is 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -39,9 +38,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from flexna.blockmask import pattern_block_mask, resolve_block_sizes
 from flexna.functional import Tiles, _cached_mask, _check_tensors, resolve_tiles, run_flex
-from flexna.geometry import Region, axis_window_bounds, region_shape
+from flexna.geometry import Region, axis_window_bounds
 from flexna.layout import TokenLayout
-from flexna.masks import build_tables
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, _is_int
 
 # [start, stop) along the shard axis, in global coordinates
@@ -247,22 +245,9 @@ def region_block_mask(pattern: NAPattern, q_region: Region, kv_region: Region,
     """Analytic BlockMask of ``pattern`` for queries of ``q_region`` x keys of ``kv_region``
     (each in its own, optionally tiled, order), cached per (pattern, regions, tiles, device)."""
     q_block, kv_block = resolve_block_sizes(None, q_tile, kv_tile)
-    regions = {"q_region": q_region, "kv_region": kv_region}
-
-    def build() -> BlockMask:
-        mask = pattern_block_mask(pattern, q_tile, kv_tile, q_block, kv_block, device, **regions)
-        if 1 in region_shape(q_region) or 1 in region_shape(kv_region):
-            # Workaround: a box one row thick on an axis gives that axis a constant, stride-0
-            # (expanded) token table, which torch's CPU Flex lowering rejects ("All the buffers
-            # in the score and mask subgraph should be in kernel_group.args.input_buffers").
-            # The mask_mod then reads contiguous copies. (Belongs in layout.axis_values_in_order.)
-            tables = build_tables(pattern, q_tile, kv_tile, device, **regions)
-            tables = dataclasses.replace(tables, **{name: tuple(t.contiguous() for t in getattr(tables, name))
-                                                    for name in ("q_lo", "q_hi", "kv_pos")})
-            mask.mask_mod = tables.mask_mod()
-        return mask
-
-    return _cached_mask(("region", pattern, q_region, kv_region, q_tile, kv_tile, device), build)
+    return _cached_mask(("region", pattern, q_region, kv_region, q_tile, kv_tile, device),
+                        lambda: pattern_block_mask(pattern, q_tile, kv_tile, q_block, kv_block, device,
+                                                   q_region=q_region, kv_region=kv_region))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPattern, axis: int,
