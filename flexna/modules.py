@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from flexna.extended import PerHead
-from flexna.functional import neighborhood_attention
+from flexna.functional import neighborhood_attention, tiled_neighborhood_attention
+from flexna.layout import TokenLayout
 from flexna.pattern import as_bool_tuple, as_int_tuple
 from flexna.scores import common_table_shape, rpb_table_shape
 
@@ -86,12 +87,18 @@ class NeighborhoodAttentionGeneric(nn.Module):
             self.register_parameter("rpb", None)
 
     def forward(self, x: torch.Tensor, additional_keys: torch.Tensor | None = None,
-                additional_values: torch.Tensor | None = None) -> torch.Tensor:
+                additional_values: torch.Tensor | None = None, *,
+                layout: TokenLayout | None = None) -> torch.Tensor:
         """``x`` ``[batch, *spatial, embed_dim]`` -> same shape.
 
         ``additional_keys``/``additional_values`` ``[batch, M, num_kv_heads, head_dim]``:
         extra tokens every query attends (already projected).
+        ``layout``: ``x`` is ``[batch, layout.length, embed_dim]``, a sequence already in
+        ``layout``'s token order (a model that stays tiled: :func:`flexna.choose_layout`,
+        ``layout.to_tokens`` once at its input); the output is in the same order.
         """
+        if layout is not None:
+            return self._forward_in_layout(x, layout, additional_keys, additional_values)
         if x.dim() != self.na_dim + 2:
             raise ValueError(f"{type(self).__name__} expects x [batch, {self.na_dim} spatial axes, "
                              f"embed_dim], got {tuple(x.shape)}")
@@ -113,6 +120,32 @@ class NeighborhoodAttentionGeneric(nn.Module):
                                      additional_keys=additional_keys,
                                      additional_values=additional_values)
         return self.proj_drop(self.proj(out.reshape(batch, *spatial, channels)))
+
+    def _forward_in_layout(self, x: torch.Tensor, layout: TokenLayout,
+                           additional_keys: torch.Tensor | None,
+                           additional_values: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(layout, TokenLayout):
+            raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
+        if len(layout.shape) != self.na_dim:
+            raise ValueError(f"layout has {len(layout.shape)} axes, {type(self).__name__} needs "
+                             f"{self.na_dim}: got layout shape {layout.shape}")
+        if additional_keys is not None or additional_values is not None:
+            raise ValueError("additional_keys/values are not supported with layout= (tiled order "
+                             "needs the layout's tokens only); call without layout")
+        if any(isinstance(p, PerHead) for p in (self.kernel_size, self.stride, self.dilation,
+                                                self.is_causal)):
+            raise ValueError("per-head patterns are not supported with layout=; call without layout")
+        if x.dim() != 3 or x.shape[1] != layout.length or x.shape[2] != self.embed_dim:
+            raise ValueError(f"with layout={layout}, x must be [batch, {layout.length}, "
+                             f"{self.embed_dim}], got {tuple(x.shape)}")
+        batch, tokens, channels = x.shape
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        out = tiled_neighborhood_attention(
+            q.reshape(batch, tokens, hq, d), k.reshape(batch, tokens, hkv, d),
+            v.reshape(batch, tokens, hkv, d), layout, self.kernel_size, self.stride, self.dilation,
+            self.is_causal, scale=self.scale, rel_pos_bias=self.rpb)
+        return self.proj_drop(self.proj(out.reshape(batch, tokens, channels)))
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, "

@@ -22,10 +22,7 @@ OPT_OUT = "# not run:"
 # Blocks in README sections owned elsewhere that are known to fail, keyed by their first
 # line: a strict xfail, so the test fails (XPASS) as soon as the block is fixed and the
 # entry must be removed.
-KNOWN_FAILING: dict[str, str] = {
-    "x = torch.randn(2, 16, 32, 32, 4, 64)                 # video: 16 frames of 32x32, 4 heads":
-        "'Functional API' block: no imports in a fresh namespace and q2, k2, v2 are undefined",
-}
+KNOWN_FAILING: dict[str, str] = {}
 
 
 def python_blocks(text: str) -> list[tuple[str, int, str]]:

@@ -240,3 +240,21 @@ def test_gpu_tiled_forward_backward(dtype) -> None:
     for got, ref in ((q, qr), (k, kr), (v, vr)):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, **tol)
     torch.testing.assert_close(rpb.grad.double().cpu(), rpbr.grad, atol=0.3, rtol=5e-2)
+
+
+def test_module_stays_in_layout() -> None:
+    """NeighborhoodAttention2D(layout=...) on a tiled sequence equals the module on the grid
+    (which itself is tested against the float64 reference in test_modules.py), with rpb and GQA."""
+    torch.manual_seed(6)
+    mod = flexna.NeighborhoodAttention2D(32, 4, kernel_size=5, dilation=(1, 2), rel_pos_bias=True,
+                                         num_kv_heads=2).eval()
+    layout = flexna.TokenLayout.create((12, 20), (8, 16))
+    x = torch.randn(2, 12, 20, 32)
+    with torch.no_grad():
+        want = mod(x)
+        got = layout.from_tokens(mod(layout.to_tokens(x), layout=layout))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"x must be \[batch, 512, 32\]"):
+        mod(x, layout=layout)
+    with pytest.raises(ValueError, match="layout has 3 axes"):
+        mod(torch.randn(1, 8, 32), layout=flexna.TokenLayout.create((2, 2, 2), None))
