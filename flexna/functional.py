@@ -137,8 +137,9 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
     on CPU, eager Flex (``return_lse``) or, when gradients are needed (torch's Flex has no CPU
     backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
     reason = _eager_reason(query, (query, key, value, *_captured(kwargs)), return_lse)
-    if query.is_cuda and _use_tma(query.device):
-        kwargs["kernel_options"] = {"USE_TMA": True, **(kwargs.get("kernel_options") or {})}
+    if query.is_cuda:
+        user = kwargs.get("kernel_options") or {}
+        kwargs["kernel_options"] = {**_cuda_kernel_options(query.device), **user}
     if reason is None:
         if query.device.type == "cpu":
             # no gradients wanted, but torch's CPU Flex rejects inputs that require grad
@@ -161,17 +162,27 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
 
 
 @functools.lru_cache(maxsize=16)
-def _use_tma(device: torch.device) -> bool:
-    """Hopper or newer, and a torch whose Flex lowering knows ``USE_TMA`` (it turns TMA off
-    itself where the tensors don't allow it). TMA loads made the block-sparse kernels 4-6%
-    faster on an H200 (benchmarks/results/explore-kernel-options-NVIDIA-H200-2026-11-21.md)."""
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return False
+def _cuda_kernel_options(device: torch.device) -> dict[str, bool]:
+    """Flex kernel options flexna passes on CUDA, where this torch's lowering knows them.
+
+    * ``FORCE_USE_FLEX_ATTENTION``: with fewer than 128 queries torch switches to its
+      decoding kernel, which fails to compile for GQA with a shared BlockMask on torch 2.11
+      (NoValidChoicesError, found by the GPU tests); the main kernel handles every case.
+    * ``USE_TMA`` on Hopper or newer (torch turns it off itself where the tensors don't allow
+      it): 4-6% faster block-sparse kernels on an H200
+      (benchmarks/results/explore-kernel-options-NVIDIA-H200-2026-11-21.md).
+    """
     try:
         from torch._inductor.kernel.flex import flex_attention as lowering
+        from torch._inductor.kernel.flex import flex_decoding as decoding
     except ImportError:
-        return False
-    return "USE_TMA" in inspect.getsource(lowering)
+        return {}
+    options = {}
+    if "FORCE_USE_FLEX_ATTENTION" in inspect.getsource(decoding):
+        options["FORCE_USE_FLEX_ATTENTION"] = True
+    if torch.cuda.get_device_capability(device)[0] >= 9 and "USE_TMA" in inspect.getsource(lowering):
+        options["USE_TMA"] = True
+    return options
 
 
 def _captured(kwargs: dict) -> tuple[torch.Tensor, ...]:

@@ -360,10 +360,10 @@ def test_additional_tokens_compiled_cpu_inference():
 # ---------------------------------------------------------------- 3. GQA / MQA
 @pytest.mark.parametrize("kv_heads,device", on_devices([1, 2], [1]))
 def test_gqa_forward_backward(kv_heads, device):
-    """GQA/MQA vs float64. On CUDA the layout has 77 (< 128) query tokens, where torch picks its
-    flex-decoding kernel for GQA with a head-broadcast BlockMask; on torch 2.11 that kernel fails
-    to compile here (NoValidChoicesError) unless Flex gets
-    kernel_options={"FORCE_USE_FLEX_ATTENTION": True} (checked on an H100: then exact)."""
+    """GQA/MQA vs float64. On CUDA the layout has 77 (< 128) query tokens, where torch would pick
+    its flex-decoding kernel for GQA with a head-broadcast BlockMask; on torch 2.11 that kernel
+    fails to compile (NoValidChoicesError), so flexna passes FORCE_USE_FLEX_ATTENTION on CUDA
+    (flexna.functional._cuda_kernel_options). This case guards it."""
     torch.manual_seed(4)
     shape = (11, 7)
     leaves = Leaves(device)
