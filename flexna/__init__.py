@@ -22,7 +22,14 @@ from flexna.functional import (
 from flexna.layout import TokenLayout, tile_tokens, tiled_length, untile_tokens
 from flexna.masks import na_mask_mod
 from flexna.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
-from flexna.packing import pack_tokens, packed_block_mask, packed_length, packed_mask_mod, unpack_tokens
+from flexna.packing import (
+    pack_tokens,
+    packed_block_mask,
+    packed_length,
+    packed_mask_mod,
+    packed_rel_pos_bias_score_mod,
+    unpack_tokens,
+)
 from flexna.pattern import NAPattern
 from flexna.scores import (
     compose_score_mods,
@@ -58,6 +65,7 @@ __all__ = [
     "packed_length",
     "packed_mask_mod",
     "packed_neighborhood_attention",
+    "packed_rel_pos_bias_score_mod",
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
     "search_tiles",

@@ -34,6 +34,7 @@ from flexna.scores import (
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_CUDA_HEAD_DIM = 16  # torch's CUDA Flex templates fail ("NYI") below this
 _MASK_CACHE_SIZE = 64
 _mask_cache: OrderedDict[tuple, BlockMask] = OrderedDict()
 _compiled: Callable[..., Any] | None = None
@@ -289,6 +290,9 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         )
     if 0 in query.shape or 0 in value.shape:
         raise ValueError(f"empty tensors are not supported, got query {tuple(query.shape)}")
+    if query.is_cuda and min(query.shape[-1], value.shape[-1]) < MIN_CUDA_HEAD_DIM:
+        raise ValueError(f"head_dim {query.shape[-1]} (value {value.shape[-1]}) is out of range on CUDA: "
+                         f"torch's Flex kernels need >= {MIN_CUDA_HEAD_DIM}")
     return spatial
 
 
@@ -299,7 +303,7 @@ def _check_extra(name: str, t: torch.Tensor | None, batch: int, heads: int, dim:
         return 0
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    want = f"[batch={batch}, M, heads={heads}, {'dim' if dim is None else f'dim={dim}'}]"
+    want = f"[batch={batch}, M >= 1, heads={heads}, {'dim' if dim is None else f'dim={dim}'}]"
     if (t.dim() != 4 or t.shape[0] != batch or t.shape[2] != heads or t.shape[1] < 1
             or (dim is not None and t.shape[3] != dim)):
         raise ValueError(f"{name} must be shaped {want} (matching {like}), got {tuple(t.shape)}")
@@ -613,13 +617,8 @@ def packed_neighborhood_attention(
             raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {query.device}")
         score_mod = compose_score_mods(_packed_rpb_score_mod(rel_pos_bias, patterns, block, query.device),
                                        score_mod)
-    key_ = ("packed", patterns, block, query.device)
-    mask = _mask_cache.get(key_)
-    if mask is None:
-        mask = packed_patterns_block_mask(patterns, block, query.device)
-        _mask_cache[key_] = mask
-        if len(_mask_cache) > _MASK_CACHE_SIZE:
-            _mask_cache.popitem(last=False)
+    mask = _cached_mask(("packed", patterns, block, query.device),
+                        lambda: packed_patterns_block_mask(patterns, block, query.device))
     kwargs: dict[str, Any] = {}
     if score_mod is not None:
         kwargs["score_mod"] = score_mod

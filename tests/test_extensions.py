@@ -542,11 +542,11 @@ BAD_EXTENSION_INPUTS = {
     # mismatched head counts
     "extra-k-heads-vs-gqa-key": (lambda: flexna.na2d(X4, KV2, KV2, 3, additional_keys=torch.zeros(1, 5, 4, 8),
                                                      additional_values=torch.zeros(1, 5, 4, 8)),
-                                 r"additional_keys must be shaped \[batch=1, M, heads=2, dim=8\] \(matching "
-                                 r"key\), got \(1, 5, 4, 8\)"),
+                                 r"additional_keys must be shaped \[batch=1, M >= 1, heads=2, dim=8\] "
+                                 r"\(matching key\), got \(1, 5, 4, 8\)"),
     "extra-q-heads": (lambda: flexna.na2d(X4, X4, X4, 3, additional_queries=torch.zeros(1, 5, 2, 8)),
-                      r"additional_queries must be shaped \[batch=1, M, heads=4, dim=8\] \(matching query\), "
-                      r"got \(1, 5, 2, 8\)"),
+                      r"additional_queries must be shaped \[batch=1, M >= 1, heads=4, dim=8\] "
+                      r"\(matching query\), got \(1, 5, 2, 8\)"),
     "rpb-heads": (lambda: flexna.na2d(X4, X4, X4, 3, rel_pos_bias=torch.zeros(2, 5, 5)),
                   r"rel_pos_bias must be a tensor shaped \[heads, \*table\] = \(4, 5, 5\) .* with 4 heads, "
                   r"got \(2, 5, 5\)"),
@@ -560,11 +560,11 @@ BAD_EXTENSION_INPUTS = {
                               r"embed_dim \(30\) must be divisible by num_heads \(4\)"),
     "module-extra-kv-heads": (lambda: flexna.NeighborhoodAttention2D(32, 4, 3, num_kv_heads=2)(
         torch.zeros(1, 8, 8, 32), torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8)),
-        r"additional_keys must be shaped \[batch=1, M, heads=2, dim=8\]"),
+        r"additional_keys must be shaped \[batch=1, M >= 1, heads=2, dim=8\]"),
     # additional keys / values with wrong dims
     "extra-k-3d": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(5, 4, 8),
                                        additional_values=torch.zeros(5, 4, 8)),
-                   r"additional_keys must be shaped \[batch=1, M, heads=4, dim=8\] .*got \(5, 4, 8\)"),
+                   r"additional_keys must be shaped \[batch=1, M >= 1, heads=4, dim=8\] .*got \(5, 4, 8\)"),
     "extra-k-batch": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(2, 5, 4, 8),
                                           additional_values=torch.zeros(2, 5, 4, 8)),
                       r"additional_keys must be shaped \[batch=1, .*got \(2, 5, 4, 8\)"),
@@ -576,13 +576,14 @@ BAD_EXTENSION_INPUTS = {
                       r"additional_values shape \(1, 6, 4, 8\) must match additional_keys \(1, 5, 4, 8\)"),
     "extra-v-dim": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(1, 5, 4, 8),
                                         additional_values=torch.zeros(1, 5, 4, 16)),
-                    r"additional_values must be shaped \[batch=1, M, heads=4, dim=8\] \(matching value\)"),
+                    r"additional_values must be shaped \[batch=1, M >= 1, heads=4, dim=8\] \(matching value\)"),
     "extra-v-dtype": (lambda: flexna.na2d(X4, X4, X4, 3, additional_keys=torch.zeros(1, 5, 4, 8),
                                           additional_values=torch.zeros(1, 5, 4, 8, dtype=torch.float16)),
                       r"additional_values must have value's dtype and device \(torch.float32, cpu\), got "
                       r"torch.float16"),
     "extra-q-dim": (lambda: flexna.na2d(X4, X4, X4, 3, additional_queries=torch.zeros(1, 5, 4, 16)),
-                    r"additional_queries must be shaped \[batch=1, M, heads=4, dim=8\] .*got \(1, 5, 4, 16\)"),
+                    r"additional_queries must be shaped \[batch=1, M >= 1, heads=4, dim=8\] "
+                    r".*got \(1, 5, 4, 16\)"),
     # per-head lists of the wrong length
     "perhead-dilation-long": (lambda: flexna.na2d(X4, X4, X4, 3, dilation=flexna.PerHead([1, 2, 1, 2, 1])),
                               r"dilation: PerHead has 5 entries, need one per query head \(4\)"),
