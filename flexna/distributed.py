@@ -306,6 +306,24 @@ def _check_sizes(shard_sizes: object, world: int, rank: int, local: int, axis: i
     return sizes
 
 
+_JOINED: set[tuple[int, int]] = set()
+
+
+def _join_group_once(group: dist.ProcessGroup | None) -> None:
+    """One barrier per NCCL group before its first halo exchange.
+
+    NCCL builds its communicator lazily at a group's first collective, which every rank
+    must join; a batch of sends/receives that only some ranks post (a rank with no halo)
+    could hang there. The all-gather of shapes does this when ``shard_sizes`` is not given.
+    """
+    key = (id(group), dist.get_world_size(group))
+    if key in _JOINED:
+        return
+    if dist.get_backend(group) == "nccl":
+        dist.barrier(group=group)
+    _JOINED.add(key)
+
+
 def _gather_shapes(tensors: Sequence[torch.Tensor], dim: int, world: int, rank: int,
                    group: dist.ProcessGroup | None) -> tuple[int, ...]:
     """All-gather every rank's q/k/v shapes (one small collective); returns the shard sizes
@@ -387,6 +405,7 @@ def sharded_neighborhood_attention(
         sizes = _gather_shapes((query, key, value), dim, world, rank, group)
     else:
         sizes = _check_sizes(shard_sizes, world, rank, local, axis)
+        _join_group_once(group)
     global_shape = list(query.shape[1:1 + spatial])
     global_shape[axis] = sum(sizes)
     pattern = NAPattern.create(tuple(global_shape), kernel_size, stride, dilation, is_causal)
