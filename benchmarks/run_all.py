@@ -2,10 +2,11 @@
 
     python benchmarks/run_all.py [--out benchmarks/results] [--gpus 0 1 2 3] [--jobs fp16:fwd ...]
 
-Each job is one ``bench_attention.py`` invocation (one dtype x direction, all workloads,
-under 10 minutes on an H100/H200). Jobs run in parallel, one per visible GPU (each GPU
-runs one job at a time, so timings are not shared), then ``summarize.py`` writes
-``<gpu>-<date>.md``. With one GPU the jobs run one after another.
+Each job is one ``bench_attention.py`` invocation: one dtype x direction x workload group
+(``GROUPS``), each under 10 minutes on an H100/H200. Jobs run in parallel, one per visible
+GPU (each GPU runs one job at a time, so kernel timings are not shared; the CPU-bound
+sub-millisecond rows do share the host's CPUs with other jobs' compiles), then
+``summarize.py`` writes ``<gpu>-<date>.md``. With one GPU the jobs run one after another.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ALL_JOBS = ["fp16:fwd", "fp16:fwdbwd", "bf16:fwd", "bf16:fwdbwd"]
+# one bench_attention.py invocation per (job, group): each stays well under 10 minutes on an
+# H200 (a 3-D fwd+bwd row alone takes ~5 min, most of it compiling and autotuning NATTEN)
+GROUPS = {"1d": ["long-1d", "long-1d-s256", "long-1d-blocked"], "2d": ["flux-na", "flux-gna"],
+          "3d-na": ["hunyuan-na"], "3d-gna": ["hunyuan-gna"]}
 
 
 def main() -> None:
@@ -35,26 +40,27 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("run_all.py needs CUDA")
     gpus = a.gpus if a.gpus is not None else list(range(torch.cuda.device_count()))
-    pending = list(a.jobs)
+    groups = {"custom": a.workloads} if a.workloads else GROUPS
+    pending = [(job, group) for job in a.jobs for group in groups]
     running: list[tuple[subprocess.Popen, int, str]] = []
     free = list(gpus)
     logs = Path(a.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and free:
-            job, gpu = pending.pop(0), free.pop(0)
+            (job, group), gpu = pending.pop(0), free.pop(0)
             dtype, direction = job.split(":")
-            cmd = [sys.executable, str(HERE / "bench_attention.py"), "--dtype", dtype, "--out", a.out]
+            cmd = [sys.executable, str(HERE / "bench_attention.py"), "--dtype", dtype, "--out", a.out,
+                   "--workloads", *groups[group], f"--tag=-{group}"]
             if direction == "fwdbwd":
                 cmd.append("--backward")
-            if a.workloads:
-                cmd += ["--workloads", *a.workloads]
             if a.validate and job == "fp16:fwd":
                 cmd += ["--validate", str(a.validate)]
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-            log = open(logs / f"{job.replace(':', '-')}.log", "w")  # noqa: SIM115 - closed with the process
-            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu, job))
-            print(f"started {job} on GPU {gpu}", flush=True)
+            log = open(logs / f"{job.replace(':', '-')}-{group}.log", "w")  # noqa: SIM115 - closed with the process
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu,
+                            f"{job} {group}"))
+            print(f"started {job} {group} on GPU {gpu}", flush=True)
         while not any(p.poll() is not None for p, _, _ in running):
             time.sleep(2)
         proc, gpu, job = next(r for r in running if r[0].poll() is not None)
