@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from flexna.blocksparsity import block_maps
 from flexna.geometry import Region, region_shape
 from flexna.layout import as_region, as_tile
-from flexna.masks import _resolve_device, build_tables
+from flexna.masks import MaskMod, _resolve_device, build_tables
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern, as_int_tuple
 
 DEFAULT_BLOCK = 128
@@ -41,10 +41,9 @@ def resolve_block_sizes(
     for side, size, tile in zip(("q", "kv"), sizes, (q_tile, kv_tile), strict=True):
         per_tile = math.prod(tile)
         if size < 1 or size % per_tile:
-            raise ValueError(
-                f"block_size for {side} = {size} is out of range: need a positive multiple "
-                f"of the {side} tile's token count {per_tile} (tile {tile})"
-            )
+            need = ("need >= 1" if per_tile == 1 else f"need a positive multiple of the {side} "
+                    f"tile's token count {per_tile} (tile {tile})")
+            raise ValueError(f"block_size for {side} = {size} is out of range: {need}")
     return sizes[0], sizes[1]
 
 
@@ -115,25 +114,37 @@ def pattern_block_mask(
     with single_threaded():
         partial, full = block_maps(pattern, q_tile, kv_tile, q_block, kv_block, device, **regions)
         tables = build_tables(pattern, q_tile, kv_tile, device, **regions)
-        maps = [partial, full, partial.t(), full.t()]
-        if partial.shape[0] == partial.shape[1]:  # one pass for all four
-            num, idx = ordered_indices(torch.stack(maps))
-            kv_num, kv_idx, q_num, q_idx = num[:2], idx[:2], num[2:], idx[2:]
-        else:
-            kv_num, kv_idx = ordered_indices(torch.stack(maps[:2]))
-            q_num, q_idx = ordered_indices(torch.stack(maps[2:]))
+        return assemble_block_mask(partial[None], full[None], (tables.q_len, tables.kv_len),
+                                   (q_block, kv_block), tables.mask_mod())
+
+
+def assemble_block_mask(partial: torch.Tensor, full: torch.Tensor, seq_lengths: tuple[int, int],
+                        block_sizes: tuple[int, int], mask_mod: MaskMod) -> BlockMask:
+    """BlockMask from ``[H, rows, cols]`` partial / full maps (H = 1: shared by all heads).
+
+    The kv-major index tensors come from the maps, the q-major ones from their transposes;
+    all four in one :func:`ordered_indices` pass when the maps are square, else two.
+    """
+    heads = partial.shape[0]
+    maps = [partial, full, partial.transpose(1, 2), full.transpose(1, 2)]
+    if partial.shape[1] == partial.shape[2]:
+        num, idx = ordered_indices(torch.cat(maps))
+        kv_num, kv_idx, q_num, q_idx = num[:2 * heads], idx[:2 * heads], num[2 * heads:], idx[2 * heads:]
+    else:
+        kv_num, kv_idx = ordered_indices(torch.cat(maps[:2]))
+        q_num, q_idx = ordered_indices(torch.cat(maps[2:]))
     return BlockMask(
-        seq_lengths=(tables.q_len, tables.kv_len),
-        kv_num_blocks=kv_num[0][None, None],
-        kv_indices=kv_idx[0][None, None],
-        full_kv_num_blocks=kv_num[1][None, None],
-        full_kv_indices=kv_idx[1][None, None],
-        q_num_blocks=q_num[0][None, None],
-        q_indices=q_idx[0][None, None],
-        full_q_num_blocks=q_num[1][None, None],
-        full_q_indices=q_idx[1][None, None],
-        BLOCK_SIZE=(q_block, kv_block),
-        mask_mod=tables.mask_mod(),
+        seq_lengths=seq_lengths,
+        kv_num_blocks=kv_num[None, :heads],
+        kv_indices=kv_idx[None, :heads],
+        full_kv_num_blocks=kv_num[None, heads:],
+        full_kv_indices=kv_idx[None, heads:],
+        q_num_blocks=q_num[None, :heads],
+        q_indices=q_idx[None, :heads],
+        full_q_num_blocks=q_num[None, heads:],
+        full_q_indices=q_idx[None, heads:],
+        BLOCK_SIZE=block_sizes,
+        mask_mod=mask_mod,
     )
 
 

@@ -56,14 +56,19 @@ def _ravel(coords: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return flat
 
 
-def _expand(owner: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expand inclusive ranges ``[first, last]`` into ``(owner, value)`` pairs."""
-    counts = (last - first + 1).clamp_min(0)
-    owner_rep = torch.repeat_interleave(owner, counts)
-    start_rep = torch.repeat_interleave(first, counts)
-    offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(owner_rep.numel(), device=owner.device) - torch.repeat_interleave(offsets, counts)
-    return owner_rep, start_rep + pos
+def _fill_runs(rows: int, cols: int, owner: torch.Tensor, first: torch.Tensor,
+               last: torch.Tensor) -> torch.Tensor:
+    """Bool ``[rows, cols]`` map, True on ``[first, last]`` of row ``owner`` for every run.
+
+    A difference array: +1 at each run's first column, -1 past its last, a cumsum along
+    the rows; O(runs + rows x cols) with no per-pair expansion. Empty runs (first > last)
+    and overlapping runs are fine.
+    """
+    weight = (first <= last).to(torch.int16)  # a cell lies in at most 2n - 1 runs (boxes)
+    diff = torch.zeros(rows, cols + 1, dtype=torch.int16, device=owner.device)
+    diff.index_put_((owner, first.clamp(0, cols)), weight, accumulate=True)
+    diff.index_put_((owner, (last + 1).clamp(0, cols)), -weight, accumulate=True)
+    return diff.cumsum(dim=1, dtype=torch.int16)[:, :cols] > 0
 
 
 def _box_runs(
@@ -258,17 +263,14 @@ def block_maps(
     # the reached keys, clipped to the key region, in region coordinates
     w_lo = torch.maximum(w_lo - kv_start, torch.zeros_like(w_lo))
     w_hi = torch.minimum(w_hi - kv_start, kv_last)
-    box_ok = (qlo[..., 0] <= qhi[..., 0]) & (w_lo <= w_hi).all(-1)  # [nq, S]
+    q_real = qlo[..., 0] <= qhi[..., 0]  # [nq, S]: the box slot holds queries
+    box_ok = q_real & (w_lo <= w_hi).all(-1)
     kv_t = torch.tensor(kv_tile, device=device)
     owner = torch.arange(num_q, device=device)[:, None].expand_as(box_ok)[box_ok]
     run_owner, start, end = _box_runs(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t,
                                       kv_grid, kv_tiles)
-    q_idx, kv_idx = _expand(run_owner, start // kv_tiles, end // kv_tiles)
-    reached = torch.zeros(num_q, num_kv, dtype=torch.bool, device=device)
-    reached[q_idx, kv_idx] = True
-    full = torch.zeros_like(reached)
+    reached = _fill_runs(num_q, num_kv, run_owner, start // kv_tiles, end // kv_tiles)
 
-    q_real = qlo[..., 0] <= qhi[..., 0]
     q_complete = qcount == q_block
     if all(d == 1 for d in pattern.dilation):
         big = torch.iinfo(torch.int64).max
@@ -283,8 +285,7 @@ def block_maps(
         ok = q_complete & (t_lo <= t_hi).all(dim=1)
         rows = torch.arange(num_q, device=device)[ok]
         run_owner, start, end = _box_runs(rows, t_lo[ok], t_hi[ok], kv_grid, 1)
-        q_idx, kv_idx = _expand(run_owner, -(-start // kv_tiles), (end + 1) // kv_tiles - 1)
-        full[q_idx, kv_idx] = True
+        full = _fill_runs(num_q, num_kv, run_owner, -(-start // kv_tiles), (end + 1) // kv_tiles - 1)
         return reached & ~full, full
 
     klo, khi, kcount = block_boxes(kv_shape, kv_tile, kv_tiles, device)
@@ -292,6 +293,7 @@ def block_maps(
     slots = qlo.shape[1]
     cand_q, cand_kv = reached.nonzero(as_tuple=True)
     reached.zero_()
+    full = torch.zeros_like(reached)
     chunk = max(1, 2**22 // (slots * slots * n * max(pattern.dilation)))
     for c0 in range(0, cand_q.numel(), chunk):
         qi, ki = cand_q[c0:c0 + chunk], cand_kv[c0:c0 + chunk]

@@ -26,12 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.blockmask import ordered_indices as _ordered_indices
+from flexna.blockmask import assemble_block_mask, resolve_block_sizes
 from flexna.blocksparsity import block_maps
 from flexna.masks import MaskMod, MaskTables, _resolve_device, build_tables
 from flexna.pattern import NAPattern, as_shape
-
-DEFAULT_BLOCK = 128
 
 
 class PerHead:
@@ -218,34 +216,6 @@ def extended_block_maps(pattern: NAPattern, num_extra_q: int, num_extra_kv: int,
     return some & ~full, full
 
 
-def ordered_indices(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool ``[H, rows, cols]`` -> (counts ``[1, H, rows]``, indices ``[1, H, rows, cols]``)."""
-    counts, indices = _ordered_indices(block_map)
-    return counts[None], indices[None]
-
-
-def assemble_block_mask(partial: torch.Tensor, full: torch.Tensor, seq_lengths: tuple[int, int],
-                        block_sizes: tuple[int, int], mask_mod: MaskMod) -> BlockMask:
-    """BlockMask from ``[H, rows, cols]`` partial / full maps (H = 1: shared by all heads)."""
-    kv_num, kv_idx = ordered_indices(partial)
-    fkv_num, fkv_idx = ordered_indices(full)
-    q_num, q_idx = ordered_indices(partial.transpose(1, 2))
-    fq_num, fq_idx = ordered_indices(full.transpose(1, 2))
-    return BlockMask(seq_lengths=seq_lengths, kv_num_blocks=kv_num, kv_indices=kv_idx,
-                     full_kv_num_blocks=fkv_num, full_kv_indices=fkv_idx, q_num_blocks=q_num,
-                     q_indices=q_idx, full_q_num_blocks=fq_num, full_q_indices=fq_idx,
-                     BLOCK_SIZE=block_sizes, mask_mod=mask_mod)
-
-
-def _block_sizes(block_size) -> tuple[int, int]:
-    if block_size is None:
-        return DEFAULT_BLOCK, DEFAULT_BLOCK
-    sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(sizes) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"block_size must be a positive int or a (q, kv) pair, got {block_size!r}")
-    return sizes  # type: ignore[return-value]
-
-
 def patterns_block_mask(patterns: tuple[NAPattern, ...], num_extra_q: int, num_extra_kv: int,
                         q_block: int, kv_block: int, device: torch.device) -> BlockMask:
     """BlockMask of validated (per-head) patterns with extra tokens."""
@@ -289,7 +259,8 @@ def extended_na_block_mask(shape, kernel_size, stride=1, dilation=1, is_causal=F
     """
     as_shape("shape", shape)
     patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads)
-    q_block, kv_block = _block_sizes(block_size)
+    ones = (1,) * patterns[0].ndim
+    q_block, kv_block = resolve_block_sizes(block_size, ones, ones)
     return patterns_block_mask(patterns, _check_extra("num_extra_q", num_extra_q),
                                _check_extra("num_extra_kv", num_extra_kv), q_block, kv_block,
                                _resolve_device(device))

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexna.analysis import choose_tiles
-from flexna.blockmask import DEFAULT_BLOCK, pattern_block_mask
+from flexna.blockmask import DEFAULT_BLOCK, pattern_block_mask, resolve_block_sizes
 from flexna.extended import PerHead, head_patterns, patterns_block_mask
 from flexna.layout import TokenLayout, as_tile
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern
@@ -52,11 +52,15 @@ def _cached_mask(key: tuple, build: Callable[[], BlockMask]) -> BlockMask:
     return mask
 
 
-def cached_block_mask(pattern: NAPattern, device: torch.device) -> BlockMask:
-    """Row-major BlockMask of ``pattern`` on ``device``, built once."""
-    tile = (1,) * pattern.ndim
-    return _cached_mask((pattern, device), lambda: pattern_block_mask(
-        pattern, tile, tile, DEFAULT_BLOCK, DEFAULT_BLOCK, device))
+def cached_block_mask(pattern: NAPattern, device: torch.device, q_tile: tuple[int, ...] | None = None,
+                      kv_tile: tuple[int, ...] | None = None) -> BlockMask:
+    """BlockMask of ``pattern`` on ``device`` in the given orders (default row-major; blocks of
+    one tile, or 128 tokens row-major), built once."""
+    q_t = q_tile or (1,) * pattern.ndim
+    kv_t = kv_tile or (1,) * pattern.ndim
+    q_block, kv_block = resolve_block_sizes(None, q_t, kv_t)
+    return _cached_mask((pattern, q_t, kv_t, device), lambda: pattern_block_mask(
+        pattern, q_t, kv_t, q_block, kv_block, device))
 
 
 def compiled_flex_attention() -> Callable[..., Any]:
@@ -296,6 +300,16 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return spatial
 
 
+def _check_sequences(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int,
+                     why: str) -> None:
+    """Validate ``[batch, length, heads, dim]`` sequences (token order chosen by the caller)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != length:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be shaped [batch, {length}, heads, dim]{why}, got {got}")
+    _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+
+
 def _check_extra(name: str, t: torch.Tensor | None, batch: int, heads: int, dim: int | None,
                  ref: torch.Tensor, like: str) -> int:
     """Validate an additional-token tensor ``[batch, M, heads, dim]``; returns M (0 if None)."""
@@ -377,9 +391,7 @@ def attention_in_order(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     device = query.device
     q_t, kv_t = q_layout.tile, kv_layout.tile
     if rel_pos_bias is not None:
-        check_rpb(rel_pos_bias, pattern, heads)
-        if rel_pos_bias.device != device:
-            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {device}")
+        check_rpb(rel_pos_bias, pattern, heads, device=device)
 
         def token_tables() -> tuple[torch.Tensor, torch.Tensor]:
             q_base, kv_base = rpb_token_tables(pattern, device=device)
@@ -389,10 +401,7 @@ def attention_in_order(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         q_base, kv_base = _cached_mask(("rpb", pattern, q_t, kv_t, device), token_tables)
         score_mod = compose_score_mods(_bias_score_mod(rel_pos_bias, q_base, kv_base, None, False),
                                        score_mod)
-    blocks = (math.prod(q_t) if math.prod(q_t) > 1 else DEFAULT_BLOCK,
-              math.prod(kv_t) if math.prod(kv_t) > 1 else DEFAULT_BLOCK)
-    mask = _cached_mask((pattern, q_t, kv_t, blocks, device), lambda: pattern_block_mask(
-        pattern, q_t, kv_t, blocks[0], blocks[1], device))
+    mask = cached_block_mask(pattern, device, q_t, kv_t)
     kwargs: dict[str, Any] = {}
     if score_mod is not None:
         kwargs["score_mod"] = score_mod
@@ -469,9 +478,7 @@ def neighborhood_attention(
                                   TokenLayout(shape, order[1]), scale, return_lse, rel_pos_bias,
                                   score_mod)
     if rel_pos_bias is not None:
-        check_rpb(rel_pos_bias, patterns, heads)
-        if rel_pos_bias.device != query.device:
-            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {query.device}")
+        check_rpb(rel_pos_bias, patterns, heads, device=query.device)
         bias = _rpb_score_mod(rel_pos_bias, patterns, extra_q, extra_kv, query.device)
         score_mod = compose_score_mods(bias, score_mod)
     mask = cached_extended_block_mask(patterns, extra_q, extra_kv, query.device)
@@ -528,12 +535,8 @@ def tiled_neighborhood_attention(
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != layout.length:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be shaped [batch, {layout.length}, heads, dim] (layout "
-                             f"{layout.shape} in tile {layout.tile} order), got {got}")
-    _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+    _check_sequences(query, key, value, layout.length,
+                     f" (layout {layout.shape} in tile {layout.tile} order)")
     pattern = NAPattern.create(layout.shape, kernel_size, stride, dilation, is_causal)
     out = attention_in_order(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                              pattern, layout, layout, scale, return_lse, rel_pos_bias, score_mod)
@@ -596,15 +599,8 @@ def packed_neighborhood_attention(
     patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
     block = _block(block_size)
     total = packed_length([p.shape for p in patterns], block)
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != total:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(
-                f"{name} must be shaped [batch, {total}, heads, dim]: layouts "
-                f"{[p.shape for p in patterns]} packed in blocks of {block} add up to {total} "
-                f"tokens, got {got}"
-            )
-    _check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+    _check_sequences(query, key, value, total, f": layouts {[p.shape for p in patterns]} packed in "
+                     f"blocks of {block} add up to {total} tokens")
     if query.device.type == "cuda" and block % DEFAULT_BLOCK:
         raise ValueError(
             f"block_size = {block}: on CUDA the packed samples' blocks must be a multiple of "
@@ -612,9 +608,7 @@ def packed_neighborhood_attention(
             f"kernel tiles, up to 128 x 64); use block_size={DEFAULT_BLOCK} (the default)"
         )
     if rel_pos_bias is not None:
-        check_rpb(rel_pos_bias, patterns[0], query.shape[2])
-        if rel_pos_bias.device != query.device:
-            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device}, query on {query.device}")
+        check_rpb(rel_pos_bias, patterns[0], query.shape[2], device=query.device)
         score_mod = compose_score_mods(_packed_rpb_score_mod(rel_pos_bias, patterns, block, query.device),
                                        score_mod)
     mask = _cached_mask(("packed", patterns, block, query.device),

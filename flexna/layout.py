@@ -77,28 +77,39 @@ def tile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]
     shape_t = as_shape("shape", shape)
     tile_t = as_tile("tile", tile, shape_t)
     _check_spatial(x, 1, shape_t, "tile_tokens")
-    n = len(shape_t)
-    rest = tuple(x.shape[1 + n:])
-    padded = padded_shape(shape_t, tile_t)
-    if padded != shape_t:
-        pad: list[int] = [0, 0] * len(rest)
-        for length, p in zip(reversed(shape_t), reversed(padded), strict=True):
-            pad += [0, p - length]
-        x = torch.nn.functional.pad(x, pad)
-    return _permute_to_tiles(x, tile_grid(shape_t, tile_t), tile_t)
+    return _permute_to_tiles(_pad_to_tiles(x, shape_t, tile_t), tile_grid(shape_t, tile_t), tile_t)
 
 
-def _permute_to_tiles(x: torch.Tensor, grid: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
-    """``[B, *padded, *rest]`` with ``padded = grid * tile`` -> ``[B, N_tiled, *rest]``."""
+def _pad_to_tiles(x: torch.Tensor, shape: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the layout axes of ``[B, *shape, *rest]`` at their end to whole tiles."""
+    padded = padded_shape(shape, tile)
+    if padded == shape:
+        return x
+    pad: list[int] = [0, 0] * (x.dim() - 1 - len(shape))
+    for length, p in zip(reversed(shape), reversed(padded), strict=True):
+        pad += [0, p - length]
+    return torch.nn.functional.pad(x, pad)
+
+
+def _permute_to_tiles(x: torch.Tensor, grid: tuple[int, ...], tile: tuple[int, ...],
+                      heads_first: bool = False) -> torch.Tensor:
+    """``[B, *padded, *rest]`` with ``padded = grid * tile`` -> ``[B, N_tiled, *rest]``.
+
+    ``heads_first``: ``rest = (heads, dim)`` goes to ``[B, heads, N_tiled, dim]`` in the same
+    permutation.
+    """
     n = len(grid)
     rest = tuple(x.shape[1 + n:])
     split = [x.shape[0]]
     for g, t in zip(grid, tile, strict=True):
         split += [g, t]
     x = x.reshape(*split, *rest)
-    order = [0] + [1 + 2 * a for a in range(n)] + [2 + 2 * a for a in range(n)]
-    order += list(range(1 + 2 * n, x.dim()))
-    return x.permute(order).reshape(x.shape[0], math.prod(grid) * math.prod(tile), *rest)
+    tokens = [1 + 2 * a for a in range(n)] + [2 + 2 * a for a in range(n)]
+    trailing = list(range(1 + 2 * n, x.dim()))
+    if heads_first:
+        x = x.permute([0, trailing[0], *tokens, *trailing[1:]])
+        return x.reshape(x.shape[0], rest[0], math.prod(grid) * math.prod(tile), *rest[1:])
+    return x.permute([0, *tokens, *trailing]).reshape(x.shape[0], math.prod(grid) * math.prod(tile), *rest)
 
 
 def axis_values_in_order(
@@ -192,23 +203,8 @@ class TokenLayout:
         One copy (two when the layout needs padding): the permute into this order and the
         move of the heads axis in front happen in the same pass.
         """
-        n = len(self.shape)
-        if self.is_row_major:
-            return x.reshape(x.shape[0], self.length, *x.shape[-2:]).transpose(1, 2).contiguous()
-        padded = padded_shape(self.shape, self.tile)
-        if padded != self.shape:
-            pad: list[int] = [0, 0, 0, 0]
-            for length, p in zip(reversed(self.shape), reversed(padded), strict=True):
-                pad += [0, p - length]
-            x = torch.nn.functional.pad(x, pad)
-        grid = tile_grid(self.shape, self.tile)
-        split = [x.shape[0]]
-        for g, t in zip(grid, self.tile, strict=True):
-            split += [g, t]
-        x = x.reshape(*split, *x.shape[-2:])
-        order = [0, 1 + 2 * n] + [1 + 2 * a for a in range(n)] + [2 + 2 * a for a in range(n)]
-        order.append(2 + 2 * n)
-        x = x.permute(order).reshape(x.shape[0], x.shape[1 + 2 * n], self.length, x.shape[-1])
+        x = _pad_to_tiles(x, self.shape, self.tile)
+        x = _permute_to_tiles(x, tile_grid(self.shape, self.tile), self.tile, heads_first=True)
         return x.contiguous()  # a no-op unless reshape could return a view
 
     def from_heads_first(self, x: torch.Tensor) -> torch.Tensor:

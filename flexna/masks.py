@@ -93,12 +93,8 @@ def build_tables(
             shift = (x % d) * length
             lo, hi, x = lo + shift, hi + shift, x + shift
         (q0, q1), (k0, k1) = q_region[a], kv_region[a]
-
-        def padded(values: torch.Tensor, size: int, pad: int) -> torch.Tensor:
-            return torch.cat([values, torch.full((size - values.numel(),), pad)])
-
-        q_cols += [padded(lo[q0:q1], q_pad[a], 1), padded(hi[q0:q1], q_pad[a], 0)]
-        kv_cols.append(padded(x[k0:k1], kv_pad[a], -1))
+        q_cols += [_padded(lo[q0:q1], q_pad[a], 1), _padded(hi[q0:q1], q_pad[a], 0)]
+        kv_cols.append(_padded(x[k0:k1], kv_pad[a], -1))
     wide = max(d * length for d, length in zip(pattern.dilation, pattern.shape, strict=True)) >= 2**31 - 1
     cols = q_cols + kv_cols
     moved = torch.cat(cols).to(torch.int64 if wide else torch.int32).to(device)
@@ -108,6 +104,11 @@ def build_tables(
     kv_all = axis_values_in_order(list(enumerate(moved[2 * n:])), kv_shape, kv_tile)
     q_lo, q_hi, kv_pos = q_all[0::2].unbind(0), q_all[1::2].unbind(0), kv_all.unbind(0)
     return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos))
+
+
+def _padded(values: torch.Tensor, size: int, pad: int) -> torch.Tensor:
+    """``values`` extended to ``size`` entries with ``pad`` (positions past the region's end)."""
+    return torch.cat([values, torch.full((size - values.numel(),), pad)])
 
 
 def na_mask_mod(

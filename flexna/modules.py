@@ -104,22 +104,18 @@ class NeighborhoodAttentionGeneric(nn.Module):
                              f"embed_dim], got {tuple(x.shape)}")
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x has embed dim {x.shape[-1]}, expected {self.embed_dim}")
-        batch, *spatial, channels = x.shape
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x)
-        if hkv == hq:
-            qkv = qkv.reshape(batch, *spatial, 3, hq, d)
-            q, k, v = qkv.unbind(dim=-3)
-        else:
-            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-            q = q.reshape(batch, *spatial, hq, d)
-            k = k.reshape(batch, *spatial, hkv, d)
-            v = v.reshape(batch, *spatial, hkv, d)
-        out = neighborhood_attention(q, k, v, self.kernel_size, self.stride, self.dilation,
+        out = neighborhood_attention(*self._project(x), self.kernel_size, self.stride, self.dilation,
                                      self.is_causal, scale=self.scale, rel_pos_bias=self.rpb,
                                      additional_keys=additional_keys,
                                      additional_values=additional_values)
-        return self.proj_drop(self.proj(out.reshape(batch, *spatial, channels)))
+        return self.proj_drop(self.proj(out.flatten(-2)))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[..., embed_dim]`` -> q ``[..., heads, head_dim]``, k / v ``[..., kv_heads, head_dim]``
+        (the qkv weight holds q, k, v one after another: NATTEN's layout)."""
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        return q.unflatten(-1, (hq, d)), k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
 
     def _forward_in_layout(self, x: torch.Tensor, layout: TokenLayout,
                            additional_keys: torch.Tensor | None,
@@ -138,14 +134,10 @@ class NeighborhoodAttentionGeneric(nn.Module):
         if x.dim() != 3 or x.shape[1] != layout.length or x.shape[2] != self.embed_dim:
             raise ValueError(f"with layout={layout}, x must be [batch, {layout.length}, "
                              f"{self.embed_dim}], got {tuple(x.shape)}")
-        batch, tokens, channels = x.shape
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        out = tiled_neighborhood_attention(
-            q.reshape(batch, tokens, hq, d), k.reshape(batch, tokens, hkv, d),
-            v.reshape(batch, tokens, hkv, d), layout, self.kernel_size, self.stride, self.dilation,
-            self.is_causal, scale=self.scale, rel_pos_bias=self.rpb)
-        return self.proj_drop(self.proj(out.reshape(batch, tokens, channels)))
+        out = tiled_neighborhood_attention(*self._project(x), layout, self.kernel_size, self.stride,
+                                           self.dilation, self.is_causal, scale=self.scale,
+                                           rel_pos_bias=self.rpb)
+        return self.proj_drop(self.proj(out.flatten(-2)))
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, "

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from flexna.blockmask import assemble_block_mask
 from flexna.blocksparsity import block_maps
-from flexna.extended import assemble_block_mask
 from flexna.masks import MaskMod, _resolve_device, build_tables
 from flexna.pattern import NAPattern, as_shape
 from flexna.scores import ScoreMod, _packed_rpb_score_mod, check_rpb

@@ -104,8 +104,9 @@ def common_table_shape(shapes: Sequence[tuple[int, ...]], name: str = "rel_pos_b
 
 
 def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], num_heads: int,
-              name: str = "rel_pos_bias") -> None:
-    """``ValueError`` unless ``table`` is a floating tensor ``[num_heads, *table shape]``.
+              name: str = "rel_pos_bias", device: torch.device | None = None) -> None:
+    """``ValueError`` unless ``table`` is a floating tensor ``[num_heads, *table shape]``
+    (on ``device``, when given: the query's).
 
     ``patterns``: one pattern for all heads, or one per head (:class:`flexna.PerHead`),
     whose table shapes must agree.
@@ -122,6 +123,8 @@ def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], nu
         )
     if table.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{name} dtype must be float32, float16 or bfloat16, got {table.dtype}")
+    if device is not None and table.device != device:
+        raise ValueError(f"{name} is on {table.device}, query on {device}")
 
 
 def rel_pos_bias_score_mod(table: torch.Tensor, shape, kernel_size, stride=1, dilation=1,
