@@ -93,7 +93,8 @@ def guarded(row: dict, key: str, fn) -> None:
 
 
 def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
-                 validate: int = 0) -> dict:
+                 validate: int = 0, save=lambda row: None) -> dict:
+    """One workload's row; ``save(row)`` is called after every measurement (partial rows)."""
     entry = load_entry(name)
     p = entry.pattern
     heads, dim, n = entry.heads, entry.head_dim, p.num_tokens
@@ -107,23 +108,16 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
                  "limit": p.flop_limit(), "ndim": p.ndim}
     cflex = torch.compile(flex_attention, dynamic=False)
 
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        guarded(row, "cudnn", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        guarded(row, "flash", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
-    # dense Flex with and without TMA loads; the faster is the baseline
-    guarded(row, "flex_dense_default", lambda: bench(lambda: cflex(q, k, v), backward, grads))
-    guarded(row, "flex_dense_tma", lambda: bench(lambda: cflex(q, k, v, kernel_options=TMA), backward, grads))
-    dense = [row[k] for k in ("flex_dense_default", "flex_dense_tma") if k in row]
-    if dense:
-        row["flex_dense"] = min(dense)
+    def measure(key: str, fn) -> None:
+        guarded(row, key, fn)
+        save(row)
 
-    # --- kernel only, row-major 128-token blocks
-    bm = flexna.na_block_mask(*args, device=dev)
-    row["build_rowmajor_ms"] = build_ms(lambda: flexna.na_block_mask(*args, device=dev))
-    row["rowmajor_blocks"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
-    guarded(row, "rowmajor", lambda: bench(lambda: cflex(q, k, v, block_mask=bm, kernel_options=TMA),
-                                           backward, grads))
+    # cheap baselines first; then flexna and NATTEN; dense Flex and row-major flexna last (the
+    # long compiles): results are saved after every measurement, so a run cut short keeps them
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        measure("cudnn", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        measure("flash", lambda: bench(lambda: F.scaled_dot_product_attention(q, k, v), backward, grads))
 
     # --- kernel only, the tile search's best tiles (backward: 128-token kv tiles only)
     ranked = search_tiles(p, kv_tokens=(128,) if backward else (128, 64), top=max(1, validate))
@@ -153,7 +147,7 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         kt = kl.heads_first(natten_layout[1]).requires_grad_(backward)
         vt = kl.heads_first(natten_layout[2]).requires_grad_(backward)
         opts = {**TMA, "BLOCK_N": tbm.BLOCK_SIZE[1]} if tbm.BLOCK_SIZE[1] < 128 else TMA
-        guarded(row, "tiled", lambda: bench(lambda: cflex(qt, kt, vt, block_mask=tbm, kernel_options=opts),
+        measure("tiled", lambda: bench(lambda: cflex(qt, kt, vt, block_mask=tbm, kernel_options=opts),
                                             backward, (qt, kt, vt) if backward else ()))
         # token permute into tiled order, heads first: bytes read + written per tensor
         x = natten_layout[0]
@@ -164,7 +158,7 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         ms = bench(lambda: ql.from_heads_first(y).contiguous())
         row["unpermute_gbps"] = 2 * y.numel() * y.element_size() / (ms * 1e-3) / 1e9
     else:
-        row["build_tiled_ms"] = row["build_rowmajor_ms"]
+        row["build_tiled_ms"] = build_ms(lambda: flexna.na_block_mask(*args, device=dev))
 
     # --- end to end per call, NATTEN layout in and out
     qn, kn, vn = (t.detach().transpose(1, 2).reshape(1, *p.shape, heads, dim).contiguous()
@@ -182,8 +176,8 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         FN._mask_cache.clear()
         return e2e()
 
-    guarded(row, "e2e", lambda: bench(e2e, backward, grads_n))
-    guarded(row, "e2e_cold", lambda: bench(e2e_cold, backward, grads_n))
+    measure("e2e", lambda: bench(e2e, backward, grads_n))
+    measure("e2e_cold", lambda: bench(e2e_cold, backward, grads_n))
 
     if natten_ok:
         import natten
@@ -192,10 +186,28 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
         if backward and hasattr(natten, "allow_flex_compile_backprop"):
             natten.allow_flex_compile_backprop()
         fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[p.ndim]
-        guarded(row, "natten", lambda: bench(lambda: fn(qn, kn, vn, kernel_size=p.kernel_size, stride=p.stride,
+        measure("natten", lambda: bench(lambda: fn(qn, kn, vn, kernel_size=p.kernel_size, stride=p.stride,
                                                         dilation=p.dilation, is_causal=p.is_causal,
                                                         backend="flex-fna", torch_compile=True),
                                              backward, grads_n))
+    # dense Flex with and without TMA loads; the faster is the baseline
+    # (backward: default options only; each compile of dense Flex's backward autotunes for minutes)
+    measure("flex_dense_default", lambda: bench(lambda: cflex(q, k, v), backward, grads))
+    if not backward:
+        measure("flex_dense_tma", lambda: bench(lambda: cflex(q, k, v, kernel_options=TMA), backward,
+                                                     grads))
+    dense = [row[k] for k in ("flex_dense_default", "flex_dense_tma") if k in row]
+    if dense:
+        row["flex_dense"] = min(dense)
+
+    # --- kernel only, row-major 128-token blocks
+    bm = flexna.na_block_mask(*args, device=dev)
+    row["build_rowmajor_ms"] = (row["build_tiled_ms"] if p.ndim == 1
+                                else build_ms(lambda: flexna.na_block_mask(*args, device=dev)))
+    row["rowmajor_blocks"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
+    measure("rowmajor", lambda: bench(lambda: cflex(q, k, v, block_mask=bm, kernel_options=TMA),
+                                           backward, grads))
+
     torch.cuda.empty_cache()
     return row
 
@@ -230,7 +242,10 @@ def main() -> None:
     rows = []
     for w in a.workloads:
         t0 = time.time()
-        rows.append(run_workload(w, dtype, a.backward, natten_ok, a.validate))
+        def save(partial: dict) -> None:
+            path.write_text(json.dumps({"meta": meta, "rows": [*rows, partial]}, indent=1))
+
+        rows.append(run_workload(w, dtype, a.backward, natten_ok, a.validate, save))
         rows[-1]["seconds"] = time.time() - t0
         print(f"{w}: {rows[-1]['seconds']:.0f} s {json.dumps(rows[-1])}", flush=True)
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # after every workload

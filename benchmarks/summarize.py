@@ -29,6 +29,10 @@ def kernel_best(r: dict) -> float | None:
     return min(times) if times else None
 
 
+def blocks(r: dict, key: str) -> str:
+    return f"{r[key][0]}/{r[key][1]} f/p" if key in r else "not run"
+
+
 def table(meta: dict, rows: list[dict]) -> str:
     direction = "forward + backward" if meta["backward"] else "forward"
     out = [f"### {meta['dtype']}, {direction}\n",
@@ -47,15 +51,14 @@ def table(meta: dict, rows: list[dict]) -> str:
         nat = r.get("natten")
         out.append("| " + " | ".join([
             r["name"], fmt(cud), fmt(r.get("flash")), fmt(dense), f"{r['limit']:.2f}×",
-            f"{fmt(r.get('rowmajor'))} ({r['rowmajor_blocks'][0]}/{r['rowmajor_blocks'][1]} f/p)",
-            (f"{fmt(r.get('tiled'))} ({r.get('tiles')}, {r['tiled_blocks'][0]}/{r['tiled_blocks'][1]} f/p)"
-             if "tiles" in r else "—"),
+            f"{fmt(r.get('rowmajor'))} ({blocks(r, 'rowmajor_blocks')})",
+            f"{fmt(r.get('tiled'))} ({r.get('tiles')}, {blocks(r, 'tiled_blocks')})" if "tiles" in r else "—",
             f"{cud / best:.2f}×" if cud and best else "—",
             f"{best / (dense / r['limit']):.2f}" if dense and best else "—",
             f"{fmt(r.get('e2e'))} ({r.get('auto_tiles')})", fmt(r.get("e2e_cold")),
             fmt(nat) if nat else r.get("natten_error", "n/a")[:60],
             f"{nat / r['e2e']:.2f}×" if nat and r.get("e2e") else "—",
-            f"{r['build_rowmajor_ms']:.2f} / {r['build_tiled_ms']:.2f}",
+            f"{fmt(r.get('build_rowmajor_ms'))} / {fmt(r.get('build_tiled_ms'))}",
             f"{r['permute_gbps']:.0f} / {r['unpermute_gbps']:.0f}" if "permute_gbps" in r else "—",
         ]) + " |")
     errors = [(r["name"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
@@ -71,7 +74,8 @@ def targets(meta: dict, rows: list[dict]) -> list[str]:
     for r in rows:
         best = kernel_best(r)
         dense = r.get("flex_dense")
-        sparse = r.get("tiled_predicted_partial") == 0 or (r["ndim"] == 1 and r["rowmajor_blocks"][1] == 0)
+        sparse = r.get("tiled_predicted_partial") == 0 or (r["ndim"] == 1 and "rowmajor_blocks" in r
+                                                            and r["rowmajor_blocks"][1] == 0)
         if sparse and best and dense:
             ratio = best / (dense / r["limit"])
             lines.append(f"| {tag} | {r['name']} | kernel ≤ {STRIDED_SPARSE_TARGET} × dense/limit | "
@@ -88,11 +92,9 @@ def targets(meta: dict, rows: list[dict]) -> list[str]:
                     x = r["natten"] / r[key]
                     lines.append(f"| {tag} | {r['name']} | e2e ({label}) ≥ {want}× NATTEN Flex | {x:.2f}× | "
                                  f"{'met' if x >= want else 'MISSED'} |")
-        build = min(r["build_rowmajor_ms"], r["build_tiled_ms"]) if r["ndim"] > 1 else r["build_rowmajor_ms"]
-        if r.get("auto_tiles") == "row-major":
-            build = r["build_rowmajor_ms"]
-        elif r["ndim"] > 1:
-            build = r["build_tiled_ms"]
+        build = r.get("build_rowmajor_ms") if r.get("auto_tiles") == "row-major" else r.get("build_tiled_ms")
+        if build is None:
+            continue
         lines.append(f"| {tag} | {r['name']} | BlockMask build ≤ {BUILD_TARGET_MS} ms (order flexna runs) | "
                      f"{build:.2f} ms | {'met' if build <= BUILD_TARGET_MS else 'MISSED'} |")
     return lines

@@ -9,9 +9,20 @@ coordinates with div/mod chains per element, we precompute per token:
   with ``g = x % d`` — the window bounds shifted into the query's dilation
   group, so that ``lo <= pos <= hi`` checks the window *and* the group.
 
-A pair attends iff that holds on every axis: per element, ``3n`` loads and
-``2n`` compares. The same tables describe any token order (row-major or
-tiled), and padding is a key ``pos`` of ``-1`` / a query window ``[1, 0]``.
+A pair attends iff that holds on every axis: ``2n`` compares and ``2n - 1``
+ANDs per element (the loads are per row / column of a block). The same tables
+describe any token order (row-major or tiled), and padding is a key ``pos`` of
+``-1`` / a query window ``[1, 0]``.
+
+With 2 or 3 axes the axes are packed into one int32 (SWAR: one field of
+``B_a`` bits per axis, whose top bit is a guard). Per key ``Y = sum pos_a <<
+o_a``; per query ``LoG = sum (lo_a - G_a) << o_a`` and ``HiG = sum (hi_a +
+G_a) << o_a`` with ``G_a = 1 << (B_a - 1)``. Field ``a`` of ``Y - LoG`` is
+``G_a + pos_a - lo_a`` and of ``HiG - Y`` is ``G_a + hi_a - pos_a``; both lie
+in ``[1, 2 G_a)`` when every value is in ``[-1, G_a - 1)`` (so no borrow
+crosses fields), and the guard bit is set iff the difference is ``>= 0``.
+So ``((Y - LoG) & (HiG - Y) & G) == G`` tests every axis at once: 5 integer
+operations per element instead of 7 (2-D) or 11 (3-D).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ class MaskTables:
     q_lo: tuple[torch.Tensor, ...]  # per axis, [Nq]
     q_hi: tuple[torch.Tensor, ...]
     kv_pos: tuple[torch.Tensor, ...]  # per axis, [Nkv]
+    packed: PackedTables | None = None  # all axes in one int32 (see the module docstring)
 
     @property
     def q_len(self) -> int:
@@ -47,8 +59,17 @@ class MaskTables:
     def kv_len(self) -> int:
         return self.kv_pos[0].numel()
 
-    def mask_mod(self) -> MaskMod:
-        """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` reading these tables."""
+    def mask_mod(self, packed: bool | None = None) -> MaskMod:
+        """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` reading these tables.
+
+        ``packed``: test all axes in one int32 (5 operations per element); ``None``
+        packs when the tables were built packed (2-3 axes that fit in 31 bits).
+        """
+        if packed or (packed is None and self.packed is not None):
+            if self.packed is None:
+                raise ValueError("packed=True needs tables built with 2-3 axes whose fields fit "
+                                 "in 31 bits (see flexna.masks.packed_fields)")
+            return self.packed.mask_mod()
         q_lo, q_hi, kv_pos = self.q_lo, self.q_hi, self.kv_pos
 
         def na_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
@@ -61,6 +82,44 @@ class MaskTables:
             return ok
 
         return na_mask
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTables:
+    """All axes of :class:`MaskTables` packed into one int32 per token (SWAR fields)."""
+
+    lo_g: torch.Tensor  # [Nq]: sum (lo_a - G_a) << o_a
+    hi_g: torch.Tensor  # [Nq]: sum (hi_a + G_a) << o_a
+    pos: torch.Tensor  # [Nkv]: sum pos_a << o_a
+    guards: int  # sum G_a << o_a
+
+    def mask_mod(self) -> MaskMod:
+        lo_g, hi_g, pos, guards = self.lo_g, self.hi_g, self.pos, self.guards
+
+        def na_mask_packed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                           kv_idx: torch.Tensor) -> torch.Tensor:
+            y = pos[kv_idx]
+            return ((y - lo_g[q_idx]) & (hi_g[q_idx] - y) & guards) == guards
+
+        return na_mask_packed
+
+
+def packed_fields(pattern: NAPattern) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Per-axis ``(offsets, widths)`` in bits of the packed int32 tables, or ``None``.
+
+    Table values on axis ``a`` lie in ``[-1, d_a * L_a]`` (dilation group shift
+    included, padding ``-1`` / ``[1, 0]``); a field holds them with one guard bit
+    above: ``G_a = 1 << (B_a - 1) > d_a * L_a + 1``. Packing pays from 2 axes on and
+    needs the fields to fit in 31 bits (the sign bit stays clear).
+    """
+    if pattern.ndim < 2:
+        return None
+    widths = tuple((d * length + 1).bit_length() + 1
+                   for d, length in zip(pattern.dilation, pattern.shape, strict=True))
+    if sum(widths) > 31:
+        return None
+    offsets = tuple(sum(widths[a + 1:]) for a in range(pattern.ndim))  # axis 0 highest
+    return offsets, widths
 
 
 def build_tables(
@@ -103,7 +162,16 @@ def build_tables(
     q_all = axis_values_in_order([(i // 2, c) for i, c in enumerate(moved[:2 * n])], q_shape, q_tile)
     kv_all = axis_values_in_order(list(enumerate(moved[2 * n:])), kv_shape, kv_tile)
     q_lo, q_hi, kv_pos = q_all[0::2].unbind(0), q_all[1::2].unbind(0), kv_all.unbind(0)
-    return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos))
+    packed = None
+    fields = packed_fields(pattern) if not wide else None
+    if fields is not None:
+        offsets, widths = fields
+        scale = torch.tensor([1 << o for o in offsets], dtype=torch.int32, device=device)[:, None]
+        guards = sum(1 << (o + w - 1) for o, w in zip(offsets, widths, strict=True))
+        lo_hi = (q_all.reshape(n, 2, -1) * scale[:, :, None]).sum(0, dtype=torch.int32)
+        pos = (kv_all * scale).sum(0, dtype=torch.int32)
+        packed = PackedTables(lo_hi[0] - guards, lo_hi[1] + guards, pos, guards)
+    return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos), packed)
 
 
 def _padded(values: torch.Tensor, size: int, pad: int) -> torch.Tensor:
