@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    ap.add_argument("--builds-only", action="store_true", help="profile BlockMask builds only")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_overhead.py needs CUDA")
@@ -74,6 +75,8 @@ def main() -> None:
                 build()
                 torch.cuda.synchronize()
         report(f"{w} BlockMask build (tiles {qt} / {kt})", prof, a.rows, wall)
+        if a.builds_only:
+            continue
 
         shape = (1, *p.shape, entry.heads, entry.head_dim)
         q, k, v = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=a.backward) for _ in range(3))

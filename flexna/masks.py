@@ -91,7 +91,7 @@ class PackedTables:
     lo_g: torch.Tensor  # [Nq]: sum (lo_a - G_a) << o_a
     hi_g: torch.Tensor  # [Nq]: sum (hi_a + G_a) << o_a
     pos: torch.Tensor  # [Nkv]: sum pos_a << o_a
-    guards: int  # sum G_a << o_a
+    guards: torch.Tensor  # 0-d: sum G_a << o_a
 
     def mask_mod(self) -> MaskMod:
         lo_g, hi_g, pos, guards = self.lo_g, self.hi_g, self.pos, self.guards
@@ -155,22 +155,25 @@ def build_tables(
         q_cols += [_padded(lo[q0:q1], q_pad[a], 1), _padded(hi[q0:q1], q_pad[a], 0)]
         kv_cols.append(_padded(x[k0:k1], kv_pad[a], -1))
     wide = max(d * length for d, length in zip(pattern.dilation, pattern.shape, strict=True)) >= 2**31 - 1
+    n = pattern.ndim
+    fields = packed_fields(pattern) if not wide else None
     cols = q_cols + kv_cols
+    if fields is not None:  # the packing constants travel in the same copy: [1 << o_a]..., guards
+        offsets, widths = fields
+        guards = sum(1 << (o + w - 1) for o, w in zip(offsets, widths, strict=True))
+        cols.append(torch.tensor([*(1 << o for o in offsets), guards]))
     moved = torch.cat(cols).to(torch.int64 if wide else torch.int32).to(device)
     moved = moved.split([c.numel() for c in cols])
-    n = pattern.ndim
     q_all = axis_values_in_order([(i // 2, c) for i, c in enumerate(moved[:2 * n])], q_shape, q_tile)
-    kv_all = axis_values_in_order(list(enumerate(moved[2 * n:])), kv_shape, kv_tile)
+    kv_all = axis_values_in_order(list(enumerate(moved[2 * n:3 * n])), kv_shape, kv_tile)
     q_lo, q_hi, kv_pos = q_all[0::2].unbind(0), q_all[1::2].unbind(0), kv_all.unbind(0)
     packed = None
-    fields = packed_fields(pattern) if not wide else None
     if fields is not None:
-        offsets, widths = fields
-        scale = torch.tensor([1 << o for o in offsets], dtype=torch.int32, device=device)[:, None]
-        guards = sum(1 << (o + w - 1) for o, w in zip(offsets, widths, strict=True))
+        # guards stays a tensor: patterns with other field widths must not recompile
+        scale, guards_t = moved[3 * n][:n, None], moved[3 * n][n]
         lo_hi = (q_all.reshape(n, 2, -1) * scale[:, :, None]).sum(0, dtype=torch.int32)
         pos = (kv_all * scale).sum(0, dtype=torch.int32)
-        packed = PackedTables(lo_hi[0] - guards, lo_hi[1] + guards, pos, guards)
+        packed = PackedTables(lo_hi[0] - guards_t, lo_hi[1] + guards_t, pos, guards_t)
     return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos), packed)
 
 
