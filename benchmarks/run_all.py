@@ -35,14 +35,17 @@ def main() -> None:
     ap.add_argument("--gpus", nargs="*", type=int, default=None)
     ap.add_argument("--jobs", nargs="*", default=ALL_JOBS, help="dtype:fwd|fwdbwd")
     ap.add_argument("--workloads", nargs="*", default=None)
+    ap.add_argument("--groups", nargs="*", default=list(GROUPS), help=f"workload groups, of {list(GROUPS)}")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="stop a job after this many seconds (its JSON keeps what it measured)")
     ap.add_argument("--validate", type=int, default=0, help="passed to the fp16 forward job")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("run_all.py needs CUDA")
     gpus = a.gpus if a.gpus is not None else list(range(torch.cuda.device_count()))
-    groups = {"custom": a.workloads} if a.workloads else GROUPS
+    groups = {"custom": a.workloads} if a.workloads else {g: GROUPS[g] for g in a.groups}
     pending = [(job, group) for job in a.jobs for group in groups]
-    running: list[tuple[subprocess.Popen, int, str]] = []
+    running: list[tuple[subprocess.Popen, int, str, float]] = []
     free = list(gpus)
     logs = Path(a.out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -59,12 +62,17 @@ def main() -> None:
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
             log = open(logs / f"{job.replace(':', '-')}-{group}.log", "w")  # noqa: SIM115 - closed with the process
             running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu,
-                            f"{job} {group}"))
+                            f"{job} {group}", time.time()))
             print(f"started {job} {group} on GPU {gpu}", flush=True)
-        while not any(p.poll() is not None for p, _, _ in running):
+        while not any(p.poll() is not None for p, *_ in running):
+            for p, _, job, t0 in running:
+                if a.timeout and time.time() - t0 > a.timeout:
+                    print(f"stopping {job} after {a.timeout:.0f} s", flush=True)
+                    p.kill()
             time.sleep(2)
-        proc, gpu, job = next(r for r in running if r[0].poll() is not None)
-        running.remove((proc, gpu, job))
+        entry = next(r for r in running if r[0].poll() is not None)
+        running.remove(entry)
+        proc, gpu, job, _ = entry
         free.append(gpu)
         print(f"finished {job} on GPU {gpu}: exit {proc.returncode}", flush=True)
     name = torch.cuda.get_device_name(gpus[0] if gpus else 0).replace(" ", "-")
