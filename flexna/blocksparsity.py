@@ -24,11 +24,15 @@ and an exact per-axis test over box pairs (per dilation residue) decides.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from flexna.geometry import Region, axis_window_bounds, block_boxes, region_or_full, region_shape, tile_grid
 from flexna.pattern import NAPattern
+
+Array = TypeVar("Array", torch.Tensor, np.ndarray)
 
 
 def block_as_tile(shape: tuple[int, ...], tile: tuple[int, ...], block_tiles: int) -> tuple[int, ...] | None:
@@ -132,23 +136,26 @@ def _range_extreme(table: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: int
 
 
 def _exact_pairs(
-    qa: torch.Tensor, qb: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor,
-    lo: torch.Tensor, hi: torch.Tensor, d: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-axis (some pair attends, every pair attends) for query/key intervals."""
+    qa: Array, qb: Array, ka: Array, kb: Array, lo: Array, hi: Array, d: int,
+) -> tuple[Array, Array]:
+    """Per-axis (some pair attends, every pair attends) for query/key intervals.
+
+    Works on torch tensors (on any device) and on NumPy arrays alike (the per-axis tile
+    tables are computed with NumPy: ~1 us per operation instead of torch's ~5 us).
+    """
     if d == 1:
         some = (lo[qa] <= kb) & (hi[qb] >= ka)
         every = (lo[qb] <= ka) & (hi[qa] >= kb)
         return some, every
-    r = torch.arange(d, device=qa.device)
+    r = np.arange(d) if isinstance(qa, np.ndarray) else torch.arange(d, device=qa.device)
     qa_, qb_, ka_, kb_ = qa[..., None], qb[..., None], ka[..., None], kb[..., None]
     xf = qa_ + (r - qa_) % d
     xl = qb_ - (qb_ - r) % d
     yf = ka_ + (r - ka_) % d
     yl = kb_ - (kb_ - r) % d
-    top = lo.numel() - 1
-    some = ((xf <= qb_) & (yf <= kb_) & (lo[xf.clamp(max=top)] <= yl)
-            & (hi[xl.clamp(min=0)] >= yf)).any(dim=-1)
+    top = lo.shape[0] - 1
+    some = ((xf <= qb_) & (yf <= kb_) & (lo[xf.clip(max=top)] <= yl)
+            & (hi[xl.clip(min=0)] >= yf)).any(-1)
     every = ((qa == qb) & (ka == kb) & ((ka - qa) % d == 0)
              & (lo[qa] <= ka) & (ka <= hi[qa]))
     return some, every
@@ -165,15 +172,28 @@ def axis_tile_tables(
     clipped by the end of its span (padding). Tiles start at the span's
     start (``q_span``/``kv_span``: ``(start, stop)``, default the whole axis).
     """
+    some, every = _axis_tile_tables_np(pattern, axis, q_tile, kv_tile, q_span, kv_span)
+    some_t, every_t = torch.from_numpy(some), torch.from_numpy(every)
+    if device is None or torch.device(device).type == "cpu":
+        return some_t, every_t
+    both = torch.stack([some_t, every_t]).to(device)
+    return both[0], both[1]
+
+
+def _axis_tile_tables_np(
+    pattern: NAPattern, axis: int, q_tile: int, kv_tile: int,
+    q_span: tuple[int, int] | None = None, kv_span: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`axis_tile_tables` as NumPy arrays (the CPU side of every build and of the tile search)."""
     length = pattern.shape[axis]
-    lo, hi = axis_window_bounds(length, pattern.kernel_size[axis], pattern.stride[axis],
-                                pattern.dilation[axis], pattern.is_causal[axis], device)
+    lo, hi = (t.numpy() for t in axis_window_bounds(length, pattern.kernel_size[axis], pattern.stride[axis],
+                                                    pattern.dilation[axis], pattern.is_causal[axis]))
     q0, q1 = q_span or (0, length)
     k0, k1 = kv_span or (0, length)
-    tq = q0 + torch.arange(-(-(q1 - q0) // q_tile), device=device) * q_tile
-    tk = k0 + torch.arange(-(-(k1 - k0) // kv_tile), device=device) * kv_tile
-    qa, qb = tq, torch.clamp(tq + q_tile, max=q1) - 1
-    ka, kb = tk, torch.clamp(tk + kv_tile, max=k1) - 1
+    tq = np.arange(q0, q1, q_tile)
+    tk = np.arange(k0, k1, kv_tile)
+    qa, qb = tq, np.minimum(tq + q_tile, q1) - 1
+    ka, kb = tk, np.minimum(tk + kv_tile, k1) - 1
     some, every = _exact_pairs(qa[:, None], qb[:, None], ka[None, :], kb[None, :], lo, hi,
                                pattern.dilation[axis])
     every = every & (tq + q_tile <= q1)[:, None] & (tk + kv_tile <= k1)[None, :]
@@ -195,9 +215,10 @@ def _tile_maps(
     n = pattern.ndim
     q_grid = tile_grid(region_shape(q_region), q_tile)
     kv_grid = tile_grid(region_shape(kv_region), kv_tile)
-    tables = [t for a in range(n) for t in axis_tile_tables(pattern, a, q_tile[a], kv_tile[a], "cpu",
-                                                             q_region[a], kv_region[a])]
-    moved = torch.cat([t.flatten() for t in tables]).to(device).split([t.numel() for t in tables])
+    tables = [t for a in range(n) for t in _axis_tile_tables_np(pattern, a, q_tile[a], kv_tile[a],
+                                                                 q_region[a], kv_region[a])]
+    flat = torch.from_numpy(np.concatenate([t.ravel() for t in tables]))
+    moved = flat.to(device).split([t.size for t in tables])
     some = full = None
     for a in range(n):
         view = [1] * (2 * n)

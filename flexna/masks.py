@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flexna.geometry import Region, axis_window_bounds, padded_shape, region_or_full, region_shape
@@ -142,12 +143,12 @@ def build_tables(
     kv_region = region_or_full(kv_region, pattern.shape)
     q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
     q_pad, kv_pad = padded_shape(q_shape, q_tile), padded_shape(kv_shape, kv_tile)
-    q_cols, kv_cols = [], []
+    q_cols, kv_cols = [], []  # NumPy: a handful of tiny operations per axis
     for a in range(pattern.ndim):
         length, d = pattern.shape[a], pattern.dilation[a]
-        lo, hi = axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
-                                    pattern.is_causal[a])
-        x = torch.arange(length)
+        lo, hi = (t.numpy() for t in axis_window_bounds(length, pattern.kernel_size[a], pattern.stride[a], d,
+                                                        pattern.is_causal[a]))
+        x = np.arange(length)
         if d > 1:  # move the window into the query's dilation group
             shift = (x % d) * length
             lo, hi, x = lo + shift, hi + shift, x + shift
@@ -161,9 +162,9 @@ def build_tables(
     if fields is not None:  # the packing constants travel in the same copy: [1 << o_a]..., guards
         offsets, widths = fields
         guards = sum(1 << (o + w - 1) for o, w in zip(offsets, widths, strict=True))
-        cols.append(torch.tensor([*(1 << o for o in offsets), guards]))
-    moved = torch.cat(cols).to(torch.int64 if wide else torch.int32).to(device)
-    moved = moved.split([c.numel() for c in cols])
+        cols.append(np.array([*(1 << o for o in offsets), guards]))
+    flat = np.concatenate(cols).astype(np.int64 if wide else np.int32)
+    moved = torch.from_numpy(flat).to(device).split([c.size for c in cols])
     q_all = axis_values_in_order([(i // 2, c) for i, c in enumerate(moved[:2 * n])], q_shape, q_tile)
     kv_all = axis_values_in_order(list(enumerate(moved[2 * n:3 * n])), kv_shape, kv_tile)
     q_lo, q_hi, kv_pos = q_all[0::2].unbind(0), q_all[1::2].unbind(0), kv_all.unbind(0)
@@ -177,9 +178,9 @@ def build_tables(
     return MaskTables(pattern, q_tile, kv_tile, tuple(q_lo), tuple(q_hi), tuple(kv_pos), packed)
 
 
-def _padded(values: torch.Tensor, size: int, pad: int) -> torch.Tensor:
+def _padded(values: np.ndarray, size: int, pad: int) -> np.ndarray:
     """``values`` extended to ``size`` entries with ``pad`` (positions past the region's end)."""
-    return torch.cat([values, torch.full((size - values.numel(),), pad)])
+    return np.concatenate([values, np.full(size - values.size, pad, dtype=values.dtype)])
 
 
 def na_mask_mod(
