@@ -484,8 +484,11 @@ def neighborhood_attention(
     mask = cached_extended_block_mask(patterns, extra_q, extra_kv, query.device)
     tokens = patterns[0].num_tokens
 
+    # as few views as possible: each is an autograd node, and sub-millisecond 1-D calls are
+    # bound by host time (no reshape of a 1-D layout, no slice without extra queries)
     def to_bhnd(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        t = t.reshape(batch, tokens, t.shape[-2], t.shape[-1])
+        if t.dim() != 4:
+            t = t.reshape(batch, tokens, t.shape[-2], t.shape[-1])
         if extra is not None:
             t = torch.cat([t, extra], dim=1)
         return t.transpose(1, 2)
@@ -499,7 +502,9 @@ def neighborhood_attention(
                       to_bhnd(value, additional_values), mask, scale, return_lse, **kwargs)
     out, lse = result if return_lse else (result, None)
     out = out.transpose(1, 2)
-    main = out[:, :tokens].reshape(*query.shape[:-1], value.shape[-1])
+    main = out[:, :tokens] if extra_q else out
+    if main.dim() != query.dim():
+        main = main.reshape(*query.shape[:-1], value.shape[-1])
     outs = [main, out[:, tokens:]] if extra_q else [main]
     if lse is not None:
         lse = lse.transpose(1, 2)
