@@ -40,6 +40,27 @@ def report(title: str, prof, rows: int, wall_ms: float) -> None:
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
+def profiled(title: str, fn, warmup: int, sync_each: bool, rows: int) -> None:
+    """Wall ms per call of ``fn`` (REPS calls after ``warmup``), then the same under the profiler."""
+
+    def reps() -> None:
+        for _ in range(REPS):
+            fn()
+            if sync_each:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps()
+    wall = (time.perf_counter() - t0) * 1e3 / REPS
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        reps()
+    report(title, prof, rows, wall)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="*", default=["long-1d", "hunyuan-na"])
@@ -62,19 +83,7 @@ def main() -> None:
         def build(qt=qt, kt=kt, args=args):
             return flexna.na_block_mask(*args, q_tile=qt, kv_tile=kt, device=dev)
 
-        for _ in range(5):
-            build()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(REPS):
-            build()
-            torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3 / REPS
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(REPS):
-                build()
-                torch.cuda.synchronize()
-        report(f"{w} BlockMask build (tiles {qt} / {kt})", prof, a.rows, wall)
+        profiled(f"{w} BlockMask build (tiles {qt} / {kt})", build, warmup=5, sync_each=True, rows=a.rows)
         if a.builds_only:
             continue
 
@@ -88,20 +97,8 @@ def main() -> None:
                 out.backward(torch.ones_like(out))
             return out
 
-        for _ in range(10):
-            call()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(REPS):
-            call()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3 / REPS
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(REPS):
-                call()
-            torch.cuda.synchronize()
-        report(f"{w} end to end ({'fwd+bwd' if a.backward else 'fwd'}, not synchronised per call)",
-               prof, a.rows, wall)
+        profiled(f"{w} end to end ({'fwd+bwd' if a.backward else 'fwd'}, not synchronised per call)", call,
+                 warmup=10, sync_each=False, rows=a.rows)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def _check_extra(name: str, value: int) -> int:
 def build_extended_tables(patterns: tuple[NAPattern, ...], num_extra_q: int, num_extra_kv: int,
                           device: torch.device) -> ExtendedTables:
     tile = (1,) * patterns[0].ndim
-    per = [build_tables(p, tile, tile, device) for p in patterns]
+    per = [build_tables(p, tile, tile, device, packed=False) for p in patterns]
     n = patterns[0].ndim
 
     def stack(get, extra, value):
@@ -206,7 +206,7 @@ def extended_block_maps(pattern: NAPattern, num_extra_q: int, num_extra_kv: int,
     complete = q_complete[:, None] & k_complete[None, :]
     no_layout_rect = ~q_layout[:, None] | ~k_layout[None, :]
     full |= complete & no_layout_rect
-    tables = build_tables(pattern, tile, tile, device)
+    tables = build_tables(pattern, tile, tile, device, packed=False)
     straddle = complete & ~no_layout_rect & (q_extra[:, None] | k_extra[None, :])
     straddle[: p0.shape[0], : p0.shape[1]] &= p0 | f0
     for i, j in straddle.nonzero().tolist():

@@ -131,6 +131,7 @@ def build_tables(
     *,
     q_region: Region | None = None,
     kv_region: Region | None = None,
+    packed: bool = True,
 ) -> MaskTables:
     """Lookup tables for ``pattern`` with queries in ``q_tile`` and keys in ``kv_tile`` order.
 
@@ -138,6 +139,7 @@ def build_tables(
     ``(start, stop)`` sub-box of the layout in its own tiled order; by default
     the whole layout. The per-axis columns are computed on the CPU and moved in
     one copy; each table is then one broadcast-and-permute on ``device``.
+    ``packed=False`` skips the packed tables (callers that read the per-axis ones only).
     """
     q_region = region_or_full(q_region, pattern.shape)
     kv_region = region_or_full(kv_region, pattern.shape)
@@ -157,7 +159,7 @@ def build_tables(
         kv_cols.append(_padded(x[k0:k1], kv_pad[a], -1))
     wide = max(d * length for d, length in zip(pattern.dilation, pattern.shape, strict=True)) >= 2**31 - 1
     n = pattern.ndim
-    fields = packed_fields(pattern) if not wide else None
+    fields = packed_fields(pattern) if packed and not wide else None
     cols = q_cols + kv_cols
     if fields is not None:  # the packing constants travel in the same copy: [1 << o_a]..., guards
         offsets, widths = fields

@@ -117,7 +117,7 @@ def _packed_mask_mod(patterns: tuple[NAPattern, ...], block: int, device: torch.
     q_lo, q_hi, kv_pos = ([[] for _ in range(n)] for _ in range(3))
     q_seg, kv_seg = [], []
     for i, p in enumerate(patterns):
-        t = build_tables(p, tile, tile, device)
+        t = build_tables(p, tile, tile, device, packed=False)
         pad = -(-p.num_tokens // block) * block - p.num_tokens
         for a in range(n):
             for dst, src, val in ((q_lo, t.q_lo, 1), (q_hi, t.q_hi, 0), (kv_pos, t.kv_pos, -1)):
