@@ -42,12 +42,11 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
-import flexna.functional as FN
 from flexna.analysis import analyze, choose_tiles, search_tiles
-from flexna.catalogue import load_entry
 from flexna.layout import TokenLayout
+from flexna.tools.catalogue import load_entry
 
-# the kernel options flexna's functional API passes on Hopper (flexna.functional._use_tma)
+# the kernel options flexna's functional API passes on Hopper (flexna.flex.cuda_kernel_options)
 TMA = {"USE_TMA": True}
 
 DEFAULT_WORKLOADS = ["long-1d", "long-1d-s256", "long-1d-blocked", "flux-na", "flux-gna",
@@ -173,7 +172,7 @@ def run_workload(name: str, dtype: torch.dtype, backward: bool, natten_ok: bool,
                                              p.is_causal, tiles="auto")
 
     def e2e_cold():
-        FN._mask_cache.clear()
+        flexna.clear_cache()
         return e2e()
 
     measure("e2e", lambda: bench(e2e, backward, grads_n))

@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
-from flexna.catalogue import load_entry
+from flexna.tools.catalogue import load_entry
 
 CASES = [  # (workload, q_tile, kv_tile)
     ("hunyuan-na", None, None),

@@ -153,7 +153,7 @@ def run_row(args: argparse.Namespace, shape: tuple[int, ...], overlaps: list[boo
     axis = args.axis
     sizes = split_sizes(shape[axis], world)
     tiles = "auto" if args.tiles == "auto" else None
-    order = resolve_tiles(tiles, (pattern,), False, False)
+    order = resolve_tiles(tiles, (pattern,), False)
     # the same global tensors on every rank (same seed and device type), then each keeps its slab
     g = torch.Generator(device=device).manual_seed(0)
     full = [torch.randn(args.batch, *shape, args.heads, args.dim, device=device, dtype=dtype, generator=g)

@@ -10,9 +10,9 @@ best tiles), the fused Flex kernel (forward, TMA as flexna runs it) with one Blo
   div/mod chains per element (tile index, tile coordinates, in-tile coordinates), then the
   window test by arithmetic -- what NATTEN's Flex backend does;
 * ``per-axis tables``: flexna's table mask, ``lo[q] <= pos[kv] <= hi[q]`` per axis
-  (``MaskTables.mask_mod(packed=False)``);
-* ``packed tables``: all axes in one int32, 5 integer operations per element
-  (``MaskTables.mask_mod(packed=True)``, flexna's default from 2 axes on);
+  (``MaskTables.mask_mod(fused=False)``);
+* ``fused tables``: all axes in one int32, 5 integer operations per element
+  (``MaskTables.mask_mod(fused=True)``, flexna's default from 2 axes on);
 * ``no mask`` (bound, wrong answer): partial blocks computed without masking -- what a
   partial block costs at the least.
 
@@ -36,10 +36,11 @@ from torch.nn.attention.flex_attention import create_mask, flex_attention
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
 from flexna.analysis import search_tiles
-from flexna.catalogue import load_entry
 from flexna.geometry import tile_grid
-from flexna.masks import build_tables
 from flexna.pattern import NAPattern
+from flexna.spec import MaskSpec
+from flexna.tables import build_tables
+from flexna.tools.catalogue import load_entry
 
 
 def coordinate_mask_mod(pattern: NAPattern, tile: tuple[int, ...], kv_tile: tuple[int, ...]):
@@ -79,11 +80,11 @@ def self_check() -> None:
              ((12, 10), (5, 5), (1, 1), (1, 1))]
     for shape, kernel, qt, kt in cases:
         p = NAPattern.create(shape, kernel)
-        t = build_tables(p, qt, kt, "cpu")
-        want = create_mask(t.mask_mod(packed=False), None, None, t.q_len, t.kv_len, device="cpu")
+        t = build_tables(MaskSpec.create(p, q_tile=qt, kv_tile=kt), "cpu")
+        want = create_mask(t.mask_mod(fused=False), None, None, t.q_len, t.kv_len, device="cpu")
         got = create_mask(coordinate_mask_mod(p, qt, kt), None, None, t.q_len, t.kv_len, device="cpu")
         assert torch.equal(got, want), (shape, kernel, qt, kt)
-        assert torch.equal(create_mask(t.mask_mod(packed=True), None, None, t.q_len, t.kv_len,
+        assert torch.equal(create_mask(t.mask_mod(fused=True), None, None, t.q_len, t.kv_len,
                                        device="cpu"), want)
 
 
@@ -112,13 +113,13 @@ def run_workload(w: str, dtype: torch.dtype, cflex, row_major: bool) -> list[str
     for qt, kt in arrangements:
         bm = flexna.na_block_mask(*args, q_tile=qt, kv_tile=kt, device=dev)
         q_t, kv_t = qt or (1,) * p.ndim, kt or (1,) * p.ndim
-        tables = build_tables(p, q_t, kv_t, dev)
+        tables = build_tables(MaskSpec.create(p, q_tile=q_t, kv_tile=kv_t), dev)
         nq, nkv = bm.seq_lengths
         tq, tk, tv = (torch.randn(1, entry.heads, n, entry.head_dim, device=dev, dtype=dtype)
                       for n in (nq, nkv, nkv))
         opts = {"USE_TMA": True, **({"BLOCK_N": bm.BLOCK_SIZE[1]} if bm.BLOCK_SIZE[1] < 128 else {})}
-        mods = {"coords": coordinate_mask_mod(p, q_t, kv_t), "axis": tables.mask_mod(packed=False),
-                "packed": tables.mask_mod(packed=True) if tables.packed is not None else None,
+        mods = {"coords": coordinate_mask_mod(p, q_t, kv_t), "axis": tables.mask_mod(fused=False),
+                "packed": tables.mask_mod(fused=True) if tables.fused is not None else None,
                 "none": no_mask}
         ms = {}
         for key, mm in mods.items():

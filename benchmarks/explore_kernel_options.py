@@ -20,7 +20,7 @@ from torch.nn.attention.flex_attention import flex_attention
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
 from flexna.analysis import choose_tiles
-from flexna.catalogue import load_entry
+from flexna.tools.catalogue import load_entry
 
 OPTION_SETS = {
     "default": {},

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
 from flexna.analysis import choose_tiles
-from flexna.catalogue import load_entry
+from flexna.tools.catalogue import load_entry
 
 REPS = 20
 

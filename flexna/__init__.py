@@ -3,15 +3,17 @@
 Build a ``mask_mod`` or an analytic ``BlockMask`` for any 1-D/2-D/3-D token
 layout and run it through ``torch.nn.attention.flex_attention``, or call the
 functional API (``na1d``/``na2d``/``na3d``/``neighborhood_attention``).
-The exact pattern is specified in the README ("Semantics").
+The exact pattern is specified in ``docs/SEMANTICS.md``.
 """
 
 from flexna.analysis import analyze, choose_layout, choose_tiles, search_tiles
 from flexna.blockmask import na_block_mask
+from flexna.cache import CacheInfo, cache_info, clear_cache, set_cache_limit
 from flexna.distributed import sharded_neighborhood_attention
-from flexna.extended import PerHead, extended_na_block_mask, extended_na_mask_mod
+from flexna.errors import CacheWarning, EagerFallbackWarning, RecompileLimitError
+from flexna.extended import extended_na_block_mask, extended_na_mask_mod
+from flexna.flex import dense_flex_attention
 from flexna.functional import (
-    dense_flex_attention,
     na1d,
     na2d,
     na3d,
@@ -20,7 +22,6 @@ from flexna.functional import (
     tiled_neighborhood_attention,
 )
 from flexna.layout import TokenLayout, tile_tokens, tiled_length, untile_tokens
-from flexna.masks import na_mask_mod
 from flexna.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from flexna.packing import (
     pack_tokens,
@@ -30,7 +31,7 @@ from flexna.packing import (
     packed_rel_pos_bias_score_mod,
     unpack_tokens,
 )
-from flexna.pattern import NAPattern
+from flexna.pattern import NAPattern, PerHead
 from flexna.scores import (
     compose_score_mods,
     distance_decay_score_mod,
@@ -38,17 +39,26 @@ from flexna.scores import (
     rpb_table_shape,
     softcap_score_mod,
 )
+from flexna.spec import MaskSpec
+from flexna.tables import na_mask_mod
 
 __all__ = [
+    "CacheInfo",
+    "CacheWarning",
+    "EagerFallbackWarning",
+    "MaskSpec",
     "NAPattern",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "PerHead",
+    "RecompileLimitError",
     "TokenLayout",
     "analyze",
+    "cache_info",
     "choose_layout",
     "choose_tiles",
+    "clear_cache",
     "compose_score_mods",
     "dense_flex_attention",
     "distance_decay_score_mod",
@@ -69,6 +79,7 @@ __all__ = [
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
     "search_tiles",
+    "set_cache_limit",
     "sharded_neighborhood_attention",
     "softcap_score_mod",
     "tile_tokens",

@@ -2,6 +2,6 @@
 
 import sys
 
-from flexna.cli import main
+from flexna.tools.cli import main
 
 sys.exit(main())

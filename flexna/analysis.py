@@ -24,11 +24,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flexna.blockmask import DEFAULT_BLOCK, resolve_block_sizes
-from flexna.blocksparsity import axis_tile_tables, block_maps
+from flexna.blocksparsity import axis_tile_tables, spec_maps
 from flexna.geometry import padded_shape
-from flexna.layout import TokenLayout, as_tile
-from flexna.pattern import NAPattern
+from flexna.layout import TokenLayout
+from flexna.pattern import NAPattern, fmt_dims
+from flexna.spec import DEFAULT_BLOCK, MaskSpec
 
 
 def partial_cost(ndim: int) -> float:
@@ -75,8 +75,7 @@ class Analysis:
 
     def summary(self) -> str:
         tiles = ("row-major" if math.prod(self.q_tile) == 1 and math.prod(self.kv_tile) == 1
-                 else f"q tile {'x'.join(map(str, self.q_tile))}, kv tile "
-                 f"{'x'.join(map(str, self.kv_tile))}")
+                 else f"q tile {fmt_dims(self.q_tile)}, kv tile {fmt_dims(self.kv_tile)}")
         return (f"{tiles}, blocks {self.q_block}x{self.kv_block}: {self.full_blocks} full, "
                 f"{self.partial_blocks} partial, {self.empty_blocks} empty; predicted "
                 f"{self.predicted_speedup:.2f}x over dense Flex (FLOP-wise limit "
@@ -90,12 +89,10 @@ def analyze(
     block_size: int | Sequence[int] | None = None,
 ) -> Analysis:
     """Density, FLOP-wise limit, block counts and predicted speed-up of ``pattern``."""
-    q_t = as_tile("q_tile", q_tile, pattern.shape)
-    kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
-    q_block, kv_block = resolve_block_sizes(block_size, q_t, kv_t)
-    partial, full = block_maps(pattern, q_t, kv_t, q_block, kv_block, "cpu")
-    return Analysis(pattern, q_t, kv_t, q_block, kv_block, int(full.sum()), int(partial.sum()),
-                    partial.numel())
+    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, block_size=block_size)
+    partial, full = spec_maps(spec)  # cached: the functional API's mask reuses them
+    return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block, int(full.sum()),
+                    int(partial.sum()), partial[0].size)
 
 
 def _tile_shapes(shape: tuple[int, ...], tokens: int) -> list[tuple[int, ...]]:

@@ -1,38 +1,40 @@
-"""Which (query block, key block) pairs a pattern touches, from geometry alone.
+"""Which (query block, key block) pairs a mask touches, from geometry alone (NumPy, no torch).
 
-Pure index math on tensors (no FlexAttention): the output is two sorted
-lists of block pairs, *any* (some pair of tokens attends) and *full* (every
-pair attends, all tokens real). ``blockmask.py`` turns them into a BlockMask.
+The output is two bool maps per pattern, *partial* (some pair of tokens attends, not all)
+and *full* (every pair attends, all tokens real); ``blockmask.py`` turns them into a
+BlockMask. :func:`spec_block_maps` handles a whole :class:`~flexna.spec.MaskSpec` in one
+place: one map per distinct head pattern, packed samples as a block diagonal, extra-token
+rows and columns, on top of :func:`order_block_maps` for one pattern in one pair of orders.
 
 Method. A block of the tiled order is a union of at most ``2n - 1`` boxes
-(:func:`flexna.geometry.block_boxes`). With dilation 1 on every axis:
+(:meth:`flexna.layout.TokenOrder.block_boxes`). With dilation 1 on every axis:
 
-* the keys reached by a box of queries form the box whose per-axis interval
-  is ``[lo(first), hi(last)]`` (windows are monotone and gap-free), so the
-  key blocks *reached* by a query block are exactly the blocks touching
-  those boxes;
-* the keys attended by *every* query of the block form the box
-  ``[max lo(last), min hi(first)]``, so the *full* key blocks are exactly
-  the complete blocks lying inside it.
+* the keys reached by a box of queries form the box whose per-axis interval is
+  ``[lo(first), hi(last)]`` of the rule's *envelope* (windows are monotone and gap-free),
+  so the key blocks *reached* by a query block are exactly the blocks touching those boxes;
+* the keys attended by *every* query of the block form the box ``[max lo(last), min
+  hi(first)]`` of the rule's *core*, so the *full* key blocks are exactly the complete
+  blocks lying inside it.
 
-Both are found by walking the boxes in runs contiguous in the
-key order), so the cost is O(runs + pairs reached), never O(N^2). With
-dilation the unions are not boxes; the bounding boxes then give candidates
-and an exact per-axis test over box pairs (per dilation residue) decides.
+Both are found by walking the boxes in runs contiguous in the key order, so the cost is
+O(runs + pairs reached), never O(N^2). With dilation the unions are not boxes; the bounding
+boxes then give candidates and an exact per-axis test over box pairs (per dilation
+residue) decides.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TypeVar
 
 import numpy as np
-import torch
 
-from flexna.geometry import Region, axis_window_bounds, block_boxes, region_or_full, region_shape, tile_grid
+from flexna.cache import cached
+from flexna.geometry import Region, ravel, region_or_full, region_shape, tile_grid
+from flexna.layout import TokenLayout
 from flexna.pattern import NAPattern
+from flexna.spec import MaskSpec
 
-Array = TypeVar("Array", torch.Tensor, np.ndarray)
+Maps = tuple[np.ndarray, np.ndarray]
 
 
 def block_as_tile(shape: tuple[int, ...], tile: tuple[int, ...], block_tiles: int) -> tuple[int, ...] | None:
@@ -53,32 +55,24 @@ def block_as_tile(shape: tuple[int, ...], tile: tuple[int, ...], block_tiles: in
     return None
 
 
-def _ravel(coords: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    flat = torch.zeros_like(coords[..., 0])
-    for a, size in enumerate(dims):
-        flat = flat * size + coords[..., a]
-    return flat
-
-
-def _fill_runs(rows: int, cols: int, owner: torch.Tensor, first: torch.Tensor,
-               last: torch.Tensor) -> torch.Tensor:
+def _fill_runs(rows: int, cols: int, owner: np.ndarray, first: np.ndarray,
+               last: np.ndarray) -> np.ndarray:
     """Bool ``[rows, cols]`` map, True on ``[first, last]`` of row ``owner`` for every run.
 
     A difference array: +1 at each run's first column, -1 past its last, a cumsum along
     the rows; O(runs + rows x cols) with no per-pair expansion. Empty runs (first > last)
     and overlapping runs are fine.
     """
-    weight = (first <= last).to(torch.int16)  # a cell lies in at most 2n - 1 runs (boxes)
-    diff = torch.zeros(rows, cols + 1, dtype=torch.int16, device=owner.device)
-    diff.index_put_((owner, first.clamp(0, cols)), weight, accumulate=True)
-    diff.index_put_((owner, (last + 1).clamp(0, cols)), -weight, accumulate=True)
-    return diff.cumsum(dim=1, dtype=torch.int16)[:, :cols] > 0
+    weight = (first <= last).astype(np.int64)
+    width = cols + 1
+    idx = np.concatenate([owner * width + np.clip(first, 0, cols),
+                          owner * width + np.clip(last + 1, 0, cols)])
+    diff = np.bincount(idx, np.concatenate([weight, -weight]), minlength=rows * width)
+    return diff.reshape(rows, width).cumsum(axis=1)[:, :cols] > 0.5
 
 
-def _box_runs(
-    owner: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor, grid: tuple[int, ...],
-    max_gap: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _box_runs(owner: np.ndarray, t_lo: np.ndarray, t_hi: np.ndarray, grid: tuple[int, ...],
+              max_gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cover tile-grid boxes ``[t_lo, t_hi]`` with runs of row-major flat indices.
 
     A box is walked along its slowest axes ("prefix") and each step is one
@@ -92,62 +86,51 @@ def _box_runs(
     Returns ``(owner, start, end)`` per run, inclusive.
     """
     n = len(grid)
-    device = t_lo.device
-    # span of the box restricted to axes >= j, in the flat index of grid[j:]
     merge = []
     for j in range(1, n):
         sub = grid[j:]
-        span = _ravel(t_hi[:, j:], sub) - _ravel(t_lo[:, j:], sub) + 1
+        span = ravel(t_hi[:, j:], sub) - ravel(t_lo[:, j:], sub) + 1
         merge.append(math.prod(sub) - span < max_gap)
     if merge:
-        m_ok = torch.stack(merge, dim=1).long()  # m_ok[:, j-1]: may merge axis j into j-1
-        run_axis = (n - 1) - torch.flip(torch.cumprod(torch.flip(m_ok, [1]), 1), [1]).sum(1)
+        m_ok = np.stack(merge, axis=1).astype(np.int64)  # m_ok[:, j-1]: may merge axis j into j-1
+        run_axis = (n - 1) - np.flip(np.cumprod(np.flip(m_ok, 1), 1), 1).sum(1)
     else:
-        run_axis = torch.zeros(t_lo.shape[0], dtype=torch.long, device=device)
-    axis = torch.arange(n, device=device)
-    prefix = axis[None, :] < run_axis[:, None]
-    extent = torch.where(prefix, t_hi - t_lo + 1, torch.ones_like(t_lo))
-    lines = extent.prod(dim=1)
-    row = torch.repeat_interleave(torch.arange(owner.numel(), device=device), lines)
-    offsets = torch.cumsum(lines, 0) - lines
-    local = torch.arange(row.numel(), device=device) - offsets[row]
+        run_axis = np.zeros(t_lo.shape[0], dtype=np.int64)
+    prefix = np.arange(n)[None, :] < run_axis[:, None]
+    extent = np.where(prefix, t_hi - t_lo + 1, 1)
+    lines = extent.prod(axis=1)
+    row = np.repeat(np.arange(owner.size), lines)
+    offsets = np.cumsum(lines) - lines
+    local = np.arange(row.size) - offsets[row]
     ext = extent[row]
     step = []
     for a in reversed(range(n)):
         step.append(local % ext[:, a])
         local = local // ext[:, a]
-    step = torch.stack(step[::-1], dim=1)
-    lo, hi = t_lo[row], t_hi[row]
-    start = lo + step
-    end = torch.where(prefix[row], start, hi)
-    return owner[row], _ravel(start, grid), _ravel(end, grid)
+    steps = np.stack(step[::-1], axis=1)
+    start = t_lo[row] + steps
+    end = np.where(prefix[row], start, t_hi[row])
+    return owner[row], ravel(start, grid), ravel(end, grid)
 
 
-def _range_extreme(table: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: int, lowest: bool) -> torch.Tensor:
+def _range_extreme(table: np.ndarray, a: np.ndarray, b: np.ndarray, d: int, lowest: bool) -> np.ndarray:
     """min (``lowest``) or max of ``table`` over ``[a, b]`` for a table monotone per residue mod d."""
     if d == 1:
         return table[a] if lowest else table[b]
-    off = torch.arange(d, device=a.device)
+    off = np.arange(d)
     if lowest:
-        idx = torch.minimum(a[..., None] + off, b[..., None])
-        return table[idx].amin(dim=-1)
-    idx = torch.maximum(b[..., None] - off, a[..., None])
-    return table[idx].amax(dim=-1)
+        return table[np.minimum(a[..., None] + off, b[..., None])].min(axis=-1)
+    return table[np.maximum(b[..., None] - off, a[..., None])].max(axis=-1)
 
 
-def _exact_pairs(
-    qa: Array, qb: Array, ka: Array, kb: Array, lo: Array, hi: Array, d: int,
-) -> tuple[Array, Array]:
-    """Per-axis (some pair attends, every pair attends) for query/key intervals.
-
-    Works on torch tensors (on any device) and on NumPy arrays alike (the per-axis tile
-    tables are computed with NumPy: ~1 us per operation instead of torch's ~5 us).
-    """
+def _exact_pairs(qa: np.ndarray, qb: np.ndarray, ka: np.ndarray, kb: np.ndarray, lo: np.ndarray,
+                 hi: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis (some pair attends, every pair attends) for query/key intervals."""
     if d == 1:
         some = (lo[qa] <= kb) & (hi[qb] >= ka)
         every = (lo[qb] <= ka) & (hi[qa] >= kb)
         return some, every
-    r = np.arange(d) if isinstance(qa, np.ndarray) else torch.arange(d, device=qa.device)
+    r = np.arange(d)
     qa_, qb_, ka_, kb_ = qa[..., None], qb[..., None], ka[..., None], kb[..., None]
     xf = qa_ + (r - qa_) % d
     xl = qb_ - (qb_ - r) % d
@@ -162,99 +145,73 @@ def _exact_pairs(
 
 
 def axis_tile_tables(
-    pattern: NAPattern, axis: int, q_tile: int, kv_tile: int, device: torch.device | str | None = None,
-    q_span: tuple[int, int] | None = None, kv_span: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-axis tile tables ``(some, every)``, bool ``[tiles_q, tiles_kv]`` along ``axis``.
-
-    ``some[i, j]``: a query of q tile ``i`` attends a key of kv tile ``j``
-    along this axis; ``every[i, j]``: all of them do and neither tile is
-    clipped by the end of its span (padding). Tiles start at the span's
-    start (``q_span``/``kv_span``: ``(start, stop)``, default the whole axis).
-    """
-    some, every = _axis_tile_tables_np(pattern, axis, q_tile, kv_tile, q_span, kv_span)
-    some_t, every_t = torch.from_numpy(some), torch.from_numpy(every)
-    if device is None or torch.device(device).type == "cpu":
-        return some_t, every_t
-    both = torch.stack([some_t, every_t]).to(device)
-    return both[0], both[1]
-
-
-def _axis_tile_tables_np(
     pattern: NAPattern, axis: int, q_tile: int, kv_tile: int,
     q_span: tuple[int, int] | None = None, kv_span: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`axis_tile_tables` as NumPy arrays (the CPU side of every build and of the tile search)."""
+    """Per-axis tile tables ``(some, every)``, bool ``[tiles_q, tiles_kv]`` along ``axis``.
+
+    ``some[i, j]``: a query of q tile ``i`` attends a key of kv tile ``j`` along this axis
+    (rule envelope); ``every[i, j]``: all of them do (rule core) and neither tile is clipped
+    by the end of its span (padding). Tiles start at the span's start (``q_span``/``kv_span``:
+    ``(start, stop)``, default the whole axis).
+    """
     length = pattern.shape[axis]
-    lo, hi = (t.numpy() for t in axis_window_bounds(length, pattern.kernel_size[axis], pattern.stride[axis],
-                                                    pattern.dilation[axis], pattern.is_causal[axis]))
     q0, q1 = q_span or (0, length)
     k0, k1 = kv_span or (0, length)
     tq = np.arange(q0, q1, q_tile)
     tk = np.arange(k0, k1, kv_tile)
-    qa, qb = tq, np.minimum(tq + q_tile, q1) - 1
-    ka, kb = tk, np.minimum(tk + kv_tile, k1) - 1
-    some, every = _exact_pairs(qa[:, None], qb[:, None], ka[None, :], kb[None, :], lo, hi,
-                               pattern.dilation[axis])
+    qa, qb = tq[:, None], np.minimum(tq + q_tile, q1)[:, None] - 1
+    ka, kb = tk[None, :], np.minimum(tk + kv_tile, k1)[None, :] - 1
+    d = pattern.dilation[axis]
+    some, _ = _exact_pairs(qa, qb, ka, kb, *pattern.envelope_bounds(axis), d)
+    _, every = _exact_pairs(qa, qb, ka, kb, *pattern.core_bounds(axis), d)
     every = every & (tq + q_tile <= q1)[:, None] & (tk + kv_tile <= k1)[None, :]
     return some, every
 
 
-def _tile_maps(
-    pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device | str | None,
-    q_region: Region, kv_region: Region,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _tile_maps(pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
+               q_region: Region, kv_region: Region) -> Maps:
     """Block maps when every block is exactly one tile (one box): the answer factorises.
 
-    Block ``b`` is tile ``unravel(b)`` of the grid, so "some pair attends" and
-    "every pair attends" are products over axes of :func:`axis_tile_tables`;
-    one broadcast AND gives the dense map. The per-axis tables are tiny and
-    built on the CPU, then moved in one copy: on a GPU the build is a handful
-    of kernel launches.
+    Block ``b`` is tile ``unravel(b)`` of the grid, so "some pair attends" and "every pair
+    attends" are products over axes of :func:`axis_tile_tables`; one broadcast AND gives
+    the dense map.
     """
     n = pattern.ndim
     q_grid = tile_grid(region_shape(q_region), q_tile)
     kv_grid = tile_grid(region_shape(kv_region), kv_tile)
-    tables = [t for a in range(n) for t in _axis_tile_tables_np(pattern, a, q_tile[a], kv_tile[a],
-                                                                 q_region[a], kv_region[a])]
-    flat = torch.from_numpy(np.concatenate([t.ravel() for t in tables]))
-    moved = flat.to(device).split([t.size for t in tables])
-    some = full = None
+    some = full = np.ones([1] * (2 * n), dtype=bool)
     for a in range(n):
+        s_a, e_a = axis_tile_tables(pattern, a, q_tile[a], kv_tile[a], q_region[a], kv_region[a])
         view = [1] * (2 * n)
         view[a], view[n + a] = q_grid[a], kv_grid[a]
-        s_a, e_a = moved[2 * a].reshape(view), moved[2 * a + 1].reshape(view)
-        some = s_a if some is None else some & s_a
-        full = e_a if full is None else full & e_a
+        some = some & s_a.reshape(view)
+        full = full & e_a.reshape(view)
     nq, nkv = math.prod(q_grid), math.prod(kv_grid)
-    some = some.expand(*q_grid, *kv_grid).reshape(nq, nkv)
-    full = full.expand(*q_grid, *kv_grid).reshape(nq, nkv)
+    some = np.broadcast_to(some, (*q_grid, *kv_grid)).reshape(nq, nkv)
+    full = np.broadcast_to(full, (*q_grid, *kv_grid)).reshape(nq, nkv)
     return some & ~full, full
 
 
-def block_maps(
+def order_block_maps(
     pattern: NAPattern,
-    q_tile: tuple[int, ...],
-    kv_tile: tuple[int, ...],
+    q_order: TokenLayout,
+    kv_order: TokenLayout,
     q_block: int,
     kv_block: int,
-    device: torch.device | str | None = None,
-    *,
     q_region: Region | None = None,
     kv_region: Region | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block maps of ``pattern``: ``(partial, full)``, bool ``[num_q_blocks, num_kv_blocks]``.
+) -> Maps:
+    """Block maps of one pattern: ``(partial, full)``, bool ``[q blocks, kv blocks]``.
 
-    ``q_block``/``kv_block`` are block sizes in tokens, multiples of the tile
-    token counts. Queries (keys) are the tokens of ``q_region`` (``kv_region``)
-    in that region's own tiled order; by default the whole layout. The maps are
-    dense at block granularity only (BlockMask's own index tensors are that
-    size); filling them costs O(pairs reached).
+    Queries (keys) are the tokens of ``q_region`` (``kv_region``) in ``q_order``
+    (``kv_order``), an order over that region; by default the whole layout.
     """
     n = pattern.ndim
     q_region = region_or_full(q_region, pattern.shape)
     kv_region = region_or_full(kv_region, pattern.shape)
     q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
+    q_tile, kv_tile = q_order.tile, kv_order.tile
     if n == 1:  # a 1-D block is one interval: treat it as a tile of its own
         q_tile, kv_tile = (q_block,), (kv_block,)
     q_tiles = q_block // math.prod(q_tile)
@@ -262,77 +219,160 @@ def block_maps(
     q_as_tile = block_as_tile(q_shape, q_tile, q_tiles)
     kv_as_tile = block_as_tile(kv_shape, kv_tile, kv_tiles)
     if q_as_tile is not None and kv_as_tile is not None:
-        return _tile_maps(pattern, q_as_tile, kv_as_tile, device, q_region, kv_region)
+        return _tile_maps(pattern, q_as_tile, kv_as_tile, q_region, kv_region)
+    q_boxes, kv_boxes = q_order.block_boxes(q_block), kv_order.block_boxes(kv_block)
+    if q_boxes is None or kv_boxes is None:
+        raise ValueError(f"block sizes ({q_block}, {kv_block}) must hold whole tiles of {q_order.tile} "
+                         f"/ {kv_order.tile}")
     kv_grid = tile_grid(kv_shape, kv_tile)
     num_kv = -(-math.prod(kv_grid) // kv_tiles)
-    q_start = torch.tensor([s for s, _ in q_region], device=device)
-    kv_start = torch.tensor([s for s, _ in kv_region], device=device)
-    kv_last = torch.tensor(kv_shape, device=device) - 1  # in region coordinates
-    qlo, qhi, qcount = block_boxes(q_shape, q_tile, q_tiles, device)
+    q_start = np.array([s for s, _ in q_region])
+    kv_start = np.array([s for s, _ in kv_region])
+    kv_last = np.array(kv_shape) - 1  # in region coordinates
+    qlo, qhi, qcount = q_boxes
     qlo, qhi = qlo + q_start, qhi + q_start  # layout coordinates (empty slots stay lo > hi)
     num_q = qlo.shape[0]
-    bounds = [axis_window_bounds(pattern.shape[a], pattern.kernel_size[a], pattern.stride[a],
-                                 pattern.dilation[a], pattern.is_causal[a], device)
-              for a in range(n)]
-    shape_max = torch.tensor(pattern.shape, device=device) - 1
-    qa = torch.minimum(qlo, shape_max)
-    qb = torch.minimum(qhi.clamp_min(0), shape_max)
-    w_lo = torch.stack([_range_extreme(bounds[a][0], qa[..., a], qb[..., a],
-                                       pattern.dilation[a], True) for a in range(n)], -1)
-    w_hi = torch.stack([_range_extreme(bounds[a][1], qa[..., a], qb[..., a],
-                                       pattern.dilation[a], False) for a in range(n)], -1)
+    envelope = [pattern.envelope_bounds(a) for a in range(n)]
+    core = [pattern.core_bounds(a) for a in range(n)]
+    shape_max = np.array(pattern.shape) - 1
+    qa = np.minimum(qlo, shape_max)
+    qb = np.minimum(np.maximum(qhi, 0), shape_max)
+    dil = pattern.dilation
+    w_lo = np.stack([_range_extreme(envelope[a][0], qa[..., a], qb[..., a], dil[a], True)
+                     for a in range(n)], -1)
+    w_hi = np.stack([_range_extreme(envelope[a][1], qa[..., a], qb[..., a], dil[a], False)
+                     for a in range(n)], -1)
     # the reached keys, clipped to the key region, in region coordinates
-    w_lo = torch.maximum(w_lo - kv_start, torch.zeros_like(w_lo))
-    w_hi = torch.minimum(w_hi - kv_start, kv_last)
+    w_lo = np.maximum(w_lo - kv_start, 0)
+    w_hi = np.minimum(w_hi - kv_start, kv_last)
     q_real = qlo[..., 0] <= qhi[..., 0]  # [nq, S]: the box slot holds queries
     box_ok = q_real & (w_lo <= w_hi).all(-1)
-    kv_t = torch.tensor(kv_tile, device=device)
-    owner = torch.arange(num_q, device=device)[:, None].expand_as(box_ok)[box_ok]
-    run_owner, start, end = _box_runs(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t,
-                                      kv_grid, kv_tiles)
+    kv_t = np.array(kv_tile)
+    owner = np.broadcast_to(np.arange(num_q)[:, None], box_ok.shape)[box_ok]
+    run_owner, start, end = _box_runs(owner, w_lo[box_ok] // kv_t, w_hi[box_ok] // kv_t, kv_grid, kv_tiles)
     reached = _fill_runs(num_q, num_kv, run_owner, start // kv_tiles, end // kv_tiles)
 
     q_complete = qcount == q_block
-    if all(d == 1 for d in pattern.dilation):
-        big = torch.iinfo(torch.int64).max
-        i_lo = torch.stack([torch.where(q_real, bounds[a][0][qb[..., a]], -1).amax(1)
-                            for a in range(n)], -1)
-        i_hi = torch.stack([torch.where(q_real, bounds[a][1][qa[..., a]], big).amin(1)
-                            for a in range(n)], -1)
-        i_lo = torch.maximum(i_lo - kv_start, torch.zeros_like(i_lo))
-        i_hi = torch.minimum(i_hi - kv_start, kv_last)
+    if all(d == 1 for d in dil):
+        big = np.iinfo(np.int64).max
+        i_lo = np.stack([np.where(q_real, core[a][0][qb[..., a]], -1).max(1) for a in range(n)], -1)
+        i_hi = np.stack([np.where(q_real, core[a][1][qa[..., a]], big).min(1) for a in range(n)], -1)
+        i_lo = np.maximum(i_lo - kv_start, 0)
+        i_hi = np.minimum(i_hi - kv_start, kv_last)
         t_lo = -(-i_lo // kv_t)
         t_hi = (i_hi + 1) // kv_t - 1
-        ok = q_complete & (t_lo <= t_hi).all(dim=1)
-        rows = torch.arange(num_q, device=device)[ok]
+        ok = q_complete & (t_lo <= t_hi).all(axis=1)
+        rows = np.arange(num_q)[ok]
         run_owner, start, end = _box_runs(rows, t_lo[ok], t_hi[ok], kv_grid, 1)
         full = _fill_runs(num_q, num_kv, run_owner, -(-start // kv_tiles), (end + 1) // kv_tiles - 1)
         return reached & ~full, full
 
-    klo, khi, kcount = block_boxes(kv_shape, kv_tile, kv_tiles, device)
+    klo, khi, kcount = kv_boxes
     klo, khi = klo + kv_start, khi + kv_start
     slots = qlo.shape[1]
-    cand_q, cand_kv = reached.nonzero(as_tuple=True)
-    reached.zero_()
-    full = torch.zeros_like(reached)
-    chunk = max(1, 2**22 // (slots * slots * n * max(pattern.dilation)))
-    for c0 in range(0, cand_q.numel(), chunk):
+    cand_q, cand_kv = reached.nonzero()
+    reached[:] = False
+    full = np.zeros_like(reached)
+    chunk = max(1, 2**22 // (slots * slots * n * max(dil)))
+    for c0 in range(0, cand_q.size, chunk):
         qi, ki = cand_q[c0:c0 + chunk], cand_kv[c0:c0 + chunk]
-        some = torch.ones(qi.numel(), slots, slots, dtype=torch.bool, device=device)
-        every = torch.ones_like(some)
+        some = np.ones((qi.size, slots, slots), dtype=bool)
+        every = np.ones_like(some)
         for a in range(n):
             qa_ = qa[qi, :, a][:, :, None]
             qb_ = qb[qi, :, a][:, :, None]
-            ka_ = klo[ki, :, a].clamp(0, pattern.shape[a] - 1)[:, None, :]
-            kb_ = khi[ki, :, a].clamp(0, pattern.shape[a] - 1)[:, None, :]
-            s_a, e_a = _exact_pairs(qa_, qb_, ka_, kb_, bounds[a][0], bounds[a][1],
-                                    pattern.dilation[a])
-            some &= s_a
-            every &= e_a
+            ka_ = np.clip(klo[ki, :, a], 0, pattern.shape[a] - 1)[:, None, :]
+            kb_ = np.clip(khi[ki, :, a], 0, pattern.shape[a] - 1)[:, None, :]
+            some &= _exact_pairs(qa_, qb_, ka_, kb_, *envelope[a], dil[a])[0]
+            every &= _exact_pairs(qa_, qb_, ka_, kb_, *core[a], dil[a])[1]
         pair_ok = q_real[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
-        some = (some & pair_ok).flatten(1).any(1)
-        every = ((every | ~pair_ok).flatten(1).all(1) & some
-                 & q_complete[qi] & (kcount[ki] == kv_block))
-        reached[qi, ki] = some & ~every
-        full[qi, ki] = every
+        some_any = (some & pair_ok).reshape(qi.size, -1).any(1)
+        every_all = ((every | ~pair_ok).reshape(qi.size, -1).all(1) & some_any
+                     & q_complete[qi] & (kcount[ki] == kv_block))
+        reached[qi, ki] = some_any & ~every_all
+        full[qi, ki] = every_all
     return reached, full
+
+
+def spec_maps(spec: MaskSpec, host: object | None = None) -> Maps:
+    """The spec's block maps (read-only NumPy), built once: the tile search's cost comparison
+    and the BlockMask share them (``host``: the spec's host tables, when already built)."""
+    def build() -> Maps:
+        partial, full = spec_block_maps(spec, host)
+        partial.flags.writeable = False
+        full.flags.writeable = False
+        return partial, full
+
+    return cached(("maps", spec), build, lambda m: m[0].nbytes + m[1].nbytes)
+
+
+
+def spec_block_maps(spec: MaskSpec, host_tables: object | None = None) -> Maps:
+    """Block maps of a whole spec: ``(partial, full)``, bool ``[heads, q blocks, kv blocks]``.
+
+    ``heads`` is the spec's pattern count (1: shared by all heads). Each distinct pattern's
+    maps are built once; samples sit on the block diagonal; blocks holding extra tokens
+    follow from the index rules, and the few blocks that straddle the end of the layout
+    part are decided element by element (``host_tables``: the spec's
+    :class:`~flexna.tables.HostTables`, built when needed and not given).
+    """
+    rows, cols = spec.num_q_blocks, spec.num_kv_blocks
+    partial = np.zeros((spec.heads, rows, cols), dtype=bool)
+    full = np.zeros_like(partial)
+    qb, kb = spec.q_block, spec.kv_block
+    for i, group in enumerate(spec.samples):
+        r0, c0 = spec.q_offsets[i] // qb, spec.kv_offsets[i] // kb
+        done: dict[NAPattern, Maps] = {}
+        for h, p in enumerate(group):
+            if p not in done:
+                done[p] = order_block_maps(p, spec.q_order(i), spec.kv_order(i), qb, kb,
+                                           spec.q_region, spec.kv_region)
+            pm, fm = done[p]
+            partial[h, r0:r0 + pm.shape[0], c0:c0 + pm.shape[1]] = pm
+            full[h, r0:r0 + fm.shape[0], c0:c0 + fm.shape[1]] = fm
+    if not spec.num_extra_q and not spec.num_extra_kv:
+        return partial, full
+    return _with_extra_tokens(spec, partial | full, full, host_tables)
+
+
+def _with_extra_tokens(spec: MaskSpec, some: np.ndarray, full: np.ndarray,
+                       host_tables: object | None) -> Maps:
+    """Extend layout maps by the blocks of extra queries (rows) and extra keys (columns)."""
+    from flexna.tables import host_tables as build_host_tables
+
+    nq, nk = spec.q_len, spec.kv_len
+    lq, lk = spec.q_layout_len, spec.kv_layout_len
+    qb, kb = spec.q_block, spec.kv_block
+    qs = np.arange(spec.num_q_blocks) * qb
+    ks = np.arange(spec.num_kv_blocks) * kb
+    q_extra = np.minimum(qs + qb, nq) > lq  # the block holds extra queries
+    k_extra = np.minimum(ks + kb, nk) > lk
+    q_mixed = q_extra & (qs < lq)  # ... and layout ones: decided element-wise
+    k_mixed = k_extra & (ks < lk)
+    # every query attends the extra keys; extra queries reach every key block (each holds a
+    # real key: a block starts inside a tile or sample, and a tile starts inside the layout)
+    some = some | k_extra[None, None, :] | q_extra[None, :, None]
+    complete = (qs + qb <= nq)[:, None] & (ks + kb <= nk)[None, :]
+    only_extra_q = q_extra & ~q_mixed
+    only_extra_k = k_extra & ~k_mixed
+    # extra queries attend real keys only: their blocks are full where the key block has no padding
+    host = build_host_tables(spec) if host_tables is None else host_tables
+    kv_real = (host.pos[:, 0, :lk] >= 0)  # type: ignore[attr-defined]
+    kv_block_real = _block_all(kv_real, kb, spec.num_kv_blocks)
+    full = full | (complete & only_extra_k[None, :])[None]
+    full = full | (complete[None] & only_extra_q[None, :, None] & (kv_block_real | k_extra)[:, None, :]
+                   & ~k_mixed[None, None, :])
+    mixed = complete[None] & (q_mixed[None, :, None] | k_mixed[None, None, :]) & some
+    for h, r, c in zip(*mixed.nonzero(), strict=True):
+        q = np.arange(r * qb, r * qb + qb)[:, None]
+        kv = np.arange(c * kb, c * kb + kb)[None, :]
+        full[h, r, c] = host.attends(h, q, kv).all()  # type: ignore[attr-defined]
+    return some & ~full, full
+
+
+def _block_all(flags: np.ndarray, block: int, blocks: int) -> np.ndarray:
+    """``[heads, blocks]``: every position of the block (within ``flags``' length) is True."""
+    heads, length = flags.shape
+    padded = np.ones((heads, blocks * block), dtype=bool)
+    padded[:, :length] = flags
+    return padded.reshape(heads, blocks, block).all(axis=2)

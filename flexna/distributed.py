@@ -36,11 +36,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.blockmask import pattern_block_mask, resolve_block_sizes
-from flexna.functional import Tiles, _cached_mask, _check_tensors, resolve_tiles, run_flex
+from flexna.blockmask import spec_block_mask
+from flexna.flex import run_flex
+from flexna.functional import Tiles, check_tensors, resolve_tiles
 from flexna.geometry import Region, axis_window_bounds
 from flexna.layout import TokenLayout
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, _is_int
+from flexna.spec import MaskSpec
 
 # [start, stop) along the shard axis, in global coordinates
 Rows = tuple[int, int]
@@ -243,11 +245,9 @@ def _rows_region(shape: tuple[int, ...], axis: int, rows: Rows) -> Region:
 def region_block_mask(pattern: NAPattern, q_region: Region, kv_region: Region,
                       q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device) -> BlockMask:
     """Analytic BlockMask of ``pattern`` for queries of ``q_region`` x keys of ``kv_region``
-    (each in its own, optionally tiled, order), cached per (pattern, regions, tiles, device)."""
-    q_block, kv_block = resolve_block_sizes(None, q_tile, kv_tile)
-    return _cached_mask(("region", pattern, q_region, kv_region, q_tile, kv_tile, device),
-                        lambda: pattern_block_mask(pattern, q_tile, kv_tile, q_block, kv_block, device,
-                                                   q_region=q_region, kv_region=kv_region))
+    (each in its own, optionally tiled, order), from flexna's cache."""
+    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_region=q_region, kv_region=kv_region)
+    return spec_block_mask(spec, device)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPattern, axis: int,
@@ -396,7 +396,7 @@ def sharded_neighborhood_attention(
     if query.shape[dim] == 0:
         raise ValueError(f"query has a shard of size 0 along axis {axis}: every rank needs at least "
                          "1 row (use fewer ranks)")
-    _check_tensors(query, key, value, None)
+    check_tensors(query, key, value, None)
     if not isinstance(overlap, bool):
         raise ValueError(f"overlap must be a bool, got {overlap!r}")
     rank, world = _group_rank(group)
@@ -410,7 +410,7 @@ def sharded_neighborhood_attention(
     global_shape[axis] = sum(sizes)
     pattern = NAPattern.create(tuple(global_shape), kernel_size, stride, dilation, is_causal)
     plan = halo_plan(pattern, axis, sizes, rank)
-    order = resolve_tiles(tiles, (pattern,), False, False)
+    order = resolve_tiles(tiles, (pattern,), False)
 
     own = plan.own
     pending = PendingHalo(plan, (key, value), dim, group)

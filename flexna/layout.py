@@ -1,4 +1,10 @@
-"""Token orders: row-major and tiled, and moving tensors between them.
+"""Token orders: the :class:`TokenOrder` protocol, the tiled order, and moving tensors.
+
+A token order says where each token of a layout sits in the sequence attention runs
+on (:meth:`TokenOrder.coords`) and which boxes of the layout a block of consecutive
+positions covers (:meth:`TokenOrder.block_boxes`); the table and block-map builders
+need nothing else from it. :class:`TokenLayout` (row-major or tiled) is the one
+implementation today; a space-filling curve (Hilbert, Morton) is one more class.
 
 Tiled order makes every tile of shape ``tile`` (one int per layout axis)
 contiguous: tiles follow each other in row-major order over the tile grid and
@@ -12,11 +18,43 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
-from flexna.geometry import Region, padded_shape, tile_grid
-from flexna.pattern import as_int_tuple, as_shape
+from flexna.geometry import Region, block_boxes, padded_shape, tile_grid, tiled_coords
+from flexna.pattern import MAX_TOKENS, as_int_tuple, as_shape
+
+
+class TokenOrder(Protocol):
+    """How the tokens of a layout (or of a region of it) are ordered in a sequence."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The (region's) layout shape this order arranges."""
+        ...
+
+    @property
+    def length(self) -> int:
+        """Sequence length, padding included."""
+        ...
+
+    def coords(self) -> np.ndarray:
+        """``[length, n]`` layout coordinates of each position (``-1`` on every axis: padding)."""
+        ...
+
+    def block_boxes(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Blocks of ``block`` positions as unions of boxes: ``(lo, hi, count)`` as
+        :func:`flexna.geometry.block_boxes` gives them, or ``None`` when a block is not a
+        small union of boxes (the block-map builder then works per token)."""
+        ...
+
+    def token_table(self, columns: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """Per-position tables ``[m, length]``: row ``i`` is ``column_i`` read at the position's
+        coordinate on ``axis_i``; a column holds one value per padded coordinate and its
+        value at padded positions."""
+        ...
 
 
 def as_tile(name: str, tile: int | Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -28,7 +66,7 @@ def as_tile(name: str, tile: int | Sequence[int] | None, shape: tuple[int, ...])
         if t < 1:
             raise ValueError(f"{name}[axis {axis}] = {t} is out of range: need >= 1")
     tokens = math.prod(padded_shape(shape, tile_t))
-    if tokens > 2**31 - 1:
+    if tokens > MAX_TOKENS:
         raise ValueError(
             f"{name} = {tile_t} pads layout {shape} to {tokens} tokens, more than int32 "
             "indices allow"
@@ -112,25 +150,6 @@ def _permute_to_tiles(x: torch.Tensor, grid: tuple[int, ...], tile: tuple[int, .
     return x.permute([0, *tokens, *trailing]).reshape(x.shape[0], math.prod(grid) * math.prod(tile), *rest)
 
 
-def axis_values_in_order(
-    columns: Sequence[tuple[int, torch.Tensor]], shape: tuple[int, ...], tile: tuple[int, ...]
-) -> torch.Tensor:
-    """Per-token tables ``[m, N_tiled]``: row ``i`` holds ``column_i[coordinate on axis_i]``.
-
-    ``columns`` are ``(axis, values)`` with one value per *padded* coordinate of that
-    axis (:func:`flexna.geometry.padded_shape`), so padded positions get whatever the
-    column holds there. All rows are made in two passes over the tokens (a broadcast
-    stack and one tile permutation; one pass for row-major order).
-    """
-    padded = padded_shape(shape, tile)
-    views = []
-    for axis, values in columns:
-        view = [1] * len(shape)
-        view[axis] = padded[axis]
-        views.append(values.reshape(view).expand(padded))
-    return _permute_to_tiles(torch.stack(views), tile_grid(shape, tile), tile)
-
-
 def untile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[int]) -> torch.Tensor:
     """``[B, N_tiled, *rest]`` (tiled order) -> ``[B, *shape, *rest]``; drops padding."""
     shape_t = as_shape("shape", shape)
@@ -175,6 +194,32 @@ class TokenLayout:
     @property
     def is_row_major(self) -> bool:
         return math.prod(self.tile) == 1
+
+    def coords(self) -> np.ndarray:
+        return tiled_coords(self.shape, self.tile)
+
+    def block_boxes(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        per_tile = math.prod(self.tile)
+        if len(self.shape) == 1:  # a 1-D block is one interval: a tile of its own
+            return block_boxes(self.shape, (block,), 1)
+        if block % per_tile:
+            return None
+        return block_boxes(self.shape, self.tile, block // per_tile)
+
+    def token_table(self, columns: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """One broadcast and one tile permutation for all rows (one pass row-major)."""
+        padded = padded_shape(self.shape, self.tile)
+        grid = tile_grid(self.shape, self.tile)
+        n = len(self.shape)
+        views = []
+        for axis, values in columns:
+            view = [1] * n
+            view[axis] = padded[axis]
+            views.append(np.broadcast_to(values.reshape(view), padded))
+        x = np.stack(views).reshape(len(columns), *[v for g, t in zip(grid, self.tile, strict=True)
+                                                     for v in (g, t)])
+        order = [0, *[1 + 2 * a for a in range(n)], *[2 + 2 * a for a in range(n)]]
+        return np.ascontiguousarray(x.transpose(order)).reshape(len(columns), -1)
 
     @property
     def length(self) -> int:

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexna.extended import PerHead
 from flexna.functional import neighborhood_attention, tiled_neighborhood_attention
 from flexna.layout import TokenLayout
-from flexna.pattern import as_bool_tuple, as_int_tuple
+from flexna.pattern import PerHead, as_bool_tuple, as_int_tuple
 from flexna.scores import common_table_shape, rpb_table_shape
 
 
@@ -125,18 +124,13 @@ class NeighborhoodAttentionGeneric(nn.Module):
         if len(layout.shape) != self.na_dim:
             raise ValueError(f"layout has {len(layout.shape)} axes, {type(self).__name__} needs "
                              f"{self.na_dim}: got layout shape {layout.shape}")
-        if additional_keys is not None or additional_values is not None:
-            raise ValueError("additional_keys/values are not supported with layout= (tiled order "
-                             "needs the layout's tokens only); call without layout")
-        if any(isinstance(p, PerHead) for p in (self.kernel_size, self.stride, self.dilation,
-                                                self.is_causal)):
-            raise ValueError("per-head patterns are not supported with layout=; call without layout")
         if x.dim() != 3 or x.shape[1] != layout.length or x.shape[2] != self.embed_dim:
             raise ValueError(f"with layout={layout}, x must be [batch, {layout.length}, "
                              f"{self.embed_dim}], got {tuple(x.shape)}")
         out = tiled_neighborhood_attention(*self._project(x), layout, self.kernel_size, self.stride,
                                            self.dilation, self.is_causal, scale=self.scale,
-                                           rel_pos_bias=self.rpb)
+                                           rel_pos_bias=self.rpb, additional_keys=additional_keys,
+                                           additional_values=additional_values)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def extra_repr(self) -> str:

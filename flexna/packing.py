@@ -23,13 +23,11 @@ from collections.abc import Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.blockmask import assemble_block_mask
-from flexna.blocksparsity import block_maps
-from flexna.masks import MaskMod, _resolve_device, build_tables
+from flexna.blockmask import build_block_mask
 from flexna.pattern import NAPattern, as_shape
-from flexna.scores import ScoreMod, _packed_rpb_score_mod, check_rpb
-
-DEFAULT_BLOCK = 128
+from flexna.scores import ScoreMod, check_rpb, spec_rpb_score_mod
+from flexna.spec import DEFAULT_BLOCK, MaskSpec, resolve_device
+from flexna.tables import MaskMod, build_tables
 
 
 def _shapes(shapes: Sequence) -> tuple[tuple[int, ...], ...]:
@@ -41,7 +39,7 @@ def _shapes(shapes: Sequence) -> tuple[tuple[int, ...], ...]:
     return out
 
 
-def _block(block_size: int) -> int:
+def as_block(block_size: object) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return block_size
@@ -49,7 +47,7 @@ def _block(block_size: int) -> int:
 
 def packed_offsets(shapes: Sequence, block_size: int = DEFAULT_BLOCK) -> list[tuple[int, int, int]]:
     """Per sample ``(offset, tokens, padded_tokens)`` in the packed sequence."""
-    shapes_t, block = _shapes(shapes), _block(block_size)
+    shapes_t, block = _shapes(shapes), as_block(block_size)
     out, offset = [], 0
     for s in shapes_t:
         n = math.prod(s)
@@ -101,83 +99,56 @@ def unpack_tokens(x: torch.Tensor, shapes: Sequence, block_size: int = DEFAULT_B
             for s, (o, n, _) in zip(shapes_t, packed_offsets(shapes_t, block_size), strict=True)]
 
 
-def packed_patterns(shapes, kernel_size, stride=1, dilation=1, is_causal=False) -> tuple[NAPattern, ...]:
+def packed_patterns(shapes: Sequence, kernel_size: object, stride: object = 1, dilation: object = 1,
+                    is_causal: object = False) -> tuple[NAPattern, ...]:
+    """One validated pattern per sample (``ValueError`` names the sample at fault)."""
     out = []
     for i, s in enumerate(_shapes(shapes)):
         try:
-            out.append(NAPattern.create(s, kernel_size, stride, dilation, is_causal))
+            out.append(NAPattern.create(s, kernel_size, stride, dilation, is_causal))  # type: ignore[arg-type]
         except ValueError as err:
             raise ValueError(f"shapes[{i}] = {s}: {err}") from None
     return tuple(out)
 
 
-def _packed_mask_mod(patterns: tuple[NAPattern, ...], block: int, device: torch.device) -> MaskMod:
-    n = patterns[0].ndim
-    tile = (1,) * n
-    q_lo, q_hi, kv_pos = ([[] for _ in range(n)] for _ in range(3))
-    q_seg, kv_seg = [], []
-    for i, p in enumerate(patterns):
-        t = build_tables(p, tile, tile, device, packed=False)
-        pad = -(-p.num_tokens // block) * block - p.num_tokens
-        for a in range(n):
-            for dst, src, val in ((q_lo, t.q_lo, 1), (q_hi, t.q_hi, 0), (kv_pos, t.kv_pos, -1)):
-                dst[a].append(torch.nn.functional.pad(src[a], (0, pad), value=val))
-        seg = torch.full((p.num_tokens,), i, dtype=torch.int32, device=device)
-        q_seg.append(torch.nn.functional.pad(seg, (0, pad), value=-1))
-        kv_seg.append(torch.nn.functional.pad(seg, (0, pad), value=-2))
-    lo_t = tuple(torch.cat(v) for v in q_lo)
-    hi_t = tuple(torch.cat(v) for v in q_hi)
-    pos_t = tuple(torch.cat(v) for v in kv_pos)
-    qs, ks = torch.cat(q_seg), torch.cat(kv_seg)
-
-    def na_packed_mask(b, h, q_idx, kv_idx):
-        ok = qs[q_idx] == ks[kv_idx]
-        for lo, hi, pos in zip(lo_t, hi_t, pos_t, strict=True):
-            y = pos[kv_idx]
-            ok = ok & (lo[q_idx] <= y) & (y <= hi[q_idx])
-        return ok
-
-    return na_packed_mask
+def packed_spec(patterns: Sequence[NAPattern], block: int) -> MaskSpec:
+    """The :class:`~flexna.spec.MaskSpec` of samples packed in blocks of ``block`` tokens."""
+    return MaskSpec.create((), samples=[(p,) for p in patterns], block_size=block)
 
 
-def packed_mask_mod(shapes, kernel_size, stride=1, dilation=1, is_causal=False, *,
-                    block_size: int = DEFAULT_BLOCK, device=None) -> MaskMod:
+def _spec(shapes: Sequence, kernel_size: object, stride: object, dilation: object, is_causal: object,
+          block_size: int) -> MaskSpec:
+    return packed_spec(packed_patterns(shapes, kernel_size, stride, dilation, is_causal), as_block(block_size))
+
+
+def packed_mask_mod(shapes: Sequence, kernel_size: object, stride: object = 1, dilation: object = 1,
+                    is_causal: object = False, *, block_size: int = DEFAULT_BLOCK,
+                    device: torch.device | str | None = None) -> MaskMod:
     """``mask_mod`` over the packed sequence of ``shapes`` (same pattern parameters for all)."""
-    patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
-    return _packed_mask_mod(patterns, _block(block_size), _resolve_device(device))
+    spec = _spec(shapes, kernel_size, stride, dilation, is_causal, block_size)
+    return build_tables(spec, resolve_device(device)).mask_mod()
 
 
-def packed_patterns_block_mask(patterns: tuple[NAPattern, ...], block: int, device: torch.device
-                               ) -> BlockMask:
-    tile = (1,) * patterns[0].ndim
-    nb = [-(-p.num_tokens // block) for p in patterns]
-    total = sum(nb)
-    partial = torch.zeros(1, total, total, dtype=torch.bool, device=device)
-    full = torch.zeros_like(partial)
-    start = 0
-    for p, count in zip(patterns, nb, strict=True):
-        pm, fm = block_maps(p, tile, tile, block, block, device)
-        partial[0, start:start + count, start:start + count] = pm
-        full[0, start:start + count, start:start + count] = fm
-        start += count
-    return assemble_block_mask(partial, full, (total * block, total * block), (block, block),
-                               _packed_mask_mod(patterns, block, device))
-
-
-def packed_block_mask(shapes, kernel_size, stride=1, dilation=1, is_causal=False, *,
-                      block_size: int = DEFAULT_BLOCK, device=None) -> BlockMask:
+def packed_block_mask(shapes: Sequence, kernel_size: object, stride: object = 1, dilation: object = 1,
+                      is_causal: object = False, *, block_size: int = DEFAULT_BLOCK,
+                      device: torch.device | str | None = None) -> BlockMask:
     """Analytic block-diagonal BlockMask of the packed sequence (blocks of ``block_size``).
 
     Equals ``create_block_mask(packed_mask_mod(...), None, None, L, L, BLOCK_SIZE=block_size)``
     with ``L = packed_length(shapes, block_size)``.
+
+    Example::
+
+        mask = flexna.packed_block_mask([(32, 32), (48, 16)], 7)
     """
-    patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
-    return packed_patterns_block_mask(patterns, _block(block_size), _resolve_device(device))
+    spec = _spec(shapes, kernel_size, stride, dilation, is_causal, block_size)
+    return build_block_mask(spec, resolve_device(device))
 
 
-def packed_rel_pos_bias_score_mod(table: torch.Tensor, shapes, kernel_size, stride=1, dilation=1,
-                                  is_causal=False, *, block_size: int = DEFAULT_BLOCK,
-                                  device=None) -> ScoreMod:
+def packed_rel_pos_bias_score_mod(table: torch.Tensor, shapes: Sequence, kernel_size: object,
+                                  stride: object = 1, dilation: object = 1, is_causal: object = False, *,
+                                  block_size: int = DEFAULT_BLOCK,
+                                  device: torch.device | str | None = None) -> ScoreMod:
     """``score_mod`` adding relative positional bias over the packed sequence of ``shapes``.
 
     ``table``: ``[heads, *flexna.rpb_table_shape(kernel_size, stride, is_causal)]``, shared by
@@ -189,5 +160,5 @@ def packed_rel_pos_bias_score_mod(table: torch.Tensor, shapes, kernel_size, stri
     patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
     heads = table.shape[0] if isinstance(table, torch.Tensor) and table.dim() else 0
     check_rpb(table, patterns[0], heads, "table")
-    return _packed_rpb_score_mod(table, patterns, _block(block_size),
-                                 table.device if device is None else _resolve_device(device))
+    spec = packed_spec(patterns, as_block(block_size))
+    return spec_rpb_score_mod(table, spec, table.device if device is None else resolve_device(device))

@@ -1,8 +1,9 @@
 """The validated description of a neighborhood-attention pattern.
 
 A :class:`NAPattern` holds only numbers: the token layout and the per-axis
-window parameters of ``SEMANTICS.md``. Everything that builds masks takes one,
+window parameters of ``docs/SEMANTICS.md``. Everything that builds masks takes one,
 so every invalid input is rejected here, once, before any tensor is made.
+:class:`PerHead` gives one value of a parameter per query head.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 MAX_AXES = 3
 # FlexAttention indexes tokens with int32; keep every index (padding included) below this.
 MAX_TOKENS = 2**31 - 1
+
+
+def fmt_dims(values: Sequence[int | bool]) -> str:
+    """``(30, 48, 80)`` -> ``"30x48x80"`` (booleans as T/F): how flexna prints per-axis values."""
+    return "x".join(("T" if v else "F") if isinstance(v, bool) else str(int(v)) for v in values)
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
@@ -162,15 +170,88 @@ class NAPattern:
         """FLOP-wise speed-up bound over dense attention: 1 / density."""
         return 1.0 / self.density()
 
-    def __str__(self) -> str:
-        def fmt(t: tuple) -> str:
-            return "x".join(str(int(v)) for v in t)
+    def envelope_bounds(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query key window on ``axis`` that contains every key a query may attend.
 
-        parts = [f"layout {fmt(self.shape)}", f"kernel {fmt(self.kernel_size)}"]
+        With :meth:`core_bounds` this is the seam for rules that are not separable per axis
+        (a window on one axis depending on the offset along another): the envelope gives
+        the blocks that may hold pairs, the core the blocks every pair of which attends.
+        The per-axis rule of NA is exact, so both are its window.
+        """
+        from flexna.geometry import window_bounds
+
+        return window_bounds(self.shape[axis], self.kernel_size[axis], self.stride[axis],
+                             self.dilation[axis], self.is_causal[axis])
+
+    def core_bounds(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query key window on ``axis`` every key of which is attended (see
+        :meth:`envelope_bounds`)."""
+        return self.envelope_bounds(axis)
+
+    def __str__(self) -> str:
+        parts = [f"layout {fmt_dims(self.shape)}", f"kernel {fmt_dims(self.kernel_size)}"]
         if any(s != 1 for s in self.stride):
-            parts.append(f"stride {fmt(self.stride)}")
+            parts.append(f"stride {fmt_dims(self.stride)}")
         if any(d != 1 for d in self.dilation):
-            parts.append(f"dilation {fmt(self.dilation)}")
+            parts.append(f"dilation {fmt_dims(self.dilation)}")
         if any(self.is_causal):
-            parts.append("causal " + "x".join("T" if c else "F" for c in self.is_causal))
+            parts.append(f"causal {fmt_dims(self.is_causal)}")
         return ", ".join(parts)
+
+
+class PerHead:
+    """One value of a pattern parameter per query head.
+
+    Each entry is what the parameter normally takes (a scalar or a per-axis
+    tuple): ``PerHead([7, 7, (13, 5), (13, 5)])`` for 4 heads. Its length must
+    equal the number of query heads.
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Sequence) -> None:
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ValueError(f"PerHead needs a non-empty sequence of per-head values, got {values!r}")
+        self.values = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PerHead) and other.values == self.values
+
+    def __hash__(self) -> int:
+        return hash(("PerHead", self.values))
+
+    def __repr__(self) -> str:
+        return f"PerHead({list(self.values)!r})"
+
+
+def head_patterns(shape: object, kernel_size: object, stride: object = 1, dilation: object = 1,
+                  is_causal: object = False, num_heads: int | None = None) -> tuple[NAPattern, ...]:
+    """Validated patterns: one per query head if any argument is :class:`PerHead`, else one.
+
+    ``ValueError`` names the argument (and head) when a :class:`PerHead` has the
+    wrong length or a head's values are out of range.
+    """
+    args = {"kernel_size": kernel_size, "stride": stride, "dilation": dilation,
+            "is_causal": is_causal}
+    per_head = {k: v for k, v in args.items() if isinstance(v, PerHead)}
+    if not per_head:
+        return (NAPattern.create(shape, kernel_size, stride, dilation, is_causal),)  # type: ignore[arg-type]
+    lengths = {k: len(v) for k, v in per_head.items()}
+    if num_heads is None:
+        num_heads = next(iter(lengths.values()))
+    for name, length in lengths.items():
+        if length != num_heads:
+            raise ValueError(
+                f"{name}: PerHead has {length} entries, need one per query head ({num_heads})"
+            )
+    out = []
+    for h in range(num_heads):
+        vals = {k: (v.values[h] if isinstance(v, PerHead) else v) for k, v in args.items()}
+        try:
+            out.append(NAPattern.create(shape, **vals))  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ValueError(f"head {h}: {err}") from None
+    return tuple(out)

@@ -1,7 +1,7 @@
 """Brute-force reference: the dense mask straight from the definition, float64 attention.
 
 This module deliberately shares no code with the mask builders: it restates
-the per-axis rule of ``SEMANTICS.md`` literally over all ``N x N`` pairs with
+the per-axis rule of ``docs/SEMANTICS.md`` literally over all ``N x N`` pairs with
 NumPy, so that tests and ``flexna verify`` compare the fast paths against an
 independent statement of the contract. It is O(N^2) in time and memory: use
 it on small layouts only.

@@ -26,31 +26,38 @@ the same ``rpb_table_shape(kernel_size, stride, is_causal)``; the per-token
 tables then have a head dimension ``[H, N]``.
 
 Packed layouts (variable resolution, :mod:`flexna.packing`): each sample's
-tokens index the (shared) table with their own layout's coordinates.
+tokens index the (shared) table with their own layout's coordinates. Tiled orders and
+regions index it with the token's layout coordinates: one table serves every order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-from flexna.masks import _resolve_device
-from flexna.pattern import NAPattern
+from flexna.blockmask import cached
+from flexna.geometry import region_or_full
+from flexna.pattern import NAPattern, as_bool_tuple, as_int_tuple, head_patterns
+from flexna.spec import MaskSpec, resolve_device
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def rpb_table_shape(kernel_size, stride=1, is_causal=False, ndim: int | None = None) -> tuple[int, ...]:
+def rpb_table_shape(kernel_size: object, stride: object = 1, is_causal: object = False,
+                    ndim: int | None = None) -> tuple[int, ...]:
     """Per-axis RPB table lengths ``(R_1, ..., R_n)`` (see the module docstring)."""
-    from flexna.pattern import as_bool_tuple, as_int_tuple
-
     if ndim is None:
-        ndim = 1 if isinstance(kernel_size, int) else len(kernel_size)
+        ndim = 1 if isinstance(kernel_size, int) else len(kernel_size)  # type: ignore[arg-type]
     ks = as_int_tuple("kernel_size", kernel_size, ndim)
     ss = as_int_tuple("stride", stride, ndim)
     cs = as_bool_tuple("is_causal", is_causal, ndim)
     return tuple(k if c else 2 * k - 1 + s - 1 for k, s, c in zip(ks, ss, cs, strict=True))
+
+
+def _table_shape_of(pattern: NAPattern) -> tuple[int, ...]:
+    return rpb_table_shape(pattern.kernel_size, pattern.stride, pattern.is_causal, pattern.ndim)
 
 
 def _rpb_offsets(pattern: NAPattern) -> tuple[int, ...]:
@@ -58,29 +65,47 @@ def _rpb_offsets(pattern: NAPattern) -> tuple[int, ...]:
                  zip(pattern.kernel_size, pattern.stride, pattern.is_causal, strict=True))
 
 
-def rpb_token_tables(pattern: NAPattern, num_extra_q: int = 0, num_extra_kv: int = 0,
-                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(q_base [Nq], kv_base [Nkv])``: flat table index = ``q_base[q] + kv_base[kv]``."""
-    device = _resolve_device(device)
-    sizes = rpb_table_shape(pattern.kernel_size, pattern.stride, pattern.is_causal, pattern.ndim)
-    offsets = _rpb_offsets(pattern)
-    coords = torch.stack(torch.meshgrid(*[torch.arange(n, device=device) for n in pattern.shape],
-                                        indexing="ij"), -1).reshape(-1, pattern.ndim)
-    q_base = torch.zeros(coords.shape[0], dtype=torch.int64, device=device)
-    kv_base = torch.zeros_like(q_base)
-    step = 1
-    for a in reversed(range(pattern.ndim)):
-        g = coords[:, a] // pattern.dilation[a]
-        q_base += (offsets[a] - g) * step
-        kv_base += g * step
-        step *= sizes[a]
-    q_base = torch.cat([q_base, q_base.new_zeros(num_extra_q)]).to(torch.int32)
-    kv_base = torch.cat([kv_base, kv_base.new_zeros(num_extra_kv)]).to(torch.int32)
-    return q_base, kv_base
+def rpb_bases(spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token ``(q_base [heads, q_len], kv_base [heads, kv_len])`` of a spec (NumPy int32).
+
+    The flat table index of a pair is ``q_base[q] + kv_base[kv]`` (each head with its own
+    pattern, each sample with its own layout's coordinates, every order and region of the
+    spec); padding and extra tokens hold 0.
+    """
+    q_base = np.zeros((spec.heads, spec.q_len), dtype=np.int64)
+    kv_base = np.zeros((spec.heads, spec.kv_len), dtype=np.int64)
+    for i, group in enumerate(spec.samples):
+        q_start = np.array([s for s, _ in region_or_full(spec.q_region, group[0].shape)])
+        kv_start = np.array([s for s, _ in region_or_full(spec.kv_region, group[0].shape)])
+        q_coords, kv_coords = spec.q_order(i).coords(), spec.kv_order(i).coords()
+        q_real, kv_real = q_coords[:, 0] >= 0, kv_coords[:, 0] >= 0
+        q_coords, kv_coords = q_coords + q_start, kv_coords + kv_start
+        q0, k0 = spec.q_offsets[i], spec.kv_offsets[i]
+        for h, p in enumerate(group):
+            sizes, offsets = _table_shape_of(p), _rpb_offsets(p)
+            qb = np.zeros(len(q_coords), dtype=np.int64)
+            kb = np.zeros(len(kv_coords), dtype=np.int64)
+            step = 1
+            for a in reversed(range(p.ndim)):
+                qb += (offsets[a] - q_coords[:, a] // p.dilation[a]) * step
+                kb += (kv_coords[:, a] // p.dilation[a]) * step
+                step *= sizes[a]
+            q_base[h, q0:q0 + qb.size] = np.where(q_real, qb, 0)
+            kv_base[h, k0:k0 + kb.size] = np.where(kv_real, kb, 0)
+    return q_base.astype(np.int32), kv_base.astype(np.int32)
 
 
-def _table_shape_of(pattern: NAPattern) -> tuple[int, ...]:
-    return rpb_table_shape(pattern.kernel_size, pattern.stride, pattern.is_causal, pattern.ndim)
+def rpb_token_tables(spec: MaskSpec, device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rpb_bases` on ``device``, flat per head (``[heads * q_len]``), from the cache."""
+    dev = resolve_device(device)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        q_base, kv_base = rpb_bases(spec)
+        both = torch.from_numpy(np.concatenate([q_base.reshape(-1), kv_base.reshape(-1)])).to(dev)
+        return both[:q_base.size], both[q_base.size:]
+
+    return cached(("rpb", spec, dev), build, lambda t: 4 * (t[0].numel() + t[1].numel()))
 
 
 def _heads_text(heads: list[int]) -> str:
@@ -127,9 +152,35 @@ def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], nu
         raise ValueError(f"{name} is on {table.device}, query on {device}")
 
 
-def rel_pos_bias_score_mod(table: torch.Tensor, shape, kernel_size, stride=1, dilation=1,
-                           is_causal=False, *, num_extra_q: int = 0, num_extra_kv: int = 0,
-                           device: torch.device | str | None = None) -> ScoreMod:
+def spec_rpb_score_mod(table: torch.Tensor, spec: MaskSpec, device: torch.device | str | None = None
+                       ) -> ScoreMod:
+    """score + ``table[h].flatten()[q_base + kv_base]`` for the spec's tokens (0 for pairs with
+    an extra token); the per-token tables come from the cache."""
+    q_base, kv_base = rpb_token_tables(spec, table.device if device is None else device)
+    flat = table.reshape(table.shape[0], -1)
+    top = flat.shape[1] - 1
+    per_head = spec.heads > 1
+    nq, nkv = spec.q_len, spec.kv_len
+    lq, lk = spec.q_layout_len, spec.kv_layout_len
+    has_extra = bool(spec.num_extra_q or spec.num_extra_kv)
+
+    def rpb_score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                      kv_idx: torch.Tensor) -> torch.Tensor:
+        if per_head:
+            idx = q_base[h * nq + q_idx] + kv_base[h * nkv + kv_idx]
+        else:
+            idx = q_base[q_idx] + kv_base[kv_idx]
+        bias = flat[h, idx.clamp(0, top)]
+        if has_extra:
+            bias = torch.where((q_idx < lq) & (kv_idx < lk), bias, torch.zeros_like(bias))
+        return score + bias
+
+    return rpb_score_mod
+
+
+def rel_pos_bias_score_mod(table: torch.Tensor, shape: object, kernel_size: object, stride: object = 1,
+                           dilation: object = 1, is_causal: object = False, *, num_extra_q: int = 0,
+                           num_extra_kv: int = 0, device: torch.device | str | None = None) -> ScoreMod:
     """``score_mod`` adding ``table[h, idx_1, ..., idx_n]`` (see module docstring) to each score.
 
     ``table``: ``[heads, *rpb_table_shape(kernel_size, stride, is_causal)]``; gradients
@@ -138,65 +189,20 @@ def rel_pos_bias_score_mod(table: torch.Tensor, shape, kernel_size, stride=1, di
     then indexes ``table[h]`` with its own pattern (all heads must give the same table
     shape). Row-major token order; extra tokens (index ``>= prod(shape)``) get no bias.
     Masked pairs may read any table entry (their score is discarded).
-    """
-    from flexna.extended import head_patterns
 
+    Example::
+
+        rpb = torch.zeros(4, *flexna.rpb_table_shape(7), requires_grad=True)
+        out = flex_attention(q, k, v, score_mod=flexna.rel_pos_bias_score_mod(rpb, 64, 7),
+                             block_mask=flexna.na_block_mask(64, 7))
+    """
     if not isinstance(table, torch.Tensor) or table.dim() < 1:
         got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
         raise ValueError(f"table must be a tensor [heads, *rpb_table_shape(...)], got {got}")
     patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads=table.shape[0])
     check_rpb(table, patterns, table.shape[0], "table")
-    return _rpb_score_mod(table, patterns, num_extra_q, num_extra_kv,
-                          table.device if device is None else device)
-
-
-def _token_bases(patterns: Sequence[NAPattern], num_extra_q: int, num_extra_kv: int,
-                 device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q_base, kv_base)``: ``[N + extra]`` for one pattern, ``[H, N + extra]`` per head."""
-    distinct = list(dict.fromkeys(patterns))
-    bases = {p: rpb_token_tables(p, num_extra_q, num_extra_kv, device) for p in distinct}
-    if len(distinct) == 1:
-        return bases[distinct[0]]
-    return (torch.stack([bases[p][0] for p in patterns]), torch.stack([bases[p][1] for p in patterns]))
-
-
-def _rpb_score_mod(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], num_extra_q: int,
-                   num_extra_kv: int, device) -> ScoreMod:
-    patterns = (patterns,) if isinstance(patterns, NAPattern) else tuple(patterns)
-    q_base, kv_base = _token_bases(patterns, num_extra_q, num_extra_kv, device)
-    return _bias_score_mod(table, q_base, kv_base, patterns[0].num_tokens,
-                           bool(num_extra_q or num_extra_kv))
-
-
-def _bias_score_mod(table: torch.Tensor, q_base: torch.Tensor, kv_base: torch.Tensor,
-                    n_tok: int | None, has_extra: bool) -> ScoreMod:
-    """score + ``table[h].flatten()[q_base[(h,) q] + kv_base[(h,) kv]]`` (0 for extra tokens)."""
-    flat = table.reshape(table.shape[0], -1)
-    top = flat.shape[1] - 1
-    per_head = q_base.dim() == 2
-
-    def rpb_score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
-                      kv_idx: torch.Tensor) -> torch.Tensor:
-        idx = q_base[h, q_idx] + kv_base[h, kv_idx] if per_head else q_base[q_idx] + kv_base[kv_idx]
-        bias = flat[h, idx.clamp(0, top)]
-        if has_extra:
-            bias = torch.where((q_idx < n_tok) & (kv_idx < n_tok), bias, torch.zeros_like(bias))
-        return score + bias
-
-    return rpb_score_mod
-
-
-def _packed_rpb_score_mod(table: torch.Tensor, patterns: Sequence[NAPattern], block: int,
-                          device) -> ScoreMod:
-    """Bias over a packed sequence (each sample padded to a multiple of ``block``): each
-    sample's tokens index ``table`` with their own layout's coordinates."""
-    q_parts, kv_parts = [], []
-    for p in patterns:
-        q_base, kv_base = rpb_token_tables(p, 0, 0, device)
-        pad = -(-p.num_tokens // block) * block - p.num_tokens
-        q_parts.append(torch.nn.functional.pad(q_base, (0, pad)))
-        kv_parts.append(torch.nn.functional.pad(kv_base, (0, pad)))
-    return _bias_score_mod(table, torch.cat(q_parts), torch.cat(kv_parts), None, False)
+    spec = MaskSpec.create(patterns, num_extra_q=num_extra_q, num_extra_kv=num_extra_kv)
+    return spec_rpb_score_mod(table, spec, device)
 
 
 def softcap_score_mod(cap: float) -> ScoreMod:
@@ -217,7 +223,7 @@ def distance_decay_score_mod(slopes: torch.Tensor, shape, *, num_extra_q: int = 
     ``slopes``: ``[heads]`` (may require grad). Row-major order; pairs involving
     extra tokens are not penalised.
     """
-    shape_p = NAPattern.create(shape, 1).shape
+    shape_p = NAPattern.create(shape, 1).shape  # type: ignore[arg-type]
     device = slopes.device if device is None else device
     if not isinstance(slopes, torch.Tensor) or slopes.dim() != 1:
         raise ValueError(f"slopes must be a 1-D tensor [heads], got {slopes!r}")

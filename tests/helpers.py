@@ -135,7 +135,7 @@ def assert_block_masks_equal(got: BlockMask, want: BlockMask, context: str = "")
 
 
 def axis_ok(x: int, y: int, length: int, k: int, s: int, d: int, causal: bool) -> bool:
-    """The per-axis rule of SEMANTICS.md, scalar Python (used where dense masks are too big)."""
+    """The per-axis rule of docs/SEMANTICS.md, scalar Python (used where dense masks are too big)."""
     if x % d != y % d:
         return False
     g = x % d

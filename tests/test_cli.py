@@ -1,4 +1,4 @@
-"""The ``flexna`` command line, run in-process through ``flexna.cli.main``."""
+"""The ``flexna`` command line, run in-process through ``flexna.tools.cli.main``."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import math
 import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import flexna
-from flexna import render
-from flexna.cli import main
 from flexna.pattern import NAPattern
-from flexna.png import decode_png, encode_png
 from flexna.reference import reference_mask
+from flexna.tools import render
+from flexna.tools.cli import adhoc_name, main
+from flexna.tools.png import decode_png, encode_png
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -114,7 +117,7 @@ def test_show_1d_3d_and_pooled(tmp_path, monkeypatch, capsys, argv, query):
     pattern = NAPattern.create(args["--shape"], args["--kernel"], args.get("--stride", 1),
                                args.get("--dilation", 1), [bool(c) for c in args["--causal"]]
                                if "--causal" in args else False)
-    assert name == f"{flexna.cli.adhoc_name(pattern)}.png"
+    assert name == f"{adhoc_name(pattern)}.png"
     layout = render.render_pattern(pattern, title=name[:-4])
     assert image.shape == layout.image.shape and max(image.shape) <= 2048
     r0, c0, r1, c1 = layout.token_box(query)
@@ -177,7 +180,7 @@ def test_verify_passes(capsys):
 def test_verify_api_returns_bool():
     import io
 
-    from flexna.verify import run_verify
+    from flexna.tools.verify import run_verify
 
     buf = io.StringIO()
     assert run_verify(n=3, seed=5, device="cpu", max_tokens=128, attention=False, out=buf) is True
@@ -185,16 +188,16 @@ def test_verify_api_returns_bool():
 
 
 def test_verify_fails_on_flipped_pair(monkeypatch, capsys):
-    original = flexna.masks.MaskTables.mask_mod
+    real = flexna.na_mask_mod
 
-    def flipped(self):
-        inner = original(self)
+    def flipped(*args, **kwargs):  # verify reaches the mask_mod through flexna.na_mask_mod
+        inner = real(*args, **kwargs)
 
         def mask(b, h, q_idx, kv_idx):
             return inner(b, h, q_idx, kv_idx) ^ ((q_idx == 0) & (kv_idx == 0))
         return mask
 
-    monkeypatch.setattr(flexna.masks.MaskTables, "mask_mod", flipped)
+    monkeypatch.setattr(flexna, "na_mask_mod", flipped)
     assert main(["verify", "--n", "2", "--device", "cpu", "--max-tokens", "128"]) == 1
     text = capsys.readouterr().out
     assert "FAILED config 0" in text and "na_mask_mod: 1 pairs differ" in text
@@ -204,9 +207,7 @@ def test_verify_fails_on_flipped_pair(monkeypatch, capsys):
 def test_verify_fails_on_dropped_block(monkeypatch, capsys):
     from torch.nn.attention.flex_attention import BlockMask
 
-    import flexna.verify
-
-    real = flexna.blockmask.na_block_mask
+    real = flexna.na_block_mask
 
     def dropped(*args, **kwargs):  # forget the last partial block of the first row that has one
         bm = real(*args, **kwargs)
@@ -217,7 +218,7 @@ def test_verify_fails_on_dropped_block(monkeypatch, capsys):
                                         bm.full_kv_indices, BLOCK_SIZE=bm.BLOCK_SIZE,
                                         mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths)
 
-    monkeypatch.setattr(flexna.verify._blockmask, "na_block_mask", dropped)
+    monkeypatch.setattr(flexna, "na_block_mask", dropped)  # what flexna.tools.verify calls
     assert main(["verify", "--n", "2", "--device", "cpu", "--max-tokens", "128",
                  "--no-attention"]) == 1
     assert "na_block_mask (dense expansion)" in capsys.readouterr().out
@@ -225,14 +226,17 @@ def test_verify_fails_on_dropped_block(monkeypatch, capsys):
 
 def test_bench_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["bench", "--workloads", "flux-na"]) == 1
+    assert main(["bench", "--checkout", str(REPO), "--workloads", "flux-na"]) == 1
     err = capsys.readouterr().err
     assert "flexna bench: error" in err and "CUDA" in err
 
 
 def test_list(capsys):
     assert main(["list"]) == 0
-    assert "nat-7x7" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.err == ""  # no file of the shipped catalogue is skipped
+    for path in sorted((REPO / "masks").glob("*.json")):
+        assert f"  {path.stem} " in captured.out
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import flexna
-import flexna.functional as F
+import flexna.flex as F
 from flexna.reference import reference_attention, reference_mask
 
 
@@ -34,9 +34,11 @@ def test_pattern_changes_do_not_recompile() -> None:
 
 def test_recompile_limit_raises_instead_of_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(F, "RECOMPILE_LIMIT", 1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
-    with pytest.raises(F.RecompileLimitError, match="RECOMPILE_LIMIT"):
+    # dynamo's own config is patched through its scoped patch (a monkeypatch teardown of a
+    # dynamo config attribute hides it for the rest of the session with pytest >= 9.2)
+    with torch._dynamo.config.patch(**{F._limit_names()[0]: 1}), \
+            pytest.raises(F.RecompileLimitError, match="RECOMPILE_LIMIT"):
         for length in (5, 6, 7):
             x = torch.randn(1, length, 12, 2, 16)
             flexna.na2d(x, x, x, 3)

@@ -1,4 +1,4 @@
-"""Consequences of SEMANTICS.md, checked on the reference and on flexna's mask_mod.
+"""Consequences of docs/SEMANTICS.md, checked on the reference and on flexna's mask_mod.
 
 Each property is stated independently of the per-axis rule (counts, closed formulas
 for blocked / full / causal attention, stride groups, densities).

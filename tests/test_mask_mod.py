@@ -21,9 +21,11 @@ from strategies import configs, tiled_configs, tiles
 import flexna
 from flexna.geometry import ordered_coords
 from flexna.layout import as_tile
-from flexna.masks import build_tables, packed_fields
 from flexna.pattern import NAPattern
 from flexna.reference import reference_mask
+from flexna.spec import MaskSpec
+from flexna.tables import build_tables
+from flexna.tables import pattern_fields as fused_fields
 
 
 @settings(max_examples=200, deadline=None)
@@ -161,11 +163,11 @@ def test_packed_and_per_axis_forms_equal_permuted_reference(tc):
     pattern = NAPattern.create(*cfg.args())
     q_tile = as_tile("q_tile", tc.q_tile, pattern.shape)
     kv_tile = as_tile("kv_tile", tc.kv_tile, pattern.shape)
-    tables = build_tables(pattern, q_tile, kv_tile, "cpu")
-    assert (tables.packed is not None) == (cfg.ndim >= 2)  # small layouts always fit
+    tables = build_tables(MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile), "cpu")
+    assert (tables.fused is not None) == (cfg.ndim >= 2)  # small layouts always fit
     want = permuted_mask(reference_mask(*cfg.args()), cfg.shape, tc.q_tile, tc.kv_tile)
     for packed in [False] + ([True] if cfg.ndim >= 2 else []):
-        got = dense_mask(tables.mask_mod(packed=packed), tc.q_len, tc.kv_len)
+        got = dense_mask(tables.mask_mod(fused=packed), tc.q_len, tc.kv_len)
         bad = (got != want).nonzero().tolist()
         assert not bad, f"{tc} packed={packed}: {len(bad)} mismatching pairs, first {bad[:8]}"
 
@@ -173,19 +175,19 @@ def test_packed_and_per_axis_forms_equal_permuted_reference(tc):
 def test_packed_fields_width_limit():
     """Fields hold [-1, d * L] below a guard bit; packing stops where 31 bits don't suffice."""
     # d * L + 1 = 511 -> 9 bits + guard = 10 per axis
-    assert packed_fields(NAPattern.create((510, 510), 3)) == ((10, 0), (10, 10))
+    assert fused_fields(NAPattern.create((510, 510), 3)) == ((10, 0), (10, 10))
     # 512 + 1 = 513 -> 10 bits + guard; 3 + 1 = 4 -> 3 bits + guard
-    assert packed_fields(NAPattern.create((512, 3), 3)) == ((4, 0), (11, 4))
+    assert fused_fields(NAPattern.create((512, 3), 3)) == ((4, 0), (11, 4))
     # 10 + 10 + 11 = 31 bits fit; 10 + 10 + 12 = 32 do not
-    assert packed_fields(NAPattern.create((510, 510, 1022), 3)) == ((21, 11, 0), (10, 10, 11))
-    assert packed_fields(NAPattern.create((510, 510, 1024), 3)) is None
-    assert packed_fields(NAPattern.create((62, 60, 60), 3, 1, (16, 8, 8))) == ((20, 10, 0), (11, 10, 10))
-    assert packed_fields(NAPattern.create((4096,), 3)) is None  # 1-D: nothing to pack
+    assert fused_fields(NAPattern.create((510, 510, 1022), 3)) == ((21, 11, 0), (10, 10, 11))
+    assert fused_fields(NAPattern.create((510, 510, 1024), 3)) is None
+    assert fused_fields(NAPattern.create((62, 60, 60), 3, 1, (16, 8, 8))) == ((20, 10, 0), (11, 10, 10))
+    assert fused_fields(NAPattern.create((4096,), 3)) is None  # 1-D: nothing to pack
     # without packing the per-axis form is used, and asking for packing is a clear error
-    tables = build_tables(NAPattern.create((510, 510, 1024), 3), (1, 1, 1), (1, 1, 1), "meta")
-    assert tables.packed is None
-    with pytest.raises(ValueError, match="packed=True"):
-        tables.mask_mod(packed=True)
+    tables = build_tables(MaskSpec.create(NAPattern.create((510, 510, 1024), 3)), "meta")
+    assert tables.fused is None
+    with pytest.raises(ValueError, match="fused=True"):
+        tables.mask_mod(fused=True)
 
 
 @pytest.mark.parametrize("shape,dilation,tile", [
@@ -198,15 +200,15 @@ def test_packed_matches_per_axis_at_field_limits(shape, dilation, tile):
     """Spot checks (near windows, padding, random) where the packed fields are fullest."""
     pattern = NAPattern.create(shape, 3, 1, dilation, (False, True) + (False,) * (len(shape) - 2))
     t = as_tile("tile", tile, pattern.shape)
-    tables = build_tables(pattern, t, t, "cpu")
-    assert tables.packed is not None
+    tables = build_tables(MaskSpec.create(pattern, q_tile=t, kv_tile=t), "cpu")
+    assert tables.fused is not None
     gen = torch.Generator().manual_seed(0)
     n = tables.q_len
     q = torch.randint(0, n, (200_000,), generator=gen)
     near = (q + torch.randint(-3000, 3000, q.shape, generator=gen)).clamp(0, n - 1)
     far = torch.randint(0, n, q.shape, generator=gen)
     for kv in (q, near, far, torch.full_like(q, n - 1), torch.zeros_like(q)):
-        packed = tables.mask_mod(packed=True)(0, 0, q, kv)
-        per_axis = tables.mask_mod(packed=False)(0, 0, q, kv)
+        packed = tables.mask_mod(fused=True)(0, 0, q, kv)
+        per_axis = tables.mask_mod(fused=False)(0, 0, q, kv)
         assert torch.equal(packed, per_axis)
-    assert tables.mask_mod(packed=True)(0, 0, q, q).float().mean() > 0.5  # real tokens attend themselves
+    assert tables.mask_mod(fused=True)(0, 0, q, q).float().mean() > 0.5  # real tokens attend themselves

@@ -80,7 +80,7 @@ def test_every_extension_section_has_a_runnable_example():
         assert runnable, f"README section {title!r} has no runnable python example"
 
 
-@pytest.mark.filterwarnings("ignore::flexna.functional.EagerFallbackWarning")
+@pytest.mark.filterwarnings("ignore::flexna.errors.EagerFallbackWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("block", params())
 def test_readme_block(block, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Pictures of a neighborhood pattern, as RGB NumPy arrays (PNG via :mod:`flexna.png`).
+"""Pictures of a neighborhood pattern, as RGB NumPy arrays (PNG via :mod:`flexna.tools.png`).
 
 :func:`render_pattern` composes two panels under a title:
 
@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import flexna
 from flexna.geometry import axis_window_bounds, tile_grid
+from flexna.layout import as_tile
 from flexna.pattern import NAPattern
+from flexna.tools.blockmaps import block_maps
 
 Colour = tuple[int, int, int]
 BACKGROUND: Colour = (255, 255, 255)
@@ -408,17 +411,6 @@ def neighborhood_panel(pattern: NAPattern, query: Sequence[int], max_side: int =
 # ---------------------------------------------------------------------------------------------
 # The block mask.
 
-def _block_map(num: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    rows, cols = idx.shape[-2:]
-    num = num.reshape(rows).to(torch.long)
-    idx = idx.reshape(rows, cols).to(torch.long)
-    valid = torch.arange(cols)[None, :] < num[:, None]
-    out = torch.zeros(rows, cols, dtype=torch.bool)
-    row = torch.arange(rows)[:, None].expand(rows, cols)
-    out[row[valid], idx[valid]] = True
-    return out
-
-
 @dataclass(frozen=True)
 class BlockStats:
     """Block map of a pattern's BlockMask: ``categories`` [q blocks, kv blocks], 0/1/2 = empty/partial/full."""
@@ -471,21 +463,13 @@ def block_stats(
     block_size: int | Sequence[int] | None = None,
 ) -> BlockStats:
     """Full / partial / empty blocks of ``flexna.na_block_mask`` for the pattern (built on CPU)."""
-    from flexna.blockmask import na_block_mask
-    from flexna.layout import as_tile
-
     q_t = as_tile("q_tile", q_tile, pattern.shape)
     kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
-    bm = na_block_mask(pattern.shape, pattern.kernel_size, pattern.stride, pattern.dilation,
-                       pattern.is_causal, q_tile=q_t, kv_tile=kv_t, block_size=block_size,
-                       device="cpu")
-    partial = _block_map(bm.kv_num_blocks, bm.kv_indices)
-    if bm.full_kv_num_blocks is not None:
-        full = _block_map(bm.full_kv_num_blocks, bm.full_kv_indices)
-    else:
-        full = torch.zeros_like(partial)
-    cat = partial.to(torch.uint8) + 2 * full.to(torch.uint8)
-    cat = torch.where(cat > 2, 2, cat)  # a block listed as both counts as full
+    bm = flexna.na_block_mask(pattern.shape, pattern.kernel_size, pattern.stride, pattern.dilation,
+                              pattern.is_causal, q_tile=q_t, kv_tile=kv_t, block_size=block_size,
+                              device="cpu")
+    partial, full = (m[0, 0] for m in block_maps(bm))
+    cat = torch.where(full, 2, partial.to(torch.uint8))  # a block listed as both counts as full
     q_block, kv_block = bm.BLOCK_SIZE
     return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t)
 

@@ -6,10 +6,9 @@ import time
 
 import torch
 
-from flexna.blockmask import na_block_mask
-from flexna.functional import neighborhood_attention
-from flexna.pattern import NAPattern
+import flexna
 from flexna.reference import reference_attention, reference_mask
+from flexna.tools.blockmaps import block_maps
 
 # (title, layout, kernel, stride, dilation, causal); small enough for the O(N^2) reference.
 DEMO_PATTERNS = [
@@ -19,10 +18,10 @@ DEMO_PATTERNS = [
 ]
 
 
-def _block_stats(mask: torch.nn.attention.flex_attention.BlockMask) -> tuple[int, int]:
-    partial = int(mask.kv_num_blocks.sum())
-    full = int(mask.full_kv_num_blocks.sum()) if mask.full_kv_num_blocks is not None else 0
-    return full, partial
+def _block_stats(mask: torch.nn.attention.flex_attention.BlockMask) -> tuple[int, int, int]:
+    """``(full, partial, total)`` blocks of the mask (``BlockMask.to_dense()`` of each list)."""
+    partial, full = block_maps(mask)
+    return int(full.sum()), int(partial.sum()), partial[0, 0].numel()
 
 
 def run_demo(device: str | None = None, heads: int = 4, head_dim: int = 64, seed: int = 0) -> bool:
@@ -35,26 +34,26 @@ def run_demo(device: str | None = None, heads: int = 4, head_dim: int = 64, seed
     gen = torch.Generator().manual_seed(seed)
     all_ok = True
     for title, shape, kernel, stride, dilation, causal in DEMO_PATTERNS:
-        pattern = NAPattern.create(shape, kernel, stride, dilation, causal)
+        pattern = flexna.NAPattern.create(shape, kernel, stride, dilation, causal)
         print(f"\n== {title}: {pattern}")
-        na_block_mask(shape, kernel, stride, dilation, causal, device=dev)  # warm-up
+        flexna.na_block_mask(shape, kernel, stride, dilation, causal, device=dev)  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        mask = na_block_mask(shape, kernel, stride, dilation, causal, device=dev)
+        mask = flexna.na_block_mask(shape, kernel, stride, dilation, causal, device=dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         build_ms = (time.perf_counter() - t0) * 1e3
-        full, partial = _block_stats(mask)
+        full, partial, total = _block_stats(mask)
         n = pattern.num_tokens
         print(f"   tokens {n}, density {pattern.density():.4f}, FLOP-wise limit "
               f"{pattern.flop_limit():.1f}x over dense")
-        print(f"   BlockMask 128x128: {full} full + {partial} partial blocks of "
-              f"{mask.kv_indices.shape[-2] * mask.kv_indices.shape[-1]}, built in {build_ms:.1f} ms")
+        print(f"   BlockMask 128x128: {full} full + {partial} partial blocks of {total}, "
+              f"built in {build_ms:.1f} ms")
         q, k, v = (torch.randn(1, *shape, heads, head_dim, generator=gen).to(dev, dtype)
                    for _ in range(3))
         t0 = time.perf_counter()
-        out = neighborhood_attention(q, k, v, kernel, stride, dilation, causal)
+        out = flexna.neighborhood_attention(q, k, v, kernel, stride, dilation, causal)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         first_s = time.perf_counter() - t0

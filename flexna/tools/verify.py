@@ -2,12 +2,14 @@
 
 For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
 dilation, causal axes, token orders/tiles, block sizes), each check compares
-flexna with :mod:`flexna.reference` (an independent NumPy statement of the rule):
+flexna (through its public ``flexna.na_mask_mod`` / ``flexna.na_block_mask``) with
+:mod:`flexna.reference` (an independent NumPy statement of the rule):
 
 1. ``na_mask_mod`` evaluated on every pair (``create_mask``) == the reference mask
    (permuted into the tiled order here, independently of ``flexna.layout``);
 2. ``na_block_mask``'s dense expansion (full blocks all True, partial blocks
-   through its mask_mod, other blocks False) == the reference mask;
+   through its mask_mod, other blocks False; the block lists decoded by
+   ``BlockMask.to_dense()``) == the reference mask;
 3. ``na_block_mask``'s full and partial block sets == those of
    ``create_block_mask(na_mask_mod(...))`` (the documented guarantee);
 4. (``attention=True``) ``flex_attention`` with that BlockMask == float64
@@ -36,9 +38,9 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from flexna import blockmask as _blockmask
-from flexna import masks as _masks
+import flexna
 from flexna.reference import reference_attention, reference_mask
+from flexna.tools.blockmaps import block_maps
 
 HEADS = 2
 HEAD_DIM = 16
@@ -149,20 +151,18 @@ def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     return torch.from_numpy(out), q_ord, kv_ord
 
 
-def _block_map(num: torch.Tensor | None, idx: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
-    out = torch.zeros(rows, cols, dtype=torch.bool)
-    if num is None or idx is None:
-        return out
-    num = num.reshape(-1)[:rows].cpu().long()
-    idx = idx.reshape(-1, idx.shape[-1])[:rows].cpu().long()
-    valid = torch.arange(idx.shape[1])[None, :] < num[:, None]
-    row = torch.arange(rows)[:, None].expand_as(idx)
-    out[row[valid], idx[valid]] = True
-    return out
-
-
 def _expand_blocks(blocks: torch.Tensor, qb: int, kb: int, nq: int, nkv: int) -> torch.Tensor:
+    """A ``[q blocks, kv blocks]`` map -> the ``[nq, nkv]`` token pairs its blocks cover."""
     return blocks.repeat_interleave(qb, 0).repeat_interleave(kb, 1)[:nq, :nkv]
+
+
+def _maps(bm: Any, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """``(partial, full, problem)``: the ``[rows, cols]`` block maps of ``bm`` (``to_dense``)."""
+    partial, full = (m[0, 0].cpu() for m in block_maps(bm))
+    if partial.shape != (rows, cols) or full.shape != (rows, cols):
+        return partial, full, (f"block maps are {tuple(partial.shape)} (partial) and "
+                               f"{tuple(full.shape)} (full), expected {(rows, cols)}")
+    return partial, full, None
 
 
 class Check:
@@ -194,20 +194,22 @@ class Check:
         want, q_ord, kv_ord = expected_mask(cfg)
         nq, nkv = want.shape
         kwargs = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
-        mask_mod = _masks.na_mask_mod(*cfg.pattern_args(), **kwargs)
+        mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
         got = create_mask(mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
         if not torch.equal(got, want):
             self.failures.append("na_mask_mod: " + self._where(got, want, q_ord, kv_ord))
 
-        bm = _blockmask.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
+        bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
         qb, kb = (int(b) for b in bm.BLOCK_SIZE)
         if tuple(bm.seq_lengths) != (nq, nkv):
             self.failures.append(f"na_block_mask: seq_lengths {tuple(bm.seq_lengths)}, "
                                  f"expected {(nq, nkv)}")
             return
         rows, cols = -(-nq // qb), -(-nkv // kb)
-        partial = _block_map(bm.kv_num_blocks, bm.kv_indices, rows, cols)
-        full = _block_map(bm.full_kv_num_blocks, bm.full_kv_indices, rows, cols)
+        partial, full, problem = _maps(bm, rows, cols)
+        if problem is not None:
+            self.failures.append(f"na_block_mask: {problem}")
+            return
         if (partial & full).any():
             self.failures.append(f"na_block_mask: {int((partial & full).sum())} blocks are listed "
                                  "as both full and partial")
@@ -219,8 +221,10 @@ class Check:
                                  + self._where(dense, want, q_ord, kv_ord))
 
         ref_bm = create_block_mask(mask_mod, None, None, nq, nkv, device=dev, BLOCK_SIZE=(qb, kb))
-        ref_partial = _block_map(ref_bm.kv_num_blocks, ref_bm.kv_indices, rows, cols)
-        ref_full = _block_map(ref_bm.full_kv_num_blocks, ref_bm.full_kv_indices, rows, cols)
+        ref_partial, ref_full, problem = _maps(ref_bm, rows, cols)
+        if problem is not None:
+            self.failures.append(f"create_block_mask: {problem}")
+            return
         for what, mine, theirs in (("partial", partial, ref_partial), ("full", full, ref_full)):
             if not torch.equal(mine, theirs):
                 self.failures.append(

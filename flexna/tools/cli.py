@@ -1,11 +1,18 @@
-"""The ``flexna`` command line: ``demo``, ``list``, ``show``, ``analyze``, ``verify``, ``bench``."""
+"""The ``flexna`` command line: ``demo``, ``list``, ``show``, ``analyze``, ``verify``, ``bench``.
+
+Every failure ends in one line on stderr and a non-zero exit: argparse's usage errors
+(exit 2) for a bad command-line argument, ``flexna COMMAND: error: ...`` (exit 1) for a
+bad catalogue file or an output path that cannot be written. Errors name a command-line
+flag only when the user passed it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
+import os
 import re
+import secrets
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -19,8 +26,10 @@ examples:
   flexna show --shape 56 56 --kernel 7 7 --dilation 2 2
   flexna analyze flux-gna --q-tile 16 8 --kv-tile 16 8
   flexna verify --n 100 --device cpu             fuzz-check flexna against the reference
-  flexna bench --workloads flux-na               GPU benchmark (CUDA only)
+  flexna bench --workloads flux-na               GPU benchmark of a source checkout (CUDA only)
 
+The catalogue ships in the package; `list`, `show` and `analyze` take `--catalogue DIR`
+(or $FLEXNA_MASKS) to read another folder of NAME.json files instead.
 Run `flexna COMMAND --help` for the options of a command.
 """
 
@@ -28,7 +37,8 @@ PATTERN_HELP = """\
 A pattern is either a catalogue NAME (see `flexna list`) or --shape with --kernel and
 optionally --stride, --dilation, --causal. Each takes one value per layout axis, or a
 single value for all axes. --q-tile/--kv-tile choose tiled token orders (one int per axis),
---block-size the BlockMask block sizes in tokens (one value, or q and kv).
+--block-size the BlockMask block sizes in tokens (one value, or q and kv). NAME is a plain
+name of the catalogue (the one shipped in the package, or --catalogue DIR).
 """
 
 EPILOG_SHOW = PATTERN_HELP + """
@@ -38,12 +48,15 @@ examples:
   flexna show --shape 64 --kernel 9 --stride 3          1-D: writes na1d-64-k9-s3.png
   flexna show --shape 32 48 --kernel 7 7 --dilation 2 1 --causal 1 0
   flexna show --shape 16 64 64 --kernel 4 9 9 --q-tile 2 8 8 --kv-tile 2 8 8
+  flexna show nat-7x7 --out pics/ --force               replace pics/nat-7x7.png
 
 The picture shows one query (red; default: the middle token), the queries of its stride
 group that share its window (yellow), the keys it attends (blue) on the token layout (1-D:
 a strip; 2-D: the grid; 3-D: the frames along axis 0), and the BlockMask: one square per
 (query block, key block), full (dark blue), partial (orange, evaluated per element) or
-empty (grey, skipped). Large layouts are pooled so pictures stay small.
+empty (grey, skipped). Large layouts are pooled so pictures stay small. The file is named
+after the pattern (the catalogue NAME, or one built from the parameters); an existing
+file is never overwritten without --force.
 """
 
 EPILOG_ANALYZE = PATTERN_HELP + """
@@ -70,23 +83,35 @@ BlockMask against float64 reference attention. Exit status 1 when anything diffe
 failures print a line of Python that rebuilds the configuration.
 """
 
-EPILOG_BENCH = """\
-Runs benchmarks/bench_attention.py of the source checkout with the given arguments
-(needs CUDA and the repository checkout, e.g. `pip install -e .`). Its options:
+BENCH_SCRIPT = Path("benchmarks") / "bench_attention.py"
+EPILOG_BENCH = f"""\
+Runs {BENCH_SCRIPT.as_posix()} of a flexna source checkout (the benchmark does not ship in
+the package) with all further arguments, under the flexna this command belongs to. Needs
+CUDA. The checkout is the current folder, or --checkout PATH. Its options:
   flexna bench --help
 examples:
   flexna bench                               all default workloads, fp16, forward
-  flexna bench --workloads flux-na flux-gna --dtype bf16 --backward
+  flexna bench --checkout ~/src/flexna --workloads flux-na flux-gna --dtype bf16 --backward
 """
 
-# library argument name -> command-line flag, for error messages
+CATALOGUE_HELP = ("folder of NAME.json catalogue files to use instead of the catalogue shipped "
+                  "in the package (default: $FLEXNA_MASKS when set)")
+
+# library argument name -> (argparse dest, command-line flag), for error messages
 FLAGS = {
-    "shape": "--shape", "kernel_size": "--kernel", "stride": "--stride", "dilation": "--dilation",
-    "is_causal": "--causal", "q_tile": "--q-tile", "kv_tile": "--kv-tile",
-    "block_size": "--block-size", "query": "--query", "name": "NAME", "n": "--n",
-    "max_tokens": "--max-tokens", "device": "--device",
+    "shape": ("shape", "--shape"), "kernel_size": ("kernel", "--kernel"),
+    "stride": ("stride", "--stride"), "dilation": ("dilation", "--dilation"),
+    "is_causal": ("causal", "--causal"), "q_tile": ("q_tile", "--q-tile"),
+    "kv_tile": ("kv_tile", "--kv-tile"), "block_size": ("block_size", "--block-size"),
+    "query": ("query", "--query"), "name": ("name", "NAME"), "n": ("n", "--n"),
+    "max_tokens": ("max_tokens", "--max-tokens"), "device": ("device", "--device"),
 }
 PATTERN_FLAGS = ("shape", "kernel", "stride", "dilation", "causal")
+MAX_BLOCK = 2**31 - 1  # FlexAttention indexes tokens with int32
+
+
+class CliError(Exception):
+    """A failure reported as one line ``flexna COMMAND: error: MESSAGE`` with exit status 1."""
 
 
 def _bool01(text: str) -> bool:
@@ -108,9 +133,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_catalogue_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalogue", metavar="DIR", default=None, help=CATALOGUE_HELP)
+
+
 def _add_pattern_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", metavar="NAME",
                    help="catalogue name (see `flexna list`); or describe the pattern with --shape ...")
+    _add_catalogue_arg(p)
     g = p.add_argument_group("pattern (instead of NAME)")
     g.add_argument("--shape", type=int, nargs="+", metavar="L", help="token layout, 1 to 3 axes")
     g.add_argument("--kernel", type=int, nargs="+", metavar="K", help="window size per axis")
@@ -145,9 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
 
-    sub.add_parser("list", help="list the catalogue of named configurations",
-                   description="Lists the named configurations of the catalogue (masks/*.json) "
-                   "with their pattern and description.")
+    listing = sub.add_parser(
+        "list", help="list the catalogue of named configurations",
+        description="Lists the named configurations of the catalogue (the NAME.json files shipped "
+        "in the package, or those of --catalogue DIR / $FLEXNA_MASKS) with their pattern and "
+        "description. A file that is not a valid entry is reported on stderr and skipped; the "
+        "exit status is then 1.")
+    _add_catalogue_arg(listing)
 
     show = sub.add_parser(
         "show", help="summary and a PNG picture of a pattern (neighborhood and block mask)",
@@ -158,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--query", type=int, nargs="+", metavar="X",
                       help="coordinate of the query to draw, one per axis (default: the middle)")
     show.add_argument("--out", metavar="PATH",
-                      help="PNG file or folder (default: NAME.png in the current folder)")
+                      help="PNG file, or an existing folder for NAME.png (default: NAME.png in the "
+                      "current folder)")
+    show.add_argument("--force", action="store_true",
+                      help="replace the output file if it exists (default: refuse)")
 
     analyze = sub.add_parser(
         "analyze", help="density, FLOP-wise limit, block counts and suggested tiles of a pattern",
@@ -188,23 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile flex_attention (default: on CUDA yes, on CPU no; a CPU "
                         "compile takes a few seconds per configuration)")
 
-    for command in (show, analyze, verify):
+    for command in (demo, listing, show, analyze, verify):
         command.set_defaults(command_parser=command)
     sub.add_parser(
-        "bench", help="run the GPU benchmark (benchmarks/bench_attention.py); CUDA only",
-        description="Runs benchmarks/bench_attention.py, passing all further arguments through.",
+        "bench", help=f"run the GPU benchmark ({BENCH_SCRIPT.as_posix()} of a source checkout); "
+        "CUDA only",
+        usage="flexna bench [--checkout PATH] [BENCHMARK OPTIONS ...]",
+        description=f"Runs {BENCH_SCRIPT.as_posix()}, passing all further arguments through.",
         epilog=EPILOG_BENCH, formatter_class=raw, add_help=False)
     return parser
 
 
 # ---------------------------------------------------------------------------------------------
 
-def _fail(parser: argparse.ArgumentParser, exc: ValueError) -> None:
-    """Turn a library ValueError into an argparse error naming the command-line argument."""
+def _passed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> set[str]:
+    """The argparse dests the user set (not left at their defaults)."""
+    return {dest for dest, value in vars(args).items()
+            if value is not None and value != parser.get_default(dest)}
+
+
+def _fail(parser: argparse.ArgumentParser, exc: ValueError, passed: set[str]) -> None:
+    """A library ValueError as an argparse error, naming the command-line argument if it was given."""
     msg = str(exc)
     match = re.match(r"(\w+)", msg)
-    flag = FLAGS.get(match.group(1)) if match else None
-    parser.error(f"argument {flag}: {msg}" if flag else msg)
+    dest, flag = FLAGS.get(match.group(1), (None, None)) if match else (None, None)
+    parser.error(f"argument {flag}: {msg}" if dest in passed else msg)
 
 
 def _one_or_all(values: Sequence | None) -> object:
@@ -213,10 +258,18 @@ def _one_or_all(values: Sequence | None) -> object:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """(pattern, name, description) from NAME or --shape ...; argparse errors on bad input."""
-    from flexna.catalogue import list_entries, load_entry
+def _catalogue_hint(args: argparse.Namespace) -> str:
+    return "flexna list" + (f" --catalogue {args.catalogue}" if args.catalogue is not None else "")
+
+
+def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, passed: set[str]):
+    """(pattern, file-name-safe name, description) from NAME or --shape ...
+
+    argparse errors on bad command-line input; :class:`~flexna.tools.catalogue.CatalogueError`
+    when the catalogue folder or the NAME's file is bad.
+    """
     from flexna.pattern import NAPattern
+    from flexna.tools.catalogue import UnknownNameError, list_entries, load_entry
 
     given = [f for f in PATTERN_FLAGS if getattr(args, f) is not None]
     if args.name is not None:
@@ -224,12 +277,15 @@ def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             parser.error(f"argument --{given[0]}: not allowed with a catalogue NAME "
                          f"({args.name!r}); use either NAME or --shape/--kernel/...")
         try:
-            entry = load_entry(args.name)
-        except ValueError as exc:
-            _fail(parser, exc)
-        return entry.pattern, entry.name, f"{entry.description} ({entry.source})"
+            entry = load_entry(args.name, args.catalogue)
+        except UnknownNameError:
+            shown = args.name if len(args.name) <= 60 else args.name[:40] + "..."
+            parser.error(f"argument NAME: {shown!r} is not a catalogue name; the names are "
+                         f"plain file stems, see them with `{_catalogue_hint(args)}`")
+        # the validated NAME (the file stem, which the entry's "name" equals) names the output
+        return entry.pattern, args.name, f"{entry.description} ({entry.source})"
     if args.shape is None:
-        names = ", ".join(list_entries()) or "none"
+        names = ", ".join(list_entries(args.catalogue)) or "none"
         parser.error(f"give a catalogue NAME ({names}) or --shape with --kernel")
     if args.kernel is None:
         parser.error("argument --kernel: required with --shape")
@@ -240,7 +296,7 @@ def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             _one_or_all(args.dilation) if args.dilation else 1,
             _one_or_all(args.causal) if args.causal else False)
     except ValueError as exc:
-        _fail(parser, exc)
+        _fail(parser, exc, passed)
     return pattern, adhoc_name(pattern), None
 
 
@@ -259,7 +315,7 @@ def adhoc_name(pattern) -> str:
     return name
 
 
-def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, pattern):
+def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, pattern, passed: set[str]):
     """Validated (q_tile, kv_tile, block_size) from the options, or argparse errors."""
     from flexna.blockmask import resolve_block_sizes
     from flexna.layout import as_tile
@@ -267,6 +323,9 @@ def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, patte
     block = args.block_size
     if block is not None and len(block) not in (1, 2):
         parser.error(f"argument --block-size: give one value or two (q kv), got {len(block)}")
+    if block is not None and any(b > MAX_BLOCK for b in block):
+        parser.error(f"argument --block-size: {max(block)} is out of range: need at most {MAX_BLOCK} "
+                     "tokens per block")
     try:
         q_tile = None if args.q_tile is None else as_tile("q_tile", _one_or_all(args.q_tile),
                                                           pattern.shape)
@@ -276,7 +335,7 @@ def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, patte
         ones = (1,) * pattern.ndim
         resolve_block_sizes(block_size, q_tile or ones, kv_tile or ones)
     except ValueError as exc:
-        _fail(parser, exc)
+        _fail(parser, exc, passed)
     return q_tile, kv_tile, block_size
 
 
@@ -298,149 +357,213 @@ def _pattern_lines(pattern, name: str, description: str | None) -> list[str]:
     return lines
 
 
-def _cmd_list() -> int:
-    from flexna.catalogue import catalogue_dir, list_entries, load_entry
+def _cmd_list(args: argparse.Namespace) -> int:
+    from flexna.tools.catalogue import catalogue_dir, load_all
 
-    names = list_entries()
-    print(f"catalogue {catalogue_dir()}: {len(names)} configurations")
-    width = max((len(n) for n in names), default=0)
-    for name in names:
-        entry = load_entry(name)
-        print(f"  {name:<{width}}  {entry.pattern}")
+    root = catalogue_dir(args.catalogue)
+    entries, bad = load_all(args.catalogue)
+    skipped = f" ({len(bad)} bad files skipped, see stderr)" if bad else ""
+    print(f"catalogue {root}: {len(entries)} configurations{skipped}")
+    width = max((len(e.name) for e in entries), default=0)
+    for entry in entries:
+        print(f"  {entry.name:<{width}}  {entry.pattern}")
         print(f"  {'':<{width}}  {entry.description}")
-    return 0
+    for exc in bad:
+        print(f"flexna list: skipped {exc}", file=sys.stderr)
+    return 1 if bad else 0
 
 
-def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from flexna.png import write_png
-    from flexna.render import block_stats, check_query, render_pattern
+def _output_path(out_arg: str | None, file_name: str, force: bool) -> Path:
+    """The PNG file to write: checked to be creatable (and absent unless ``force``) before rendering."""
+    out = Path(f"{file_name}.png")
+    if out_arg is not None:
+        out = Path(out_arg)
+        if out.is_dir():
+            out = out / f"{file_name}.png"
+        elif out_arg.endswith(("/", os.sep)) or out.name in ("", ".", ".."):
+            raise CliError(f"cannot write into {out_arg}: no such folder")
+    folder = out.parent
+    if not folder.exists():
+        raise CliError(f"cannot write {out}: no such folder {folder}")
+    if not folder.is_dir():
+        raise CliError(f"cannot write {out}: {folder} is not a folder")
+    if out.is_dir():
+        raise CliError(f"cannot write {out}: it is a folder")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CliError(f"{out} already exists; pass --force to replace it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {out}: {folder} is not writable")
+    return out
 
-    pattern, name, description = _pattern_from_args(args, parser)
-    q_tile, kv_tile, block_size = _order_args(args, parser, pattern)
+
+def _write_file(out: Path, data: bytes, force: bool) -> None:
+    """Write ``data`` to ``out``: a new file (never through an existing one or a symlink).
+
+    Without ``force`` the file is created exclusively; with it the bytes go to a new file
+    beside it that then replaces ``out`` (a symlink there is replaced, not followed).
+    """
+    target = out
+    if force:
+        target = out.with_name(f".{out.name}.{secrets.token_hex(4)}.png.tmp")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if force:
+                os.replace(target, out)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    except FileExistsError:
+        raise CliError(f"{out} already exists; pass --force to replace it") from None
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed: set[str]) -> int:
+    from flexna.tools.png import encode_png
+    from flexna.tools.render import block_stats, check_query, render_pattern
+
+    pattern, name, description = _pattern_from_args(args, parser, passed)
+    q_tile, kv_tile, block_size = _order_args(args, parser, pattern, passed)
     try:
         query = check_query(pattern, args.query)
     except ValueError as exc:
-        _fail(parser, exc)
+        _fail(parser, exc, passed)
     file_name = name
     ones = (1,) * pattern.ndim
     if q_tile is not None or kv_tile is not None:
         file_name += f"-qt{'x'.join(map(str, q_tile or ones))}-kvt{'x'.join(map(str, kv_tile or ones))}"
     if block_size is not None:
         file_name += f"-b{'x'.join(map(str, args.block_size))}"
-    out = Path(f"{file_name}.png") if args.out is None else Path(args.out)
-    if out.is_dir():
-        out = out / f"{file_name}.png"
+    out = _output_path(args.out, file_name, args.force)
     stats = block_stats(pattern, q_tile, kv_tile, block_size)
     rendering = render_pattern(pattern, query, title=name, stats=stats)
-    size = write_png(out, rendering.image)
+    data = encode_png(rendering.image)
+    _write_file(out, data, args.force)
     for line in _pattern_lines(pattern, name, description):
         print(line)
     print(f"  BlockMask, {stats.describe()}")
     keys = _count_keys(pattern, query)
     print(f"  query {query} attends {keys} keys")
     height, width = rendering.image.shape[:2]
-    print(f"wrote {out} ({width}x{height} px, {size / 1024:.1f} KiB)")
+    print(f"wrote {out} ({width}x{height} px, {len(data) / 1024:.1f} KiB)")
     return 0
 
 
 def _count_keys(pattern, query: Sequence[int]) -> int:
-    from flexna.render import axis_flags
+    from flexna.tools.render import axis_flags
 
     return math.prod(int(axis_flags(pattern, a, query[a])["attended"].sum())
                      for a in range(pattern.ndim))
 
 
-def _analysis_module():
-    """``flexna.analysis`` when it is there (it provides the tile search), else None."""
-    try:
-        return importlib.import_module("flexna.analysis")
-    except ImportError:
-        return None
+def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser, passed: set[str]) -> int:
+    import flexna
 
-
-def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from flexna.render import block_stats
-
-    pattern, name, description = _pattern_from_args(args, parser)
-    q_tile, kv_tile, block_size = _order_args(args, parser, pattern)
+    pattern, name, description = _pattern_from_args(args, parser, passed)
+    q_tile, kv_tile, block_size = _order_args(args, parser, pattern, passed)
     for line in _pattern_lines(pattern, name, description):
         print(line)
-    analysis = _analysis_module()
     orders = [(None, None, None)]
     if q_tile is not None or kv_tile is not None or block_size is not None:
         orders.append((q_tile, kv_tile, block_size))
     print("BlockMask blocks:")
     for qt, kt, bs in orders:
-        if analysis is not None and hasattr(analysis, "analyze"):
-            print(f"  {analysis.analyze(pattern, qt, kt, bs).summary()}")
-        else:
-            print(f"  {block_stats(pattern, qt, kt, bs).describe()}")
-    if analysis is not None and hasattr(analysis, "search_tiles"):
-        print(f"suggested tiles (flexna.analysis.search_tiles, best {args.top} by predicted cost):")
-        for result in analysis.search_tiles(pattern, top=args.top):
-            print(f"  {result.summary()}")
-            print(f"    --q-tile {' '.join(map(str, result.q_tile))} "
-                  f"--kv-tile {' '.join(map(str, result.kv_tile))}")
-    else:
-        print("suggested tiles: not available (no tile search in this flexna: flexna.analysis is "
-              "missing); block counts above come from flexna.na_block_mask")
+        print(f"  {flexna.analyze(pattern, qt, kt, bs).summary()}")
+    print(f"suggested tiles (flexna.search_tiles, best {args.top} by predicted cost):")
+    for result in flexna.search_tiles(pattern, top=args.top):
+        print(f"  {result.summary()}")
+        print(f"    --q-tile {' '.join(map(str, result.q_tile))} "
+              f"--kv-tile {' '.join(map(str, result.kv_tile))}")
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from flexna.verify import run_verify
+def _cmd_verify(args: argparse.Namespace, parser: argparse.ArgumentParser, passed: set[str]) -> int:
+    from flexna.tools.verify import run_verify
 
     try:
         ok = run_verify(n=args.n, seed=args.seed, device=args.device, max_tokens=args.max_tokens,
                         attention=args.attention, compiled=args.compile, start=args.start)
     except ValueError as exc:
-        _fail(parser, exc)
+        _fail(parser, exc, passed)
     return 0 if ok else 1
 
 
-def bench_script() -> Path:
-    """benchmarks/bench_attention.py of the source checkout flexna is installed from."""
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
+def _split_checkout(rest: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``--checkout PATH`` / ``--checkout=PATH`` taken out of the benchmark's arguments."""
+    checkout, others, items = None, [], list(rest)
+    while items:
+        item = items.pop(0)
+        if item == "--checkout":
+            if not items:
+                raise CliError("argument --checkout: expected a PATH (a flexna source checkout)")
+            checkout = items.pop(0)
+        elif item.startswith("--checkout="):
+            checkout = item.split("=", 1)[1]
+        else:
+            others.append(item)
+    return checkout, others
+
+
+def bench_script(checkout: str | os.PathLike | None = None) -> Path:
+    """The benchmark script of the source checkout ``checkout`` (default: the current folder)."""
+    return Path(checkout if checkout is not None else ".") / BENCH_SCRIPT
 
 
 def _cmd_bench(rest: Sequence[str]) -> int:
     import torch
 
-    script = bench_script()
+    checkout, rest = _split_checkout(rest)
+    script = bench_script(checkout)
     wants_help = any(a in ("-h", "--help") for a in rest)
     if not script.is_file():
-        print(f"flexna bench: error: {script} not found; the benchmark ships with the source "
-              "repository: clone it and `pip install -e .` there", file=sys.stderr)
-        return 1
+        where = (f"{checkout} is not one (no {BENCH_SCRIPT.as_posix()} there)" if checkout is not None
+                 else f"the current folder is not one (no {BENCH_SCRIPT.as_posix()} here)")
+        raise CliError(f"needs a flexna source checkout (the benchmarks do not ship in the package) "
+                       f"and {where}: run it from the repository root or pass --checkout PATH")
     if not wants_help and not torch.cuda.is_available():
-        print("flexna bench: error: the benchmark needs a CUDA GPU, and torch.cuda.is_available() "
-              f"is False (torch {torch.__version__}). Run it on a machine with an NVIDIA GPU and a "
-              "CUDA build of torch; `flexna verify` and `flexna analyze` work on the CPU.",
-              file=sys.stderr)
-        return 1
-    return subprocess.call([sys.executable, str(script), *rest])
+        raise CliError("the benchmark needs a CUDA GPU, and torch.cuda.is_available() is False "
+                       f"(torch {torch.__version__}). Run it on a machine with an NVIDIA GPU and a "
+                       "CUDA build of torch; `flexna verify` and `flexna analyze` work on the CPU.")
+    return subprocess.call([sys.executable, str(script.resolve()), *rest])
+
+
+def _run(command: str, args: argparse.Namespace, sub: argparse.ArgumentParser) -> int:
+    passed = _passed(args, sub)
+    if command == "demo":
+        from flexna.tools.demo import run_demo
+
+        return 0 if run_demo(device=args.device, seed=args.seed) else 1
+    if command == "list":
+        return _cmd_list(args)
+    if command == "show":
+        return _cmd_show(args, sub, passed)
+    if command == "analyze":
+        return _cmd_analyze(args, sub, passed)
+    if command == "verify":
+        return _cmd_verify(args, sub, passed)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flexna.tools.catalogue import CatalogueError
+
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # everything after `bench` belongs to the benchmark script
-        return _cmd_bench(argv[1:])
-    args = parser.parse_args(argv)
-    sub = getattr(args, "command_parser", parser)
-    if args.command == "demo":
-        from flexna.demo import run_demo
-
-        return 0 if run_demo(device=args.device, seed=args.seed) else 1
-    if args.command == "list":
-        return _cmd_list()
-    if args.command == "show":
-        return _cmd_show(args, sub)
-    if args.command == "analyze":
-        return _cmd_analyze(args, sub)
-    if args.command == "verify":
-        return _cmd_verify(args, sub)
-    return 2
+    command = argv[0] if argv else None
+    try:
+        if command == "bench":  # everything after `bench` belongs to the benchmark script
+            return _cmd_bench(argv[1:])
+        args = parser.parse_args(argv)
+        return _run(args.command, args, getattr(args, "command_parser", parser))
+    except (CliError, CatalogueError) as exc:
+        print(f"flexna {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (`flexna list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""Running FlexAttention: flexna's own compiled entry, its recompile guard, CUDA kernel
+options and the eager / dense fallbacks. Plumbing only: nothing of flexna's masks is imported
+here (only its error types).
+
+flexna compiles a function of its own (:func:`_flexna_flex_attention`), never the user's
+``flex_attention``: dynamo counts recompiles per code object, so flexna's compilations
+never spend the user's budget for their own ``torch.compile(flex_attention)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from flexna.errors import EagerFallbackWarning, RecompileLimitError, warn_user
+
+# Each distinct (shapes, dtype, device, options) signature compiles once; pattern
+# parameters live in tensors, so changing kernel/stride/dilation/causal recompiles nothing.
+RECOMPILE_LIMIT = 64
+
+
+def _flexna_flex_attention(*args: Any, **kwargs: Any) -> Any:
+    """flexna's own frame around ``flex_attention`` (what flexna compiles)."""
+    return flex_attention(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex_attention() -> Callable[..., Any]:
+    """``torch.compile`` of flexna's own flex_attention frame, made once per process."""
+    return torch.compile(_flexna_flex_attention, dynamic=False)
+
+
+def _limit_names() -> tuple[str, str]:
+    cfg = torch._dynamo.config
+    names = ("recompile_limit", "fail_on_recompile_limit_hit")
+    if not all(name in cfg._config for name in names):  # older torch spellings
+        names = ("cache_size_limit", "fail_on_cache_limit_hit")
+    return names
+
+
+def call_compiled(*args: Any, **kwargs: Any) -> Any:
+    """Run compiled ``flex_attention``; never let dynamo fall back to eager at its limit.
+
+    At dynamo's recompile limit torch would run ``flex_attention`` eagerly, which
+    materialises every score (a 384 GiB allocation on a 256x256 layout). Here the limit is
+    raised to :data:`RECOMPILE_LIMIT` for this call (dynamo's config patch is scoped to the
+    call) and hitting it is an error.
+    """
+    cfg = torch._dynamo.config
+    names = _limit_names()
+    limit = max(getattr(cfg, names[0]), RECOMPILE_LIMIT)
+    with cfg.patch(**{names[0]: limit, names[1]: True}):
+        try:
+            return compiled_flex_attention()(*args, **kwargs)
+        except Exception as exc:
+            if "LimitHit" not in type(exc).__name__ and "recompile_limit" not in str(exc):
+                raise
+            raise RecompileLimitError(
+                f"flexna: its compiled flex_attention reached {limit} recompilations (one per "
+                "distinct tensor shape / dtype / device / option set). Rather than fall back to "
+                "eager attention (which materialises all N x N scores), flexna stops here. Fix: "
+                "use fewer distinct shapes, or raise flexna.flex.RECOMPILE_LIMIT."
+            ) from exc
+
+
+def _eager_reason(query: torch.Tensor, tensors: tuple[torch.Tensor, ...], return_lse: bool) -> str | None:
+    """Why compiled Flex cannot run this call, or None. (CPU Flex compiles inference only.)"""
+    if query.device.type != "cpu":
+        return None
+    if return_lse:
+        return "return_lse=True"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "gradients are required"
+    return None
+
+
+def lse_call(fn: Callable[..., Any], *args: Any, return_lse: bool, **kwargs: Any) -> Any:
+    """Call a flex_attention-like ``fn`` asking for the lse the way this torch prefers.
+
+    torch >= 2.9 deprecates ``return_lse`` for ``return_aux=AuxRequest(lse=True)``.
+    """
+    if not return_lse:
+        return fn(*args, **kwargs)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return fn(*args, return_lse=True, **kwargs)
+    out, aux = fn(*args, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse
+
+
+def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
+             scale: float | None, return_lse: bool, **kwargs: Any) -> Any:
+    """Compiled ``flex_attention`` on ``[B, H, N, D]`` tensors; where torch cannot compile it
+    on CPU, eager Flex (``return_lse``) or, when gradients are needed (torch's Flex has no CPU
+    backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
+    reason = _eager_reason(query, (query, key, value, *captured_tensors(kwargs.get("score_mod"))),
+                           return_lse)
+    if query.is_cuda:
+        user = kwargs.get("kernel_options") or {}
+        kwargs["kernel_options"] = {**cuda_kernel_options(query.device), **user}
+    if reason is None:
+        if query.device.type == "cpu":
+            # no gradients wanted, but torch's CPU Flex rejects inputs that require grad
+            query, key, value = query.detach(), key.detach(), value.detach()
+        return lse_call(call_compiled, query, key, value, block_mask=block_mask, scale=scale,
+                        return_lse=return_lse, **kwargs)
+    warn_user(
+        f"flexna: compiled FlexAttention on CPU supports inference only, and {reason}; "
+        "running FlexAttention eagerly, which materialises the [batch, heads, N, N] score "
+        "matrix (fine for small layouts; use a CUDA device for large ones)",
+        EagerFallbackWarning,
+    )
+    if reason != "return_lse=True":
+        return dense_flex_attention(query, key, value, block_mask=block_mask, scale=scale,
+                                    return_lse=return_lse, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return lse_call(flex_attention, query, key, value, block_mask=block_mask, scale=scale,
+                        return_lse=return_lse, **kwargs)
+
+
+@functools.lru_cache(maxsize=16)
+def cuda_kernel_options(device: torch.device) -> dict[str, bool]:
+    """Flex kernel options flexna passes on CUDA, where this torch's lowering knows them.
+
+    * ``FORCE_USE_FLEX_ATTENTION``: with fewer than 128 queries torch switches to its
+      decoding kernel, which fails to compile for GQA with a shared BlockMask on torch 2.11
+      (NoValidChoicesError, found by the GPU tests); the main kernel handles every case.
+    * ``USE_TMA`` on Hopper or newer (torch turns it off itself where the tensors don't allow
+      it): 4-6% faster block-sparse kernels on an H200
+      (benchmarks/results/explore-kernel-options-NVIDIA-H200-2026-11-21.md).
+    """
+    try:
+        from torch._inductor.kernel.flex import flex_attention as lowering
+        from torch._inductor.kernel.flex import flex_decoding as decoding
+    except ImportError:
+        return {}
+    options = {}
+    if "FORCE_USE_FLEX_ATTENTION" in inspect.getsource(decoding):
+        options["FORCE_USE_FLEX_ATTENTION"] = True
+    if torch.cuda.get_device_capability(device)[0] >= 9 and "USE_TMA" in inspect.getsource(lowering):
+        options["USE_TMA"] = True
+    return options
+
+
+def captured_tensors(mod: Callable[..., Any] | None) -> tuple[torch.Tensor, ...]:
+    """Tensors captured by a score_mod closure (e.g. a relative-position-bias table)."""
+    cells = getattr(mod, "__closure__", None) or ()
+    found: list[torch.Tensor] = []
+    for cell in cells:
+        try:
+            v = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, tuple):
+            found += [m for f in v if callable(f) for m in captured_tensors(f)]
+    return tuple(found)
+
+
+def dense_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         score_mod: Callable[..., torch.Tensor] | None = None,
+                         block_mask: BlockMask | None = None, scale: float | None = None,
+                         enable_gqa: bool = False, return_lse: bool = False) -> Any:
+    """Differentiable dense stand-in for ``flex_attention`` (same arguments and results).
+
+    Computes all ``[B, H, Nq, Nkv]`` scores in float32 (float64 for float64 inputs), applies
+    ``score_mod`` and ``block_mask.mask_mod`` with broadcast index tensors, and a safe
+    softmax (rows with no key give output 0, lse ``-inf``). Works on any device with
+    autograd, including gradients of tensors captured by ``score_mod``; memory is
+    O(N^2): for small problems and CPU training/tests only.
+    """
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq != hkv:
+        if not enable_gqa or hq % hkv:
+            raise ValueError(f"query has {hq} heads and key {hkv}: need enable_gqa=True and "
+                             "query heads divisible by key heads")
+        key = key.repeat_interleave(hq // hkv, dim=1)
+        value = value.repeat_interleave(hq // hkv, dim=1)
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query.to(work) @ key.to(work).transpose(-2, -1)) * scale
+    dev = query.device
+    b = torch.arange(query.shape[0], device=dev)[:, None, None, None]
+    h = torch.arange(hq, device=dev)[None, :, None, None]
+    q_idx = torch.arange(query.shape[2], device=dev)[None, None, :, None]
+    kv_idx = torch.arange(key.shape[2], device=dev)[None, None, None, :]
+    if score_mod is not None:
+        scores = score_mod(scores, b, h, q_idx, kv_idx)
+    if block_mask is not None:
+        keep = block_mask.mask_mod(b, h, q_idx, kv_idx)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    empty = (scores.amax(dim=-1) == float("-inf"))[..., None]  # rows attending nothing
+    scores = scores.masked_fill(empty, 0.0)  # keeps their gradients finite (then zeroed)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).masked_fill(empty, 0.0)
+    out = (probs @ value.to(work)).to(query.dtype)
+    if return_lse:
+        return out, lse.masked_fill(empty, float("-inf"))[..., 0].float()
+    return out

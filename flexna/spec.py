@@ -1,0 +1,231 @@
+"""``MaskSpec``: everything a neighborhood mask depends on, validated once, hashable.
+
+A spec is the only input of every later stage (tables and mask_mod, block maps, score_mods,
+the BlockMask and its cache key). It holds
+
+* the **pattern** of each sample: one :class:`~flexna.pattern.NAPattern` for all heads, or
+  one per query head (:class:`~flexna.pattern.PerHead`);
+* **packed samples** (variable resolution): several layouts one after another in one
+  sequence, each padded to a whole number of blocks, attending only within themselves;
+* the **token orders** of queries and keys (row-major, or tiled by ``q_tile``/``kv_tile``);
+* the **regions** of the layout the queries and keys come from (one shard against its keys
+  plus halo), each in its own order;
+* **extra tokens**: ``num_extra_kv`` keys every query attends and ``num_extra_q`` queries
+  attending every real key, appended after the layout's (padded) tokens;
+* the **block sizes** of the BlockMask.
+
+The sequence a spec describes, on each side: the samples' tokens in their orders (a sample
+padded to a multiple of the block when packed), then the extra tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from flexna.geometry import Region, region_shape
+from flexna.layout import TokenLayout, as_region, as_tile
+from flexna.pattern import MAX_TOKENS, NAPattern, as_int_tuple
+
+# Tokens per BlockMask block when a side is row-major (FlexAttention's default block).
+DEFAULT_BLOCK = 128
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` is torch's default device."""
+    return torch.empty(0).device if device is None else torch.device(device)
+
+
+def as_count(name: str, value: object) -> int:
+    """A non-negative int (bools and other types rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def resolve_block_sizes(
+    block_size: int | Sequence[int] | None,
+    q_tile: tuple[int, ...],
+    kv_tile: tuple[int, ...],
+) -> tuple[int, int]:
+    """(q, kv) block sizes in tokens; ``None`` means each side's tile token count, or 128."""
+    defaults = [math.prod(t) if math.prod(t) > 1 else DEFAULT_BLOCK for t in (q_tile, kv_tile)]
+    if block_size is None:
+        return defaults[0], defaults[1]
+    if isinstance(block_size, Sequence) and not isinstance(block_size, str) and len(block_size) != 2:
+        raise ValueError(f"block_size must have 2 entries (q, kv) or be one int, got "
+                         f"{len(block_size)} entries: {tuple(block_size)!r}")
+    sizes = as_int_tuple("block_size", block_size, 2)
+    for side, size, tile in zip(("q", "kv"), sizes, (q_tile, kv_tile), strict=True):
+        per_tile = math.prod(tile)
+        if size < 1 or size % per_tile:
+            need = ("need >= 1" if per_tile == 1 else f"need a positive multiple of the {side} "
+                    f"tile's token count {per_tile} (tile {tile})")
+            raise ValueError(f"block_size for {side} = {size} is out of range: {need}")
+    return sizes[0], sizes[1]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """A validated, hashable description of one mask (see the module docstring).
+
+    Build it with :meth:`create`; the fields are normalised (tuples of ints) so equal specs
+    compare and hash equal.
+    """
+
+    samples: tuple[tuple[NAPattern, ...], ...]  # [sample][head]: 1 head entry = all heads
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+    q_block: int
+    kv_block: int
+    q_region: Region | None = None
+    kv_region: Region | None = None
+    num_extra_q: int = 0
+    num_extra_kv: int = 0
+    pad_samples: bool = False  # each sample padded to whole blocks (packed sequences)
+
+    @classmethod
+    def create(
+        cls,
+        patterns: NAPattern | Sequence[NAPattern],
+        *,
+        samples: Sequence[Sequence[NAPattern]] | None = None,
+        q_tile: int | Sequence[int] | None = None,
+        kv_tile: int | Sequence[int] | None = None,
+        block_size: int | Sequence[int] | None = None,
+        q_region: Sequence[Sequence[int]] | None = None,
+        kv_region: Sequence[Sequence[int]] | None = None,
+        num_extra_q: int = 0,
+        num_extra_kv: int = 0,
+    ) -> MaskSpec:
+        """Validate a spec: ``ValueError`` naming the argument, its value and the allowed range.
+
+        ``patterns``: one pattern, or one per query head (all on one layout). ``samples``
+        (instead of ``patterns``): packed sequences, each entry the patterns of one sample
+        (same axis count and head count for all); each sample is padded to whole blocks and
+        ``block_size`` must then be one size for both sides.
+        """
+        packed = samples is not None
+        if packed:
+            groups = tuple(tuple(s) for s in samples)  # type: ignore[union-attr]
+        else:
+            groups = ((patterns,) if isinstance(patterns, NAPattern) else tuple(patterns),)
+        if not groups or not all(groups):
+            raise ValueError("a mask needs at least one sample with at least one pattern")
+        for i, group in enumerate(groups):
+            for p in group:
+                if not isinstance(p, NAPattern):
+                    raise TypeError(f"patterns must be flexna.NAPattern, got {type(p).__name__}")
+            if len({p.shape for p in group}) != 1:
+                raise ValueError(f"sample {i}: per-head patterns must share one layout, got "
+                                 f"{sorted({p.shape for p in group})}")
+        if len({len(g[0].shape) for g in groups}) != 1:
+            raise ValueError(f"packed samples must all have the same number of axes, got "
+                             f"{[g[0].shape for g in groups]}")
+        if len({len(g) for g in groups}) != 1:
+            raise ValueError("packed samples must all have the same number of head patterns")
+        shape = groups[0][0].shape
+        if packed and (q_region is not None or kv_region is not None):
+            raise ValueError("q_region/kv_region select part of one layout; they cannot be "
+                             "combined with packed samples")
+        if packed and (num_extra_q or num_extra_kv):
+            raise ValueError("extra tokens (num_extra_q/num_extra_kv) cannot be combined with "
+                             "packed samples: every sample would attend them")
+        q_reg = as_region("q_region", q_region, shape)
+        kv_reg = as_region("kv_region", kv_region, shape)
+        q_t = as_tile("q_tile", q_tile, region_shape(q_reg) if q_reg else shape)
+        kv_t = as_tile("kv_tile", kv_tile, region_shape(kv_reg) if kv_reg else shape)
+        q_block, kv_block = resolve_block_sizes(block_size, q_t, kv_t)
+        if packed and q_block != kv_block:
+            raise ValueError(f"block_size = {block_size!r}: packed samples are padded to whole "
+                             "blocks, so queries and keys need one block size")
+        spec = cls(groups, q_t, kv_t, q_block, kv_block, q_reg, kv_reg,
+                   as_count("num_extra_q", num_extra_q), as_count("num_extra_kv", num_extra_kv),
+                   packed)
+        for side, length in (("query", spec.q_len), ("key", spec.kv_len)):
+            if length > MAX_TOKENS:
+                raise ValueError(f"the {side} sequence has {length} tokens (layout, padding and "
+                                 f"extra tokens), more than int32 indices allow (at most {MAX_TOKENS})")
+        return spec
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def ndim(self) -> int:
+        return len(self.samples[0][0].shape)
+
+    @property
+    def heads(self) -> int:
+        """Patterns per sample: 1 (shared by all heads) or the number of query heads."""
+        return len(self.samples[0])
+
+    @property
+    def pattern(self) -> NAPattern:
+        """The pattern of a single-sample, single-pattern spec."""
+        if len(self.samples) != 1 or self.heads != 1:
+            raise ValueError("this mask has several samples or per-head patterns")
+        return self.samples[0][0]
+
+    def q_order(self, sample: int = 0) -> TokenLayout:
+        """The query token order of ``sample`` (over its region when one is given)."""
+        p = self.samples[sample][0]
+        return TokenLayout(region_shape(self.q_region) if self.q_region else p.shape, self.q_tile)
+
+    def kv_order(self, sample: int = 0) -> TokenLayout:
+        p = self.samples[sample][0]
+        return TokenLayout(region_shape(self.kv_region) if self.kv_region else p.shape, self.kv_tile)
+
+    def _segment(self, length: int, block: int) -> int:
+        return -(-length // block) * block if self.pad_samples else length
+
+    @cached_property
+    def q_offsets(self) -> tuple[int, ...]:
+        """Start of each sample's queries in the sequence, then the layout part's end."""
+        return _running(self._segment(self.q_order(i).length, self.q_block) for i in range(len(self.samples)))
+
+    @cached_property
+    def kv_offsets(self) -> tuple[int, ...]:
+        return _running(self._segment(self.kv_order(i).length, self.kv_block)
+                        for i in range(len(self.samples)))
+
+    @property
+    def q_layout_len(self) -> int:
+        """Queries before the extra ones (samples, their padding included)."""
+        return self.q_offsets[-1]
+
+    @property
+    def kv_layout_len(self) -> int:
+        return self.kv_offsets[-1]
+
+    @property
+    def q_len(self) -> int:
+        return self.q_layout_len + self.num_extra_q
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv_layout_len + self.num_extra_kv
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.q_block)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.kv_block)
+
+    def estimated_bytes(self) -> int:
+        """Bytes a BlockMask of this spec holds (index tensors and mask tables), before building."""
+        rows, cols = self.num_q_blocks, self.num_kv_blocks
+        index = 4 * self.heads * 2 * (rows * cols + rows + cols * rows + cols)
+        tables = 4 * self.heads * (2 * self.ndim + 2) * (self.q_len + self.kv_len)
+        return index + tables
+
+
+def _running(lengths: object) -> tuple[int, ...]:
+    out = [0]
+    for n in lengths:  # type: ignore[attr-defined]
+        out.append(out[-1] + n)
+    return tuple(out)

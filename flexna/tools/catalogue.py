@@ -1,0 +1,242 @@
+"""Named real-world pattern configurations: the catalogue's JSON files.
+
+The catalogue ships inside the package as data (``flexna.tools.masks``, read with
+:mod:`importlib.resources`; in a source checkout it is the top-level ``masks/``
+folder). Each ``NAME.json`` holds ``name`` (equal to ``NAME``), ``description``,
+``source``, the pattern (``shape``, ``kernel_size``, ``stride``, ``dilation``,
+``is_causal``) and the model's ``heads`` and ``head_dim``.
+
+Another folder can stand in for it: pass ``folder=`` (the command line's
+``--catalogue DIR``) or set ``FLEXNA_MASKS``. Names are plain file stems checked
+against the folder's listing, so a name never reaches outside the folder. A file
+that does not hold a valid entry raises :class:`CatalogueError`, naming the file
+and the field at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flexna.pattern import NAPattern
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+CATALOGUE_ENV = "FLEXNA_MASKS"
+PACKAGE = "flexna.tools.masks"
+# a catalogue name: a plain file stem (no separators, no leading dot)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]{0,99}")
+MAX_FILE_BYTES = 1 << 20
+MAX_INT = 2**31 - 1  # every integer of an entry fits int32 (as FlexAttention's indices do)
+MAX_TEXT = 2000
+PATTERN_FIELDS = ("shape", "kernel_size", "stride", "dilation", "is_causal")
+FIELDS = ("name", "description", "source", *PATTERN_FIELDS, "heads", "head_dim")
+
+
+class CatalogueError(ValueError):
+    """A catalogue folder or file that cannot be used: ``where`` (file or folder), ``field``, ``problem``."""
+
+    def __init__(self, where: str, problem: str, field: str | None = None) -> None:
+        self.where, self.field, self.problem = where, field, problem
+        super().__init__(f"{where}: {f'field {field!r}: ' if field else ''}{problem}")
+
+
+class UnknownNameError(ValueError):
+    """A name that is not one of the catalogue's entries."""
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    description: str
+    source: str
+    pattern: NAPattern
+    heads: int
+    head_dim: int
+
+
+def catalogue_dir(folder: str | os.PathLike | None = None) -> Traversable:
+    """The catalogue folder: ``folder``, else ``$FLEXNA_MASKS``, else the package data.
+
+    Raises :class:`CatalogueError` when a given folder does not exist or is not a folder.
+    """
+    if folder is None:
+        folder = os.environ.get(CATALOGUE_ENV) or None
+        origin = f"${CATALOGUE_ENV}"
+    else:
+        origin = "catalogue folder"
+    if folder is None:
+        try:
+            return resources.files(PACKAGE)
+        except ModuleNotFoundError:
+            raise CatalogueError(f"package data {PACKAGE}", "not installed (a broken install of "
+                                 f"flexna?); set ${CATALOGUE_ENV} to a catalogue folder") from None
+    path = Path(folder)
+    if not path.exists():
+        raise CatalogueError(f"{origin} {str(path)!r}", "no such folder")
+    if not path.is_dir():
+        raise CatalogueError(f"{origin} {str(path)!r}", "not a folder")
+    return path
+
+
+def _json_files(root: Traversable) -> list[Traversable]:
+    try:
+        items = list(root.iterdir())
+    except OSError as exc:
+        raise CatalogueError(str(root), f"cannot list the folder: {exc.strerror or exc}") from None
+    return sorted((p for p in items if p.name.endswith(".json") and not p.name.startswith(".")),
+                  key=lambda p: p.name[: -len(".json")])
+
+
+def scan(folder: str | os.PathLike | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """``(valid names, [(file, problem), ...])``: every ``*.json`` of the folder, sorted.
+
+    A name is valid when the file stem is a plain name; the file's content is checked by
+    :func:`load_entry`.
+    """
+    names, bad = [], []
+    root = catalogue_dir(folder)
+    for item in _json_files(root):
+        stem = item.name[: -len(".json")]
+        if NAME_RE.fullmatch(stem):
+            names.append(stem)
+        else:
+            bad.append((str(item), f"{stem!r} is not a plain catalogue name "
+                        "(letters, digits and _+.- only, not starting with . or -)"))
+    return names, bad
+
+
+def list_entries(folder: str | os.PathLike | None = None) -> list[str]:
+    """Names of all catalogue entries, sorted (files whose stem is not a plain name are left out)."""
+    return scan(folder)[0]
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} chars)"
+
+
+def _check_int(where: str, field: str, value: object) -> int:
+    if type(value) is not int:
+        raise CatalogueError(where, f"must be an integer, got {_short(value)} "
+                             f"({type(value).__name__})", field)
+    if not 1 <= value <= MAX_INT:
+        raise CatalogueError(where, f"{_short(value)} is out of range: need 1 <= {field} <= {MAX_INT}",
+                             field)
+    return value
+
+
+def _check_ints(where: str, field: str, value: object) -> int | tuple[int, ...]:
+    if type(value) is int:
+        return _check_int(where, field, value)
+    if not isinstance(value, list) or not 1 <= len(value) <= 3:
+        raise CatalogueError(where, f"must be an integer or a list of 1 to 3 integers, got "
+                             f"{_short(value)} ({type(value).__name__})", field)
+    return tuple(_check_int(where, f"{field}[{i}]", v) for i, v in enumerate(value))
+
+
+def _check_bools(where: str, field: str, value: object) -> bool | tuple[bool, ...]:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list) or not 1 <= len(value) <= 3 or not all(
+            isinstance(v, bool) for v in value):
+        raise CatalogueError(where, f"must be true/false or a list of 1 to 3 of them, got "
+                             f"{_short(value)}", field)
+    return tuple(value)
+
+
+def _check_text(where: str, field: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise CatalogueError(where, f"must be a string, got {_short(value)} ({type(value).__name__})",
+                             field)
+    if len(value) > MAX_TEXT or not value.isprintable():
+        raise CatalogueError(where, f"must be one printable line of at most {MAX_TEXT} characters",
+                             field)
+    return value
+
+
+def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
+    """Validate the bytes of the file ``where`` (named ``stem.json``) as a catalogue entry."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise CatalogueError(where, f"larger than a catalogue entry may be ({MAX_FILE_BYTES} bytes)")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CatalogueError(where, "not UTF-8 text") from None
+    except RecursionError:
+        raise CatalogueError(where, "not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of too many digits
+        raise CatalogueError(where, f"not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise CatalogueError(where, f"must hold a JSON object, got a {type(data).__name__}")
+    missing = [f for f in FIELDS if f not in data]
+    if missing:
+        raise CatalogueError(where, "missing", missing[0])
+    name = _check_text(where, "name", data["name"])
+    if name != stem:
+        raise CatalogueError(where, f"is {_short(name)}, but the file is {stem}.json: they must "
+                             "agree", "name")
+    description = _check_text(where, "description", data["description"])
+    source = _check_text(where, "source", data["source"])
+    shape = _check_ints(where, "shape", data["shape"])
+    kernel, stride, dilation = (_check_ints(where, f, data[f]) for f in PATTERN_FIELDS[1:4])
+    causal = _check_bools(where, "is_causal", data["is_causal"])
+    heads = _check_int(where, "heads", data["heads"])
+    head_dim = _check_int(where, "head_dim", data["head_dim"])
+    try:
+        pattern = NAPattern.create(shape, kernel, stride, dilation, causal)
+    except (ValueError, TypeError) as exc:
+        first = re.match(r"\w+", str(exc))
+        field = first.group(0) if first and first.group(0) in PATTERN_FIELDS else "pattern"
+        raise CatalogueError(where, str(exc), field) from None
+    return CatalogueEntry(name, description, source, pattern, heads, head_dim)
+
+
+def check_name(name: str, folder: str | os.PathLike | None = None) -> Traversable:
+    """The file of the entry ``name``: a plain stem listed in the folder (else ``UnknownNameError``)."""
+    root = catalogue_dir(folder)
+    names = list_entries(folder)
+    if not (isinstance(name, str) and NAME_RE.fullmatch(name)) or name not in names:
+        known = ", ".join(names) if names else "none"
+        raise UnknownNameError(f"name = {_short(name)} is not in the catalogue {root} (names are plain "
+                               f"file stems; known: {known})")
+    return root / f"{name}.json"
+
+
+def _read(item: Traversable) -> bytes:
+    try:
+        with item.open("rb") as f:
+            return f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise CatalogueError(str(item), f"cannot read: {exc.strerror or exc}") from None
+
+
+def load_all(folder: str | os.PathLike | None = None) -> tuple[list[CatalogueEntry], list[CatalogueError]]:
+    """Every entry of the folder that is valid, and a :class:`CatalogueError` for every file that is not."""
+    names, bad_names = scan(folder)
+    root = catalogue_dir(folder)
+    entries, bad = [], [CatalogueError(where, problem) for where, problem in bad_names]
+    for name in names:
+        item = root / f"{name}.json"
+        try:
+            entries.append(parse_entry(str(item), name, _read(item)))
+        except CatalogueError as exc:
+            bad.append(exc)
+    bad.sort(key=lambda e: e.where)
+    return entries, bad
+
+
+def load_entry(name: str, folder: str | os.PathLike | None = None) -> CatalogueEntry:
+    """Load and validate one entry by name.
+
+    ``UnknownNameError`` (a ``ValueError``) when ``name`` is not an entry of the folder,
+    :class:`CatalogueError` when its file is not a valid entry.
+    """
+    item = check_name(name, folder)
+    return parse_entry(str(item), name, _read(item))

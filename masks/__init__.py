@@ -1,0 +1,1 @@
+"""The catalogue of named configurations: package data ``flexna.tools.masks`` (JSON + PNG, no code)."""
