@@ -37,10 +37,14 @@ ROWS = [  # (name, shape, kernel, stride, q_tile, kv_tile)
 
 
 def timed(fn, reps: int = 7, warmup: int = 2) -> float:
+    """Median ms of ``fn`` from a cold cache (flexna >= its MaskSpec release caches block maps)."""
+    clear = getattr(flexna, "clear_cache", lambda: None)
     for _ in range(warmup):
+        clear()
         fn()
     times = []
     for _ in range(reps):
+        clear()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)

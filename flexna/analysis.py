@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flexna.blocksparsity import axis_tile_tables, spec_maps
+from flexna.blocksparsity import axis_tile_tables, block_as_tile, spec_maps
 from flexna.geometry import padded_shape
 from flexna.layout import TokenLayout
 from flexna.pattern import NAPattern, fmt_dims
@@ -90,9 +90,31 @@ def analyze(
 ) -> Analysis:
     """Density, FLOP-wise limit, block counts and predicted speed-up of ``pattern``."""
     spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, block_size=block_size)
-    partial, full = spec_maps(spec)  # cached: the functional API's mask reuses them
-    return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block, int(full.sum()),
-                    int(partial.sum()), partial[0].size)
+    one_box = [block_as_tile(pattern.shape, t if pattern.ndim > 1 else (b,), b // math.prod(t) if
+                             pattern.ndim > 1 else 1)
+               for t, b in ((spec.q_tile, spec.q_block), (spec.kv_tile, spec.kv_block))]
+    if one_box[0] is not None and one_box[1] is not None:  # counts factorise over axes: no maps
+        some, full, total = _factorised_counts(pattern, one_box[0], one_box[1], {})
+        return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block, full,
+                        some - full, total)
+    partial, full_map = spec_maps(spec)  # cached: the functional API's mask reuses them
+    return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block,
+                    int(full_map.sum()), int(partial.sum()), partial[0].size)
+
+
+def _factorised_counts(pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
+                       memo: dict[tuple[int, int, int], tuple[int, int, int, int]]) -> tuple[int, int, int]:
+    """(blocks with some pair, full blocks, all blocks) when every block is one tile: products
+    over axes of the per-axis tile tables' counts (``memo`` keeps them across calls)."""
+    counts = []
+    for a in range(pattern.ndim):
+        key = (a, q_tile[a], kv_tile[a])
+        if key not in memo:
+            some, every = axis_tile_tables(pattern, a, q_tile[a], kv_tile[a])
+            memo[key] = (int(some.sum()), int(every.sum()), some.shape[0], some.shape[1])
+        counts.append(memo[key])
+    return (math.prod(c[0] for c in counts), math.prod(c[1] for c in counts),
+            math.prod(c[2] * c[3] for c in counts))
 
 
 def _tile_shapes(shape: tuple[int, ...], tokens: int) -> list[tuple[int, ...]]:
@@ -124,25 +146,14 @@ def search_tiles(
     tiles that pad the layout add blocks. ``same_tile``: only pairs with one
     tile for queries and keys (one token order for a whole model).
     """
-    axis_cache: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
-
-    def axis_counts(a: int, tq: int, tk: int) -> tuple[int, int, int, int]:
-        key = (a, tq, tk)
-        if key not in axis_cache:
-            some, every = axis_tile_tables(pattern, a, tq, tk)
-            axis_cache[key] = (int(some.sum()), int(every.sum()), some.shape[0], some.shape[1])
-        return axis_cache[key]
-
+    memo: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
     results = []
     for qn, kn in itertools.product(q_tokens, kv_tokens):
         for q_tile in _tile_shapes(pattern.shape, qn):
             for kv_tile in _tile_shapes(pattern.shape, kn):
                 if same_tile and kv_tile != q_tile:
                     continue
-                counts = [axis_counts(a, q_tile[a], kv_tile[a]) for a in range(pattern.ndim)]
-                some = math.prod(c[0] for c in counts)
-                full = math.prod(c[1] for c in counts)
-                total = math.prod(c[2] * c[3] for c in counts)
+                some, full, total = _factorised_counts(pattern, q_tile, kv_tile, memo)
                 results.append(Analysis(pattern, q_tile, kv_tile, qn, kn, full, some - full, total))
     results.sort(key=lambda r: (round(r.cost, 6), r.partial_blocks,
                                 math.prod(padded_shape(pattern.shape, r.q_tile))))

@@ -161,7 +161,7 @@ def block_boxes(shape: tuple[int, ...], tile: tuple[int, ...],
     n = len(grid)
     total = math.prod(grid)
     num_blocks = -(-total // block_tiles)
-    s = np.arange(num_blocks, dtype=np.int64) * block_tiles
+    s = np.arange(num_blocks, dtype=np.int32) * block_tiles  # tile indices fit int32 (< 2**31 tokens)
     e = np.minimum(s + block_tiles, total)
     big = total + 1  # unit above level 0: the whole grid is one unit
 

@@ -50,10 +50,11 @@ class TokenOrder(Protocol):
         small union of boxes (the block-map builder then works per token)."""
         ...
 
-    def token_table(self, columns: list[tuple[int, np.ndarray]]) -> np.ndarray:
-        """Per-position tables ``[m, length]``: row ``i`` is ``column_i`` read at the position's
-        coordinate on ``axis_i``; a column holds one value per padded coordinate and its
-        value at padded positions."""
+    def token_table(self, columns: list[tuple[int, np.ndarray]],
+                    out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Per-position tables, one ``[length]`` row per column: row ``i`` is ``column_i`` read
+        at the position's coordinate on ``axis_i`` (a column holds one value per padded
+        coordinate, its value at padded positions). ``out``: the rows to write into."""
         ...
 
 
@@ -206,20 +207,25 @@ class TokenLayout:
             return None
         return block_boxes(self.shape, self.tile, block // per_tile)
 
-    def token_table(self, columns: list[tuple[int, np.ndarray]]) -> np.ndarray:
-        """One broadcast and one tile permutation for all rows (one pass row-major)."""
+    def token_table(self, columns: list[tuple[int, np.ndarray]],
+                    out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """One strided copy per row, straight from the broadcast column (no intermediate)."""
         padded = padded_shape(self.shape, self.tile)
         grid = tile_grid(self.shape, self.tile)
         n = len(self.shape)
-        views = []
-        for axis, values in columns:
+        split = [v for g, t in zip(grid, self.tile, strict=True) for v in (g, t)]
+        order = [*[2 * a for a in range(n)], *[2 * a + 1 for a in range(n)]]
+        tiled_shape = [split[i] for i in order]
+        rows = out if out is not None else [np.empty(self.length, dtype=np.int64) for _ in columns]
+        for (axis, values), dest in zip(columns, rows, strict=True):
             view = [1] * n
             view[axis] = padded[axis]
-            views.append(np.broadcast_to(values.reshape(view), padded))
-        x = np.stack(views).reshape(len(columns), *[v for g, t in zip(grid, self.tile, strict=True)
-                                                     for v in (g, t)])
-        order = [0, *[1 + 2 * a for a in range(n)], *[2 + 2 * a for a in range(n)]]
-        return np.ascontiguousarray(x.transpose(order)).reshape(len(columns), -1)
+            source = np.broadcast_to(values.reshape(view), padded)
+            if self.is_row_major:
+                dest.reshape(padded)[...] = source
+            else:
+                dest.reshape(tiled_shape)[...] = source.reshape(split).transpose(order)
+        return rows
 
     @property
     def length(self) -> int:

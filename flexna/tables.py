@@ -45,8 +45,8 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 @dataclass(frozen=True, eq=False)
 class HostTables:
-    """The tables of a spec as NumPy arrays: ``lo``/``hi`` ``[heads, n, q_len]``, ``pos``
-    ``[heads, n, kv_len]`` (``heads`` = the spec's pattern count) and per-axis maxima."""
+    """The tables of a spec as NumPy arrays: ``lo``/``hi`` ``[n, heads, q_len]``, ``pos``
+    ``[n, heads, kv_len]`` (``heads`` = the spec's pattern count) and per-axis maxima."""
 
     spec: MaskSpec
     lo: np.ndarray
@@ -58,8 +58,8 @@ class HostTables:
         """The mask at broadcast index arrays ``q``, ``kv`` (the mask_mod, on the host)."""
         ok = np.ones(np.broadcast_shapes(q.shape, kv.shape), dtype=bool)
         for a in range(self.spec.ndim):
-            y = self.pos[head, a][kv]
-            ok &= (self.lo[head, a][q] <= y) & (y <= self.hi[head, a][q])
+            y = self.pos[a, head][kv]
+            ok &= (self.lo[a, head][q] <= y) & (y <= self.hi[a, head][q])
         return ok | (kv >= self.spec.kv_layout_len)
 
 
@@ -83,9 +83,9 @@ def host_tables(spec: MaskSpec) -> HostTables:
     shift0 = np.cumsum([0, *span0[:-1]])
     axis_max = axis_maxima(spec)
     dtype = np.int64 if max(axis_max) >= MAX_TOKENS else np.int32
-    lo = np.empty((spec.heads, n, spec.q_len), dtype=dtype)
+    lo = np.empty((n, spec.heads, spec.q_len), dtype=dtype)
     hi = np.empty_like(lo)
-    pos = np.empty((spec.heads, n, spec.kv_len), dtype=dtype)
+    pos = np.empty((n, spec.heads, spec.kv_len), dtype=dtype)
     q0s, kv0s = spec.q_offsets, spec.kv_offsets
     for i, group in enumerate(spec.samples):
         q_region = region_or_full(spec.q_region, group[0].shape)
@@ -104,17 +104,15 @@ def host_tables(spec: MaskSpec) -> HostTables:
                 q_cols += [(a, _padded((w_lo + shift)[qa:qb], q_pad[a], 1)),
                            (a, _padded((w_hi + shift)[qa:qb], q_pad[a], 0))]
                 kv_cols.append((a, _padded((x + shift)[ka:kb], kv_pad[a], -1)))
-            q_t = q_order.token_table(q_cols).reshape(n, 2, -1)
-            kv_t = kv_order.token_table(kv_cols)
-            s0, s1 = q0s[i], q0s[i] + q_t.shape[-1]
-            lo[h, :, s0:s1], hi[h, :, s0:s1] = q_t[:, 0], q_t[:, 1]
-            lo[h, :, s1:q0s[i + 1]], hi[h, :, s1:q0s[i + 1]] = 1, 0  # block padding
-            k0, k1 = kv0s[i], kv0s[i] + kv_t.shape[-1]
-            pos[h, :, k0:k1] = kv_t
-            pos[h, :, k1:kv0s[i + 1]] = -1
+            s0, s1 = q0s[i], q0s[i] + q_order.length
+            q_order.token_table(q_cols, [t[a, h, s0:s1] for a in range(n) for t in (lo, hi)])
+            lo[:, h, s1:q0s[i + 1]], hi[:, h, s1:q0s[i + 1]] = 1, 0  # block padding
+            k0, k1 = kv0s[i], kv0s[i] + kv_order.length
+            kv_order.token_table(kv_cols, [pos[a, h, k0:k1] for a in range(n)])
+            pos[:, h, k1:kv0s[i + 1]] = -1
     end = spec.q_layout_len
     lo[:, :, end:] = 0  # extra queries: a window over every value (every real key)
-    hi[:, :, end:] = np.array(axis_max)[None, :, None]
+    hi[:, :, end:] = np.array(axis_max)[:, None, None]
     pos[:, :, spec.kv_layout_len:] = -1  # extra keys: attended through the index test
     return HostTables(spec, lo, hi, pos, axis_max)
 
@@ -238,19 +236,19 @@ def build_tables(spec: MaskSpec, device: torch.device | str | None = None, *,
     if dev.type == "meta":
         return _meta_tables(spec, fields is not None, torch.int64 if wide else torch.int32)
     host = host_tables(spec) if host is None else host
-    dtype = np.int64 if wide else np.int32
-    cols = [host.lo.transpose(1, 0, 2).reshape(n, -1), host.hi.transpose(1, 0, 2).reshape(n, -1),
-            host.pos.transpose(1, 0, 2).reshape(n, -1)]
-    if fields is not None:
+    cols = [host.lo.reshape(n, -1), host.hi.reshape(n, -1), host.pos.reshape(n, -1)]
+    if fields is not None:  # int32 arithmetic: every field, and so every sum, fits in 31 bits
         offsets, widths = fields
-        scale = np.array([1 << o for o in offsets], dtype=np.int64)[:, None]
-        g = np.array([1 << (w - 1) for w in widths], dtype=np.int64)[:, None]  # G_a, unshifted
-        guard = (g * scale)[:, 0].tolist()
-        cols += [((cols[0] - g) * scale).sum(0, keepdims=True),
-                 ((cols[1] + g) * scale).sum(0, keepdims=True),
-                 (cols[2] * scale).sum(0, keepdims=True),
-                 np.array([[sum(guard)]])]
-    flat = np.concatenate([c.reshape(-1) for c in cols]).astype(dtype)
+        guards = [(1 << (w - 1)) << o for o, w in zip(offsets, widths, strict=True)]  # G_a << o_a
+        lo_g, hi_g, pos_g = (np.zeros(c.shape[1], dtype=np.int32) for c in cols)
+        for a, o in enumerate(offsets):
+            lo_g += cols[0][a] << o
+            hi_g += cols[1][a] << o
+            pos_g += cols[2][a] << o
+        lo_g -= sum(guards)
+        hi_g += sum(guards)
+        cols += [lo_g[None], hi_g[None], pos_g[None], np.array([[sum(guards)]], dtype=np.int32)]
+    flat = np.concatenate([c.reshape(-1) for c in cols])
     moved = torch.from_numpy(flat).to(dev)
     parts = moved.split([c.size for c in cols])
     q_lo, q_hi, kv_pos = (tuple(p.reshape(n, -1).unbind(0)) for p in parts[:3])

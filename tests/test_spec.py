@@ -28,9 +28,14 @@ def _heads_kwargs() -> list[dict]:
             {"kernel_size": 3, "is_causal": (True, False)}]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("extra", [0, 5])
 @pytest.mark.parametrize("with_rpb", [False, True])
-def test_tiled_order_with_per_head_extra_tokens_and_rpb(extra: int, with_rpb: bool) -> None:
+def test_tiled_order_with_per_head_extra_tokens_and_rpb(extra: int, with_rpb: bool, device: str) -> None:
     """Tiled order (8x16 tiles) with per-head patterns, extra keys and rpb vs float64."""
     torch.manual_seed(0)
     shape, heads, dim = (12, 20), 4, 16
@@ -46,8 +51,11 @@ def test_tiled_order_with_per_head_extra_tokens_and_rpb(extra: int, with_rpb: bo
         kwargs["additional_keys"] = torch.randn(1, extra, heads, dim)
         kwargs["additional_values"] = torch.randn(1, extra, heads, dim)
     table = torch.randn(heads, 5, 5) if with_rpb else None
+    on = {key: t.to(device) for key, t in kwargs.items()}
     with torch.no_grad():
-        out = flexna.neighborhood_attention(q, k, v, **per_head, rel_pos_bias=table, tiles=(8, 16), **kwargs)
+        out = flexna.neighborhood_attention(q.to(device), k.to(device), v.to(device), **per_head,
+                                            rel_pos_bias=None if table is None else table.to(device),
+                                            tiles=(8, 16), **on).cpu()
     mask, bias = per_head_mask_and_bias(table, shape, heads_kw)
     n = mask.shape[-1]
     if extra:
@@ -261,3 +269,23 @@ def test_core_never_imports_the_tools() -> None:
 def test_pure_stages_import_nothing_from_flex_attention(module: str) -> None:
     bad = {m for m in _closure(module) if m.startswith("torch.nn.attention")}
     assert not bad, f"{module} reaches {bad}"
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dilation,tile,block", [
+    ((40, 36), 7, 1, 1, None, None),            # row-major 128-token blocks: box path
+    ((64, 64), 13, 1, 1, None, None),           # row-major, a block is two rows: factorised
+    ((30, 20, 12), (5, 7, 3), (1, 2, 1), 1, (2, 4, 4), None),
+    ((33, 17), 5, 1, (2, 1), (4, 8), (64, 64)),  # dilation, two tiles per block
+    ((300,), 31, 4, 1, None, 32),
+])
+def test_analyze_counts_equal_the_block_mask(shape, kernel, stride, dilation, tile, block) -> None:
+    """analyze (factorised counts where a block is one box, block maps otherwise) counts what
+    torch's create_block_mask of the same mask_mod holds."""
+    pattern = flexna.NAPattern.create(shape, kernel, stride, dilation)
+    a = flexna.analyze(pattern, tile, tile, block)
+    mm = flexna.na_mask_mod(shape, kernel, stride, dilation, q_tile=tile, kv_tile=tile, device="cpu")
+    n = flexna.tiled_length(shape, tile)
+    want = create_block_mask(mm, None, None, n, n, device="cpu", BLOCK_SIZE=(a.q_block, a.kv_block))
+    assert a.full_blocks == int(want.full_kv_num_blocks.sum())
+    assert a.partial_blocks == int(want.kv_num_blocks.sum())
+    assert a.total_blocks == want.kv_num_blocks.shape[-1] * want.kv_indices.shape[-1]
