@@ -20,6 +20,11 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flexna.errors import EagerFallbackWarning, RecompileLimitError, warn_user
 
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch < 2.9: return_lse=True
+    AuxRequest = None
+
 # Each distinct (shapes, dtype, device, options) signature compiles once; pattern
 # parameters live in tensors, so changing kernel/stride/dilation/causal recompiles nothing.
 RECOMPILE_LIMIT = 64
@@ -87,19 +92,37 @@ def lse_call(fn: Callable[..., Any], *args: Any, return_lse: bool, **kwargs: Any
     """
     if not return_lse:
         return fn(*args, **kwargs)
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:
+    if AuxRequest is None:
         return fn(*args, return_lse=True, **kwargs)
     out, aux = fn(*args, return_aux=AuxRequest(lse=True), **kwargs)
     return out, aux.lse
 
 
 def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
-             scale: float | None, return_lse: bool, **kwargs: Any) -> Any:
+             scale: float | None, return_lse: bool, *, captured_grad: bool = False, **kwargs: Any) -> Any:
     """Compiled ``flex_attention`` on ``[B, H, N, D]`` tensors; where torch cannot compile it
     on CPU, eager Flex (``return_lse``) or, when gradients are needed (torch's Flex has no CPU
-    backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`."""
+    backward at all), :func:`dense_flex_attention`, with an :class:`EagerFallbackWarning`.
+
+    Inside the user's ``torch.compile`` this is one ``flex_attention`` op of their graph (the
+    CPU cases above: the dense stand-in, warned about when the call was planned); the caller
+    passes ``kernel_options`` then (nothing here is looked up at trace time) and
+    ``captured_grad``: whether a tensor its score_mod captures needs gradients.
+    """
+    if torch.compiler.is_compiling():
+        if query.device.type == "cpu":
+            kwargs.pop("kernel_options", None)
+        if query.device.type == "cpu" and (return_lse or (torch.is_grad_enabled() and (captured_grad or any(
+                t.requires_grad for t in (query, key, value))))):
+            if torch.compiler.is_exporting():
+                raise RuntimeError(
+                    "flexna: exporting on the CPU with gradients enabled (or return_lse) would export "
+                    "the dense N x N stand-in, not flex_attention (torch's CPU Flex compiles inference "
+                    "only). Export under torch.no_grad() / torch.inference_mode(), or on CUDA.")
+            return dense_flex_attention(query, key, value, block_mask=block_mask, scale=scale,
+                                        return_lse=return_lse, **kwargs)
+        return lse_call(flex_attention, query, key, value, block_mask=block_mask, scale=scale,
+                        return_lse=return_lse, **kwargs)
     reason = _eager_reason(query, (query, key, value, *captured_tensors(kwargs.get("score_mod"))),
                            return_lse)
     if query.is_cuda:

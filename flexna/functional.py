@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
+from flexna import plan as plans
 from flexna.analysis import choose_tiles
 from flexna.blockmask import spec_block_mask
-from flexna.flex import EagerFallbackWarning, RecompileLimitError, dense_flex_attention, run_flex
+from flexna.errors import warn_user
+from flexna.flex import (
+    EagerFallbackWarning,
+    RecompileLimitError,
+    cuda_kernel_options,
+    dense_flex_attention,
+    run_flex,
+)
 from flexna.layout import TokenLayout, as_tile
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, PerHead, head_patterns
-from flexna.scores import check_rpb, compose_score_mods, spec_rpb_score_mod
-from flexna.spec import DEFAULT_BLOCK, MaskSpec
+from flexna.scores import bias_score_mod, check_rpb, compose_score_mods, rpb_token_tables
+from flexna.spec import DEFAULT_BLOCK, MaskSpec, TensorMeta
 
 __all__ = ["EagerFallbackWarning", "RecompileLimitError", "dense_flex_attention", "na1d", "na2d", "na3d",
            "neighborhood_attention", "packed_neighborhood_attention", "tiled_neighborhood_attention"]
@@ -30,10 +40,14 @@ MIN_CUDA_HEAD_DIM = 16  # torch's CUDA Flex templates fail ("NYI") below this
 ScoreModArg = Callable[..., torch.Tensor] | None
 
 
-def check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   ndim: int | None) -> int:
+Meta = torch.Tensor | TensorMeta
+
+
+def check_tensors(query: Meta, key: Meta, value: Meta, ndim: int | None) -> int:
+    """Validate NATTEN-layout ``query``/``key``/``value`` (tensors or their :class:`TensorMeta`);
+    returns the number of spatial axes."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, (torch.Tensor, TensorMeta)):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     spatial = query.dim() - 3
     if not 1 <= spatial <= MAX_AXES:
@@ -81,23 +95,24 @@ def check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return spatial
 
 
-def _check_sequences(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, length: int,
+def _check_sequences(query: TensorMeta, key: TensorMeta, value: TensorMeta, length: int,
                      why: str) -> None:
     """Validate ``[batch, length, heads, dim]`` sequences (token order chosen by the caller)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] != length:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be shaped [batch, {length}, heads, dim]{why}, got {got}")
-    check_tensors(query[:, :, None], key[:, :, None], value[:, :, None], 2)
+        if t.dim() != 4 or t.shape[1] != length:
+            raise ValueError(f"{name} must be shaped [batch, {length}, heads, dim]{why}, got {tuple(t.shape)}")
+
+    def as_2d(t: TensorMeta) -> TensorMeta:
+        return TensorMeta(torch.Size((*t.shape[:2], 1, *t.shape[2:])), t.dtype, t.device, t.requires_grad)
+
+    check_tensors(as_2d(query), as_2d(key), as_2d(value), 2)
 
 
-def _check_extra(name: str, t: torch.Tensor | None, batch: int, heads: int, dim: int | None,
-                 ref: torch.Tensor, like: str) -> int:
+def _check_extra(name: str, t: TensorMeta | None, batch: int, heads: int, dim: int | None,
+                 ref: TensorMeta, like: str) -> int:
     """Validate an additional-token tensor ``[batch, M, heads, dim]``; returns M (0 if None)."""
     if t is None:
         return 0
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     want = f"[batch={batch}, M >= 1, heads={heads}, {'dim' if dim is None else f'dim={dim}'}]"
     if (t.dim() != 4 or t.shape[0] != batch or t.shape[2] != heads or t.shape[1] < 1
             or (dim is not None and t.shape[3] != dim)):
@@ -138,20 +153,70 @@ def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod:
     return q_t, kv_t
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: MaskSpec,
+@dataclass(frozen=True, eq=False)
+class CallPlan:
+    """What one call needs from the host (see :mod:`flexna.plan`): its spec, BlockMask, token
+    orders, rpb tables and kernel options."""
+
+    spec: MaskSpec
+    mask: BlockMask
+    q_layout: TokenLayout
+    kv_layout: TokenLayout
+    rpb: tuple[torch.Tensor, torch.Tensor] | None
+    kernel_options: dict[str, bool]
+
+
+def _const(value: object) -> object:
+    """A pattern / tiles argument as a hashable constant (lists to tuples, PerHead tagged)."""
+    if isinstance(value, PerHead):
+        return ("PerHead", value.values)
+    if isinstance(value, list | tuple):
+        return tuple(_const(v) for v in value)
+    return value
+
+
+def _unconst(value: object) -> object:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "PerHead":
+        return PerHead(list(value[1]))
+    return value
+
+
+def _rpb_meta(signature: tuple | None) -> Any:
+    """The rel_pos_bias argument for :func:`check_rpb`: its meta, or a stand-in of the non-tensor's
+    type (check_rpb names it in its ValueError)."""
+    if signature is not None and signature[0] == "not a tensor":
+        return type(signature[1], (), {})()
+    return TensorMeta.of("rel_pos_bias", signature)
+
+
+def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
+               rpb: bool, needs_dense: bool) -> CallPlan:
+    if needs_dense and torch.compiler.is_dynamo_compiling():
+        warn_user("flexna: inside torch.compile on CPU with gradients (or return_lse), attention runs "
+                  "as the dense N x N stand-in (torch's CPU Flex compiles inference only)",
+                  EagerFallbackWarning)
+    return CallPlan(spec, spec_block_mask(spec, device), q_layout, kv_layout,
+                    rpb_token_tables(spec, device) if rpb else None,
+                    cuda_kernel_options(device) if device.type == "cuda" else {})
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: CallPlan,
            scale: float | None, return_lse: bool, rel_pos_bias: torch.Tensor | None = None,
            score_mod: ScoreModArg = None) -> Any:
-    """The one attention route: ``[B, H, N, D]`` tensors in the spec's sequence order, the
-    spec's cached BlockMask, its cached rpb tables, one fused Flex call."""
+    """The one attention route: ``[B, H, N, D]`` tensors in the plan's sequence order, its cached
+    BlockMask and rpb tables, one fused Flex call."""
     if rel_pos_bias is not None:
-        score_mod = compose_score_mods(spec_rpb_score_mod(rel_pos_bias, spec, query.device), score_mod)
-    mask = spec_block_mask(spec, query.device)
+        assert plan.rpb is not None
+        score_mod = compose_score_mods(bias_score_mod(rel_pos_bias, *plan.rpb, plan.spec), score_mod)
     kwargs: dict[str, Any] = {}
     if score_mod is not None:
         kwargs["score_mod"] = score_mod
     if key.shape[1] != query.shape[1]:
         kwargs["enable_gqa"] = True
-    return run_flex(query, key, value, mask, scale, return_lse, **kwargs)
+    if plan.kernel_options:
+        kwargs["kernel_options"] = dict(plan.kernel_options)
+    captured = rel_pos_bias is not None and rel_pos_bias.requires_grad
+    return run_flex(query, key, value, plan.mask, scale, return_lse, captured_grad=captured, **kwargs)
 
 
 def _to_sequence(t: torch.Tensor, extra: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
@@ -232,32 +297,19 @@ def neighborhood_attention(
         q = k = v = torch.randn(2, 32, 32, 4, 64)
         out = flexna.neighborhood_attention(q, k, v, kernel_size=7)  # [2, 32, 32, 4, 64]
     """
-    spatial = check_tensors(query, key, value, _ndim)
-    shape = tuple(query.shape[1:1 + spatial])
-    batch, heads, kv_heads = query.shape[0], query.shape[-2], key.shape[-2]
-    if (additional_keys is None) != (additional_values is None):
-        raise ValueError("additional_keys and additional_values must be given together")
-    extra_kv = _check_extra("additional_keys", additional_keys, batch, kv_heads, key.shape[-1],
-                            key, "key")
-    if additional_values is not None and additional_values.shape[:2] != additional_keys.shape[:2]:
-        raise ValueError(f"additional_values shape {tuple(additional_values.shape)} must match "
-                         f"additional_keys {tuple(additional_keys.shape)} in batch and M")
-    _check_extra("additional_values", additional_values, batch, kv_heads, value.shape[-1], value, "value")
-    extra_q = _check_extra("additional_queries", additional_queries, batch, heads, query.shape[-1],
-                           query, "query")
-    patterns = head_patterns(shape, kernel_size, stride, dilation, is_causal, num_heads=heads)
-    if rel_pos_bias is not None:
-        check_rpb(rel_pos_bias, patterns, heads, device=query.device)
-    q_tile, kv_tile = resolve_tiles(tiles, patterns, score_mod is not None)
-    spec = MaskSpec.create(patterns, q_tile=q_tile, kv_tile=kv_tile, num_extra_q=extra_q,
-                           num_extra_kv=extra_kv)
-    q_layout, kv_layout = TokenLayout(shape, q_tile), TokenLayout(shape, kv_tile)
-    result = attend(_to_sequence(query, additional_queries, q_layout),
-                    _to_sequence(key, additional_keys, kv_layout),
-                    _to_sequence(value, additional_values, kv_layout),
-                    spec, scale, return_lse, rel_pos_bias, score_mod)
+    sig = plans.tensor_signature
+    signature = ("na", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
+                 sig(additional_queries), sig(rel_pos_bias), score_mod is not None, _const(kernel_size),
+                 _const(stride), _const(dilation), _const(is_causal), _const(tiles), _ndim, return_lse,
+                 torch.is_grad_enabled())
+    plan = plans.plan_for(signature)
+    result = attend(_to_sequence(query, additional_queries, plan.q_layout),
+                    _to_sequence(key, additional_keys, plan.kv_layout),
+                    _to_sequence(value, additional_values, plan.kv_layout),
+                    plan, scale, return_lse, rel_pos_bias, score_mod)
     out, lse = result if return_lse else (result, None)
-    n = spec.q_layout_len
+    n, extra_q = plan.spec.q_layout_len, plan.spec.num_extra_q
+    q_layout = plan.q_layout
     outs = [_from_sequence(out[:, :, :n] if extra_q else out, q_layout, query)]
     if extra_q:
         outs.append(out[:, :, n:].transpose(1, 2))
@@ -267,6 +319,41 @@ def neighborhood_attention(
         if extra_q:
             outs.append(lse[:, :, n:].transpose(1, 2))
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _na_plan(signature: tuple) -> CallPlan:
+    """Validate a :func:`neighborhood_attention` call from its signature and plan it."""
+    (_, q_s, k_s, v_s, ak_s, av_s, aq_s, rpb_s, has_score_mod, kernel_size, stride, dilation,
+     is_causal, tiles, ndim, return_lse, grad) = signature
+    names = ("query", "key", "value", "additional_keys", "additional_values", "additional_queries")
+    query, key, value, ak, av, aq = (TensorMeta.of(n, s) for n, s in zip(names, (
+        q_s, k_s, v_s, ak_s, av_s, aq_s), strict=True))
+    rpb = _rpb_meta(rpb_s)
+    assert query is not None and key is not None and value is not None
+    spatial = check_tensors(query, key, value, ndim)
+    shape = tuple(query.shape[1:1 + spatial])
+    batch, heads, kv_heads = query.shape[0], query.shape[-2], key.shape[-2]
+    if (ak is None) != (av is None):
+        raise ValueError("additional_keys and additional_values must be given together")
+    extra_kv = _check_extra("additional_keys", ak, batch, kv_heads, key.shape[-1], key, "key")
+    if av is not None and ak is not None and av.shape[:2] != ak.shape[:2]:
+        raise ValueError(f"additional_values shape {tuple(av.shape)} must match "
+                         f"additional_keys {tuple(ak.shape)} in batch and M")
+    _check_extra("additional_values", av, batch, kv_heads, value.shape[-1], value, "value")
+    extra_q = _check_extra("additional_queries", aq, batch, heads, query.shape[-1], query, "query")
+    patterns = head_patterns(shape, *(_unconst(v) for v in (kernel_size, stride, dilation, is_causal)),
+                             num_heads=heads)
+    if rpb is not None:
+        check_rpb(rpb, patterns, heads, device=query.device)
+    q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
+    spec = MaskSpec.create(patterns, q_tile=q_tile, kv_tile=kv_tile, num_extra_q=extra_q,
+                           num_extra_kv=extra_kv)
+    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, aq, rpb))
+    return _make_plan(spec, TokenLayout(shape, q_tile), TokenLayout(shape, kv_tile), query.device,
+                      rpb is not None, query.device.type == "cpu" and (return_lse or grads))
+
+
+plans.register("na", _na_plan)
 
 
 def tiled_neighborhood_attention(
@@ -300,26 +387,49 @@ def tiled_neighborhood_attention(
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
-    _check_sequences(query, key, value, layout.length,
-                     f" (layout {layout.shape} in tile {layout.tile} order)")
-    batch, heads, kv_heads = query.shape[0], query.shape[2], key.shape[2]
-    if (additional_keys is None) != (additional_values is None):
-        raise ValueError("additional_keys and additional_values must be given together")
-    extra_kv = _check_extra("additional_keys", additional_keys, batch, kv_heads, key.shape[-1], key, "key")
-    _check_extra("additional_values", additional_values, batch, kv_heads, value.shape[-1], value, "value")
-    patterns = head_patterns(layout.shape, kernel_size, stride, dilation, is_causal, num_heads=heads)
-    if rel_pos_bias is not None:
-        check_rpb(rel_pos_bias, patterns, heads, device=query.device)
-    spec = MaskSpec.create(patterns, q_tile=layout.tile, kv_tile=layout.tile, num_extra_kv=extra_kv)
+    sig = plans.tensor_signature
+    plan = plans.plan_for(("tiled", sig(query), sig(key), sig(value), sig(additional_keys),
+                           sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
+                           _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
+                           return_lse, torch.is_grad_enabled()))
 
     def seq(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return (t if extra is None else torch.cat([t, extra], dim=1)).transpose(1, 2)
 
-    out = attend(query.transpose(1, 2), seq(key, additional_keys), seq(value, additional_values), spec,
+    out = attend(query.transpose(1, 2), seq(key, additional_keys), seq(value, additional_values), plan,
                  scale, return_lse, rel_pos_bias, score_mod)
     if return_lse:
         return out[0].transpose(1, 2), out[1].transpose(1, 2)
     return out.transpose(1, 2)
+
+
+def _tiled_plan(signature: tuple) -> CallPlan:
+    """Validate a :func:`tiled_neighborhood_attention` call from its signature and plan it."""
+    (_, q_s, k_s, v_s, ak_s, av_s, rpb_s, shape, tile, kernel_size, stride, dilation, is_causal,
+     return_lse, grad) = signature
+    layout = TokenLayout(shape, tile)
+    query, key, value, ak, av = (TensorMeta.of(n, s) for n, s in zip(
+        ("query", "key", "value", "additional_keys", "additional_values"),
+        (q_s, k_s, v_s, ak_s, av_s), strict=True))
+    rpb = _rpb_meta(rpb_s)
+    assert query is not None and key is not None and value is not None
+    _check_sequences(query, key, value, layout.length, f" (layout {layout.shape} in tile {layout.tile} order)")
+    batch, heads, kv_heads = query.shape[0], query.shape[2], key.shape[2]
+    if (ak is None) != (av is None):
+        raise ValueError("additional_keys and additional_values must be given together")
+    extra_kv = _check_extra("additional_keys", ak, batch, kv_heads, key.shape[-1], key, "key")
+    _check_extra("additional_values", av, batch, kv_heads, value.shape[-1], value, "value")
+    patterns = head_patterns(layout.shape, *(_unconst(v) for v in (kernel_size, stride, dilation, is_causal)),
+                             num_heads=heads)
+    if rpb is not None:
+        check_rpb(rpb, patterns, heads, device=query.device)
+    spec = MaskSpec.create(patterns, q_tile=layout.tile, kv_tile=layout.tile, num_extra_kv=extra_kv)
+    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, rpb))
+    return _make_plan(spec, layout, layout, query.device, rpb is not None,
+                      query.device.type == "cpu" and (return_lse or grads))
+
+
+plans.register("tiled", _tiled_plan)
 
 
 def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
@@ -371,8 +481,24 @@ def packed_neighborhood_attention(
     coordinates; ``score_mod`` is applied after it (indices in the packed sequence).
     Returns ``[batch, L, heads, value_dim]`` (split it with :func:`flexna.unpack_tokens`).
     """
+    sig = plans.tensor_signature
+    plan = plans.plan_for(("packed", sig(query), sig(key), sig(value), sig(rel_pos_bias),
+                           _const(shapes), _const(kernel_size), _const(stride), _const(dilation),
+                           _const(is_causal), block_size, torch.is_grad_enabled()))
+    out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan, scale, False,
+                 rel_pos_bias, score_mod)
+    return out.transpose(1, 2)
+
+
+def _packed_plan(signature: tuple) -> CallPlan:
+    """Validate a :func:`packed_neighborhood_attention` call from its signature and plan it."""
     from flexna.packing import as_block, packed_patterns, packed_spec
 
+    _, q_s, k_s, v_s, rpb_s, shapes, kernel_size, stride, dilation, is_causal, block_size, grad = signature
+    query, key, value = (TensorMeta.of(n, s) for n, s in zip(
+        ("query", "key", "value"), (q_s, k_s, v_s), strict=True))
+    rpb = _rpb_meta(rpb_s)
+    assert query is not None and key is not None and value is not None
     patterns = packed_patterns(shapes, kernel_size, stride, dilation, is_causal)
     block = as_block(block_size)
     spec = packed_spec(patterns, block)
@@ -384,8 +510,11 @@ def packed_neighborhood_attention(
             f"{DEFAULT_BLOCK} tokens (compiled FlexAttention needs BlockMask blocks divisible by its "
             f"kernel tiles, up to 128 x 64); use block_size={DEFAULT_BLOCK} (the default)"
         )
-    if rel_pos_bias is not None:
-        check_rpb(rel_pos_bias, patterns[0], query.shape[2], device=query.device)
-    out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), spec, scale, False,
-                 rel_pos_bias, score_mod)
-    return out.transpose(1, 2)
+    if rpb is not None:
+        check_rpb(rpb, patterns[0], query.shape[2], device=query.device)
+    ones = TokenLayout(patterns[0].shape, (1,) * patterns[0].ndim)
+    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
+    return _make_plan(spec, ones, ones, query.device, rpb is not None, query.device.type == "cpu" and grads)
+
+
+plans.register("packed", _packed_plan)

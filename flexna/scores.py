@@ -40,7 +40,7 @@ import torch
 from flexna.blockmask import cached
 from flexna.geometry import region_or_full
 from flexna.pattern import NAPattern, as_bool_tuple, as_int_tuple, head_patterns
-from flexna.spec import MaskSpec, resolve_device
+from flexna.spec import MaskSpec, TensorMeta, resolve_device
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -128,7 +128,7 @@ def common_table_shape(shapes: Sequence[tuple[int, ...]], name: str = "rel_pos_b
     return next(iter(groups))
 
 
-def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], num_heads: int,
+def check_rpb(table: torch.Tensor | TensorMeta, patterns: NAPattern | Sequence[NAPattern], num_heads: int,
               name: str = "rel_pos_bias", device: torch.device | None = None) -> None:
     """``ValueError`` unless ``table`` is a floating tensor ``[num_heads, *table shape]``
     (on ``device``, when given: the query's).
@@ -138,8 +138,9 @@ def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], nu
     """
     patterns = (patterns,) if isinstance(patterns, NAPattern) else tuple(patterns)
     sizes = common_table_shape([_table_shape_of(p) for p in patterns], name)
-    if not isinstance(table, torch.Tensor) or tuple(table.shape) != (num_heads, *sizes):
-        got = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+    tensor_like = isinstance(table, (torch.Tensor, TensorMeta))
+    if not tensor_like or tuple(table.shape) != (num_heads, *sizes):
+        got = tuple(table.shape) if tensor_like else type(table).__name__
         what = (f"{patterns[0]}" if len(patterns) == 1 else
                 f"{len(patterns)} per-head patterns on layout {patterns[0].shape}")
         raise ValueError(
@@ -154,9 +155,15 @@ def check_rpb(table: torch.Tensor, patterns: NAPattern | Sequence[NAPattern], nu
 
 def spec_rpb_score_mod(table: torch.Tensor, spec: MaskSpec, device: torch.device | str | None = None
                        ) -> ScoreMod:
-    """score + ``table[h].flatten()[q_base + kv_base]`` for the spec's tokens (0 for pairs with
-    an extra token); the per-token tables come from the cache."""
+    """:func:`bias_score_mod` with the spec's per-token tables from the cache."""
     q_base, kv_base = rpb_token_tables(spec, table.device if device is None else device)
+    return bias_score_mod(table, q_base, kv_base, spec)
+
+
+def bias_score_mod(table: torch.Tensor, q_base: torch.Tensor, kv_base: torch.Tensor,
+                   spec: MaskSpec) -> ScoreMod:
+    """score + ``table[h].flatten()[q_base + kv_base]`` for the spec's tokens (0 for pairs with
+    an extra token); ``q_base``/``kv_base`` from :func:`rpb_token_tables`."""
     flat = table.reshape(table.shape[0], -1)
     top = flat.shape[1] - 1
     per_head = spec.heads > 1

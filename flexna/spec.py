@@ -40,6 +40,35 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.empty(0).device if device is None else torch.device(device)
 
 
+@dataclass(frozen=True)
+class TensorMeta:
+    """What validation needs of a tensor argument (its shape, dtype, device, grad flag), so that
+    arguments can be checked from a call's constant signature (:mod:`flexna.plan`)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool = False
+
+    @classmethod
+    def of(cls, name: str, signature: tuple | None) -> TensorMeta | None:
+        """From :func:`flexna.plan.tensor_signature`; ``TypeError`` naming ``name`` if it was not
+        a tensor."""
+        if signature is None:
+            return None
+        if signature[0] == "not a tensor":
+            raise TypeError(f"{name} must be a torch.Tensor, got {signature[1]}")
+        shape, dtype, device, grad = signature
+        return cls(torch.Size(shape), getattr(torch, dtype.removeprefix("torch.")), torch.device(device), grad)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
 def as_count(name: str, value: object) -> int:
     """A non-negative int (bools and other types rejected)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
