@@ -92,8 +92,12 @@ def cached(key: Hashable, build: Callable[[], T], nbytes: Callable[[T], int]) ->
 
 
 def clear_cache() -> None:
-    """Drop every BlockMask, table and block map flexna has cached (frees their memory)."""
+    """Drop every BlockMask, table and block map flexna has cached (frees their memory), and the
+    plans of traced calls (graphs that read them recompile on their next call)."""
+    from flexna.plan import clear_traced_plans
+
     _CACHE.clear()
+    clear_traced_plans()
 
 
 def cache_info() -> CacheInfo:

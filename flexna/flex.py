@@ -25,6 +25,8 @@ try:
 except ImportError:  # torch < 2.9: return_lse=True
     AuxRequest = None
 
+_CPU_SHARED_BUFFER_BUG = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
+
 # Each distinct (shapes, dtype, device, options) signature compiles once; pattern
 # parameters live in tensors, so changing kernel/stride/dilation/causal recompiles nothing.
 RECOMPILE_LIMIT = 64
@@ -112,6 +114,8 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
     if torch.compiler.is_compiling():
         if query.device.type == "cpu":
             kwargs.pop("kernel_options", None)
+            if _CPU_SHARED_BUFFER_BUG:  # torch < 2.13's CPU lowering rejects q/k/v views of one buffer
+                key, value = key.contiguous(), value.contiguous()
         if query.device.type == "cpu" and (return_lse or (torch.is_grad_enabled() and (captured_grad or any(
                 t.requires_grad for t in (query, key, value))))):
             if torch.compiler.is_exporting():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -159,11 +159,31 @@ class CallPlan:
     orders, rpb tables and kernel options."""
 
     spec: MaskSpec
-    mask: BlockMask
     q_layout: TokenLayout
     kv_layout: TokenLayout
-    rpb: tuple[torch.Tensor, torch.Tensor] | None
+    device: torch.device
+    has_rpb: bool
     kernel_options: dict[str, bool]
+    dense: bool  # the CPU cases compiled Flex cannot run (gradients, lse): the dense stand-in
+    # resolved at trace time (the traced code must not touch the cache); None: from the cache
+    mask: BlockMask | None = None
+    rpb: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def resolved(self) -> CallPlan:
+        """This plan with its BlockMask and rpb tables in hand (for traced code, which must not
+        reach the cache); warns where the traced call will run the dense stand-in."""
+        if self.dense:
+            warn_user("flexna: inside torch.compile on CPU with gradients (or return_lse), attention "
+                      "runs as the dense N x N stand-in (torch's CPU Flex compiles inference only)",
+                      EagerFallbackWarning)
+        return replace(self, mask=spec_block_mask(self.spec, self.device),
+                       rpb=rpb_token_tables(self.spec, self.device) if self.has_rpb else None)
+
+    def block_mask(self) -> BlockMask:
+        return self.mask if self.mask is not None else spec_block_mask(self.spec, self.device)
+
+    def rpb_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rpb if self.rpb is not None else rpb_token_tables(self.spec, self.device)
 
 
 def _const(value: object) -> object:
@@ -191,13 +211,8 @@ def _rpb_meta(signature: tuple | None) -> Any:
 
 def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
                rpb: bool, needs_dense: bool) -> CallPlan:
-    if needs_dense and torch.compiler.is_dynamo_compiling():
-        warn_user("flexna: inside torch.compile on CPU with gradients (or return_lse), attention runs "
-                  "as the dense N x N stand-in (torch's CPU Flex compiles inference only)",
-                  EagerFallbackWarning)
-    return CallPlan(spec, spec_block_mask(spec, device), q_layout, kv_layout,
-                    rpb_token_tables(spec, device) if rpb else None,
-                    cuda_kernel_options(device) if device.type == "cuda" else {})
+    options = cuda_kernel_options(device) if device.type == "cuda" else {}
+    return CallPlan(spec, q_layout, kv_layout, device, rpb, options, needs_dense)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: CallPlan,
@@ -206,8 +221,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Ca
     """The one attention route: ``[B, H, N, D]`` tensors in the plan's sequence order, its cached
     BlockMask and rpb tables, one fused Flex call."""
     if rel_pos_bias is not None:
-        assert plan.rpb is not None
-        score_mod = compose_score_mods(bias_score_mod(rel_pos_bias, *plan.rpb, plan.spec), score_mod)
+        score_mod = compose_score_mods(bias_score_mod(rel_pos_bias, *plan.rpb_tables(), plan.spec), score_mod)
     kwargs: dict[str, Any] = {}
     if score_mod is not None:
         kwargs["score_mod"] = score_mod
@@ -216,7 +230,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Ca
     if plan.kernel_options:
         kwargs["kernel_options"] = dict(plan.kernel_options)
     captured = rel_pos_bias is not None and rel_pos_bias.requires_grad
-    return run_flex(query, key, value, plan.mask, scale, return_lse, captured_grad=captured, **kwargs)
+    return run_flex(query, key, value, plan.block_mask(), scale, return_lse, captured_grad=captured,
+                    **kwargs)
 
 
 def _to_sequence(t: torch.Tensor, extra: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:

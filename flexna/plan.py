@@ -6,7 +6,8 @@ is made on the host: arguments validated, the :class:`~flexna.spec.MaskSpec`, it
 and relative-position-bias tables from the cache, and the kernel options. The tensor work
 that follows uses only the plan.
 
-Called eagerly, the plan is made on every call (validation, then cache hits). Inside
+Called eagerly, the plan is made once per signature (memoised; it holds no tensors, the
+BlockMask comes from the cache on each call). Inside
 ``torch.compile`` the signature is a constant to dynamo, so the plan is made once, *at trace
 time* (dynamo's ``comptime`` hook runs ordinary Python there), and stored under the
 signature; the traced code only reads the plan's tensors. So flexna's host work (NumPy,
@@ -17,6 +18,7 @@ to one graph with no breaks, ``fullgraph=True`` included. Outside dynamo (eager,
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 from collections.abc import Callable
@@ -29,6 +31,7 @@ try:  # dynamo's trace-time hook (torch >= 2.1)
 except ImportError:  # pragma: no cover - old torch
     comptime = None
 
+# signature -> plan; a plan's ``resolved()`` is the copy traced code reads (tensors in hand)
 PlanBuilder = Callable[[tuple], Any]
 
 # Plans made at trace time, one attribute per signature (dynamo reads attributes it has not
@@ -58,6 +61,13 @@ def build(signature: tuple) -> Any:
     return _BUILDERS[signature[0]](signature)
 
 
+@functools.lru_cache(maxsize=1024)
+def _eager_plan(signature: tuple) -> Any:
+    """Eager plans, memoised: a plan holds no tensors (the cache keeps the masks), so a repeated
+    call skips validation; bad arguments raise every time (exceptions are not memoised)."""
+    return build(signature)
+
+
 def _flat(value: object) -> str:
     """A constant signature as text, with operations dynamo folds on every torch version
     (``str`` of leaves, concatenation), no dots (attribute names)."""
@@ -81,7 +91,7 @@ def _build_at_trace_time(ctx: Any) -> None:
     with _LOCK:
         entry = getattr(_TRACED, name, None)
         if entry is None or entry[0] != signature:
-            setattr(_TRACED, name, (signature, build(signature)))
+            setattr(_TRACED, name, (signature, build(signature).resolved()))
 
 
 def plan_for(signature: tuple) -> Any:
@@ -89,10 +99,13 @@ def plan_for(signature: tuple) -> Any:
     if comptime is not None and torch.compiler.is_dynamo_compiling():
         comptime(_build_at_trace_time)
         return getattr(_TRACED, _name(signature))[1]
-    return build(signature)
+    if torch.compiler.is_compiling():  # torch.export's non-strict tracing: plain Python, no memo
+        return build(signature)
+    return _eager_plan(signature)
 
 
 def clear_traced_plans() -> None:
     """Forget the plans made at trace time (graphs that read them recompile on their next call)."""
     with _LOCK:
         _TRACED.__dict__.clear()
+    _eager_plan.cache_clear()
