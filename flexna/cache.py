@@ -14,6 +14,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from flexna.errors import CacheWarning, warn_user
 
 T = TypeVar("T")
@@ -81,6 +83,8 @@ def cached(key: Hashable, build: Callable[[], T], nbytes: Callable[[T], int]) ->
     value = _CACHE.get(key)
     if value is None:
         value = build()
+        if torch.compiler.is_exporting():  # built under export's fake tensors: never keep
+            return value
         size = nbytes(value)
         if size > _CACHE.max_bytes:
             warn_user(f"flexna: a mask of {size / 2**20:.0f} MiB exceeds the cache budget of "

@@ -23,7 +23,7 @@ class CacheWarning(UserWarning):
 
 def warn_user(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` pointing at the first caller outside flexna (the user's line)."""
-    level = 1
+    level = 2  # stacklevel 1 is this function, 2 its caller
     frame = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame = frame.f_back  # type: ignore[assignment]

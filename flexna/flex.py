@@ -21,9 +21,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from flexna.errors import EagerFallbackWarning, RecompileLimitError, warn_user
 
 try:
-    from torch.nn.attention.flex_attention import AuxRequest
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
 except ImportError:  # torch < 2.9: return_lse=True
-    AuxRequest = None
+    _AuxRequest = None  # type: ignore[assignment,misc]
+AuxRequest: Any = _AuxRequest
 
 _CPU_SHARED_BUFFER_BUG = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
 
@@ -46,7 +47,7 @@ def compiled_flex_attention() -> Callable[..., Any]:
 def _limit_names() -> tuple[str, str]:
     cfg = torch._dynamo.config
     names = ("recompile_limit", "fail_on_recompile_limit_hit")
-    if not all(name in cfg._config for name in names):  # older torch spellings
+    if not all(name in cfg._config for name in names):  # type: ignore[attr-defined]  # older torch spellings
         names = ("cache_size_limit", "fail_on_cache_limit_hit")
     return names
 

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 try:  # dynamo's trace-time hook (torch >= 2.1)
-    from torch._dynamo.comptime import comptime
+    from torch._dynamo.comptime import comptime as _comptime
 except ImportError:  # pragma: no cover - old torch
-    comptime = None
+    _comptime = None
+comptime: Any = _comptime
 
 # signature -> plan; a plan's ``resolved()`` is the copy traced code reads (tensors in hand)
 PlanBuilder = Callable[[tuple], Any]

@@ -104,3 +104,10 @@ def test_export_with_gradients_on_cpu_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="dense N x N stand-in"):
         torch.export.export(model, (x,), strict=False)
     _fresh()
+
+
+def test_flexna_warnings_point_at_the_callers_line() -> None:
+    x = torch.randn(1, 6, 7, 1, 16, requires_grad=True)
+    with pytest.warns(flexna.EagerFallbackWarning) as record:
+        flexna.na2d(x, x, x, 3)
+    assert record[0].filename == __file__, record[0].filename
