@@ -146,6 +146,8 @@ def search_tiles(
     tiles that pad the layout add blocks. ``same_tile``: only pairs with one
     tile for queries and keys (one token order for a whole model).
     """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top = {top!r} is out of range: need an int >= 1")
     memo: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
     results = []
     for qn, kn in itertools.product(q_tokens, kv_tokens):

@@ -36,7 +36,7 @@ def _ordered_np(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k, rows, cols = maps.shape
     itype = np.int32 if maps.size < 2**31 else np.int64
     counts = maps.sum(axis=-1, dtype=np.int32)
-    flat = np.flatnonzero(maps).astype(itype)  # row-major: each row's columns in increasing order
+    flat: np.ndarray = np.flatnonzero(maps).astype(itype)  # row-major: each row's columns in increasing order
     row = flat // itype(cols)
     starts = np.cumsum(counts.reshape(-1), dtype=itype) - counts.reshape(-1)
     dest = row * itype(cols) - starts[row]

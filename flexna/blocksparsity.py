@@ -396,4 +396,4 @@ def _block_all(flags: np.ndarray, block: int, blocks: int) -> np.ndarray:
     heads, length = flags.shape
     padded = np.ones((heads, blocks * block), dtype=bool)
     padded[:, :length] = flags
-    return padded.reshape(heads, blocks, block).all(axis=2)
+    return np.asarray(padded.reshape(heads, blocks, block).all(axis=2))

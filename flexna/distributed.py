@@ -425,7 +425,7 @@ def sharded_neighborhood_attention(
     ia, ib = plan.interior
     inner = attend(query.narrow(dim, ia - own[0], ib - ia), key, value, q_rows=(ia, ib), kv_rows=own)
     k_ext, v_ext = _HaloAssemble.apply(pending, key, value)
-    parts = []
+    parts: list[torch.Tensor | None] = []
     for rows, keys in ((plan.left_border, plan.left_border_keys), (plan.right_border, plan.right_border_keys)):
         if rows[0] == rows[1]:
             parts.append(None)

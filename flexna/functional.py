@@ -143,7 +143,8 @@ def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod:
     pair = (isinstance(tiles, Sequence) and len(tiles) == 2
             and all(isinstance(t, Sequence) for t in tiles))
     q_tile, kv_tile = tiles if pair else (tiles, tiles)
-    q_t, kv_t = as_tile("q_tile", q_tile, shape), as_tile("kv_tile", kv_tile, shape)
+    q_t = as_tile("q_tile", q_tile, shape)  # type: ignore[arg-type]
+    kv_t = as_tile("kv_tile", kv_tile, shape)  # type: ignore[arg-type]
     for name, t in (("q_tile", q_t), ("kv_tile", kv_t)):
         if math.prod(t) != DEFAULT_BLOCK and math.prod(t) != 1:
             raise ValueError(f"tiles: {name} {t} holds {math.prod(t)} tokens; the functional API "
@@ -193,6 +194,32 @@ def _const(value: object) -> object:
     if isinstance(value, list | tuple):
         return tuple(_const(v) for v in value)
     return value
+
+
+def _options(scale: object, return_lse: object, score_mod: object) -> tuple:
+    """``scale``, ``return_lse`` and ``score_mod`` as constants for a signature (a type name where
+    the value cannot be right, so that the plan's check names it)."""
+    scale_c = scale if scale is None or (isinstance(scale, int | float) and not isinstance(scale, bool)) \
+        else ("not a number", type(scale).__name__)
+    lse_c = return_lse if isinstance(return_lse, bool) else ("not a bool", type(return_lse).__name__)
+    mod_c = None if score_mod is None else (True if callable(score_mod) else type(score_mod).__name__)
+    return (scale_c, lse_c, mod_c)
+
+
+def _check_options(options: tuple) -> None:
+    """``TypeError``/``ValueError`` for a bad ``scale``/``return_lse``/``score_mod`` (before anything
+    compiles)."""
+    scale, return_lse, score_mod = options
+    if isinstance(scale, tuple):
+        raise TypeError(f"scale must be a real number or None, got {scale[1]}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale = {scale!r} is out of range: need a finite number (or None for "
+                         "head_dim ** -0.5)")
+    if isinstance(return_lse, tuple):
+        raise TypeError(f"return_lse must be a bool, got {return_lse[1]}")
+    if isinstance(score_mod, str):
+        raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score or None, "
+                        f"got {score_mod}")
 
 
 def _unconst(value: object) -> object:
@@ -314,9 +341,9 @@ def neighborhood_attention(
     """
     sig = plans.tensor_signature
     signature = ("na", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
-                 sig(additional_queries), sig(rel_pos_bias), score_mod is not None, _const(kernel_size),
-                 _const(stride), _const(dilation), _const(is_causal), _const(tiles), _ndim, return_lse,
-                 torch.is_grad_enabled())
+                 sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod),
+                 _const(kernel_size), _const(stride), _const(dilation), _const(is_causal), _const(tiles),
+                 _ndim, torch.is_grad_enabled())
     plan = plans.plan_for(signature)
     result = attend(_to_sequence(query, additional_queries, plan.q_layout),
                     _to_sequence(key, additional_keys, plan.kv_layout),
@@ -338,8 +365,10 @@ def neighborhood_attention(
 
 def _na_plan(signature: tuple) -> CallPlan:
     """Validate a :func:`neighborhood_attention` call from its signature and plan it."""
-    (_, q_s, k_s, v_s, ak_s, av_s, aq_s, rpb_s, has_score_mod, kernel_size, stride, dilation,
-     is_causal, tiles, ndim, return_lse, grad) = signature
+    (_, q_s, k_s, v_s, ak_s, av_s, aq_s, rpb_s, options, kernel_size, stride, dilation,
+     is_causal, tiles, ndim, grad) = signature
+    _check_options(options)
+    return_lse, has_score_mod = options[1], options[2] is not None
     names = ("query", "key", "value", "additional_keys", "additional_values", "additional_queries")
     query, key, value, ak, av, aq = (TensorMeta.of(n, s) for n, s in zip(names, (
         q_s, k_s, v_s, ak_s, av_s, aq_s), strict=True))
@@ -356,8 +385,8 @@ def _na_plan(signature: tuple) -> CallPlan:
                          f"additional_keys {tuple(ak.shape)} in batch and M")
     _check_extra("additional_values", av, batch, kv_heads, value.shape[-1], value, "value")
     extra_q = _check_extra("additional_queries", aq, batch, heads, query.shape[-1], query, "query")
-    patterns = head_patterns(shape, *(_unconst(v) for v in (kernel_size, stride, dilation, is_causal)),
-                             num_heads=heads)
+    patterns = head_patterns(shape, _unconst(kernel_size), _unconst(stride), _unconst(dilation),
+                             _unconst(is_causal), num_heads=heads)
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
     q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
@@ -406,7 +435,7 @@ def tiled_neighborhood_attention(
     plan = plans.plan_for(("tiled", sig(query), sig(key), sig(value), sig(additional_keys),
                            sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
                            _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
-                           return_lse, torch.is_grad_enabled()))
+                           _options(scale, return_lse, score_mod), torch.is_grad_enabled()))
 
     def seq(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return (t if extra is None else torch.cat([t, extra], dim=1)).transpose(1, 2)
@@ -421,7 +450,9 @@ def tiled_neighborhood_attention(
 def _tiled_plan(signature: tuple) -> CallPlan:
     """Validate a :func:`tiled_neighborhood_attention` call from its signature and plan it."""
     (_, q_s, k_s, v_s, ak_s, av_s, rpb_s, shape, tile, kernel_size, stride, dilation, is_causal,
-     return_lse, grad) = signature
+     options, grad) = signature
+    _check_options(options)
+    return_lse = options[1]
     layout = TokenLayout(shape, tile)
     query, key, value, ak, av = (TensorMeta.of(n, s) for n, s in zip(
         ("query", "key", "value", "additional_keys", "additional_values"),
@@ -434,8 +465,8 @@ def _tiled_plan(signature: tuple) -> CallPlan:
         raise ValueError("additional_keys and additional_values must be given together")
     extra_kv = _check_extra("additional_keys", ak, batch, kv_heads, key.shape[-1], key, "key")
     _check_extra("additional_values", av, batch, kv_heads, value.shape[-1], value, "value")
-    patterns = head_patterns(layout.shape, *(_unconst(v) for v in (kernel_size, stride, dilation, is_causal)),
-                             num_heads=heads)
+    patterns = head_patterns(layout.shape, _unconst(kernel_size), _unconst(stride), _unconst(dilation),
+                             _unconst(is_causal), num_heads=heads)
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
     spec = MaskSpec.create(patterns, q_tile=layout.tile, kv_tile=layout.tile, num_extra_kv=extra_kv)
@@ -499,7 +530,8 @@ def packed_neighborhood_attention(
     sig = plans.tensor_signature
     plan = plans.plan_for(("packed", sig(query), sig(key), sig(value), sig(rel_pos_bias),
                            _const(shapes), _const(kernel_size), _const(stride), _const(dilation),
-                           _const(is_causal), block_size, torch.is_grad_enabled()))
+                           _const(is_causal), block_size, _options(scale, False, score_mod),
+                           torch.is_grad_enabled()))
     out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan, scale, False,
                  rel_pos_bias, score_mod)
     return out.transpose(1, 2)
@@ -509,7 +541,9 @@ def _packed_plan(signature: tuple) -> CallPlan:
     """Validate a :func:`packed_neighborhood_attention` call from its signature and plan it."""
     from flexna.packing import as_block, packed_patterns, packed_spec
 
-    _, q_s, k_s, v_s, rpb_s, shapes, kernel_size, stride, dilation, is_causal, block_size, grad = signature
+    (_, q_s, k_s, v_s, rpb_s, shapes, kernel_size, stride, dilation, is_causal, block_size, options,
+     grad) = signature
+    _check_options(options)
     query, key, value = (TensorMeta.of(n, s) for n, s in zip(
         ("query", "key", "value"), (q_s, k_s, v_s), strict=True))
     rpb = _rpb_meta(rpb_s)

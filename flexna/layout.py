@@ -170,7 +170,8 @@ def untile_tokens(x: torch.Tensor, shape: Sequence[int], tile: int | Sequence[in
         order += [1 + a, 1 + n + a]
     order += list(range(1 + 2 * n, x.dim()))
     x = x.permute(order).reshape(x.shape[0], *padded, *rest)
-    return x[(slice(None), *(slice(0, length) for length in shape_t))]
+    index = (slice(None), *(slice(0, length) for length in shape_t))
+    return x[index]
 
 
 @dataclass(frozen=True)

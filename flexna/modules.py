@@ -68,7 +68,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
         self.stride = norm("stride", stride, as_int_tuple)
         self.dilation = norm("dilation", dilation, as_int_tuple)
         self.is_causal = norm("is_causal", is_causal, as_bool_tuple)
-        self.scale = qk_scale or self.head_dim ** -0.5
+        self.scale = self.head_dim ** -0.5 if qk_scale is None else qk_scale
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)

@@ -35,7 +35,7 @@ def _is_int(value: object) -> bool:
 def as_int_tuple(name: str, value: object, ndim: int) -> tuple[int, ...]:
     """Broadcast a scalar or check a sequence of ``ndim`` integers (bools rejected)."""
     if _is_int(value):
-        return (int(value),) * ndim  # type: ignore[arg-type]
+        return (int(value),) * ndim  # type: ignore[call-overload]
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(
             f"{name} must be an int or a sequence of {ndim} ints, got {value!r}"

@@ -29,7 +29,7 @@ import torch
 try:  # dynamo's trace-time hook (torch >= 2.1)
     from torch._dynamo.comptime import comptime as _comptime
 except ImportError:  # pragma: no cover - old torch
-    _comptime = None
+    _comptime = None  # type: ignore[assignment]
 comptime: Any = _comptime
 
 # signature -> plan; a plan's ``resolved()`` is the copy traced code reads (tensors in hand)

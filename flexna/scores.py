@@ -32,6 +32,8 @@ regions index it with the token's layout coordinates: one table serves every ord
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -49,10 +51,15 @@ def rpb_table_shape(kernel_size: object, stride: object = 1, is_causal: object =
                     ndim: int | None = None) -> tuple[int, ...]:
     """Per-axis RPB table lengths ``(R_1, ..., R_n)`` (see the module docstring)."""
     if ndim is None:
-        ndim = 1 if isinstance(kernel_size, int) else len(kernel_size)  # type: ignore[arg-type]
+        ndim = 1 if isinstance(kernel_size, numbers.Integral) else len(kernel_size)  # type: ignore[arg-type]
     ks = as_int_tuple("kernel_size", kernel_size, ndim)
     ss = as_int_tuple("stride", stride, ndim)
     cs = as_bool_tuple("is_causal", is_causal, ndim)
+    for a, (k, st) in enumerate(zip(ks, ss, strict=True)):
+        if k < 1:
+            raise ValueError(f"kernel_size[axis {a}] = {k} is out of range: need >= 1")
+        if not 1 <= st <= k:
+            raise ValueError(f"stride[axis {a}] = {st} is out of range: need 1 <= stride <= kernel_size = {k}")
     return tuple(k if c else 2 * k - 1 + s - 1 for k, s, c in zip(ks, ss, cs, strict=True))
 
 
@@ -214,8 +221,8 @@ def rel_pos_bias_score_mod(table: torch.Tensor, shape: object, kernel_size: obje
 
 def softcap_score_mod(cap: float) -> ScoreMod:
     """``cap * tanh(score / cap)`` (Gemma-2 style logit softcapping)."""
-    if not cap > 0:
-        raise ValueError(f"cap must be > 0, got {cap!r}")
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or not math.isfinite(cap) or not cap > 0:
+        raise ValueError(f"cap = {cap!r} is out of range: need a finite number > 0")
 
     def softcap(score, b, h, q_idx, kv_idx):
         return cap * torch.tanh(score / cap)

@@ -211,11 +211,11 @@ class MaskTables:
                 g = fused_t.guards
                 ok = ((y - fused_t.lo_g[qi]) & (fused_t.hi_g[qi] - y) & g) == g
             else:
-                ok = None
-                for lo, hi, pos in zip(q_lo, q_hi, kv_pos, strict=True):
+                y = kv_pos[0][ki]
+                ok = (q_lo[0][qi] <= y) & (y <= q_hi[0][qi])
+                for lo, hi, pos in zip(q_lo[1:], q_hi[1:], kv_pos[1:], strict=True):
                     y = pos[ki]
-                    axis_ok = (lo[qi] <= y) & (y <= hi[qi])
-                    ok = axis_ok if ok is None else ok & axis_ok
+                    ok = ok & (lo[qi] <= y) & (y <= hi[qi])
             if extra_from is not None:
                 ok = ok | (kv_idx >= extra_from)
             return ok

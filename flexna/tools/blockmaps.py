@@ -20,4 +20,5 @@ def block_maps(bm: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
     partial = _dense(bm.kv_num_blocks, bm.kv_indices)
     if bm.full_kv_num_blocks is None:
         return partial, torch.zeros_like(partial)
+    assert bm.full_kv_indices is not None
     return partial, _dense(bm.full_kv_num_blocks, bm.full_kv_indices)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EPILOG_MAIN = """\
 examples:
@@ -252,7 +253,7 @@ def _fail(parser: argparse.ArgumentParser, exc: ValueError, passed: set[str]) ->
     parser.error(f"argument {flag}: {msg}" if dest in passed else msg)
 
 
-def _one_or_all(values: Sequence | None) -> object:
+def _one_or_all(values: Sequence | None) -> Any:
     if values is None:
         return None
     return values[0] if len(values) == 1 else tuple(values)

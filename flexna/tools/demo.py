@@ -58,8 +58,8 @@ def run_demo(device: str | None = None, heads: int = 4, head_dim: int = 64, seed
             torch.cuda.synchronize()
         first_s = time.perf_counter() - t0
         dense = reference_mask(shape, kernel, stride, dilation, causal)
-        ref, _ = reference_attention(*(t.reshape(1, n, heads, -1).transpose(1, 2) for t in (q, k, v)),
-                                     dense)
+        q_r, k_r, v_r = (t.reshape(1, n, heads, -1).transpose(1, 2) for t in (q, k, v))
+        ref, _ = reference_attention(q_r, k_r, v_r, dense)
         ref = ref.transpose(1, 2).reshape(out.shape)
         err = (out.double().cpu() - ref).abs().max().item()
         ok = bool(torch.isfinite(out).all()) and err < tol

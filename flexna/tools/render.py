@@ -212,7 +212,7 @@ def _pool_any(flags: np.ndarray, factor: int) -> np.ndarray:
     out_len = -(-flags.size // factor)
     padded = np.zeros(out_len * factor, dtype=bool)
     padded[:flags.size] = flags
-    return padded.reshape(out_len, factor).any(axis=1)
+    return np.asarray(padded.reshape(out_len, factor).any(axis=1))
 
 
 def _pool_max(grid: np.ndarray, factor: int) -> np.ndarray:
@@ -349,7 +349,7 @@ def neighborhood_panel(pattern: NAPattern, query: Sequence[int], max_side: int =
         caption = (f"all {length} tokens" + (f", {factor} per pixel" if factor > 1 else "")
                    + f"; query at {query[0]}")
         parts = [text_image(caption), strip]
-        boxes = []
+        boxes: list[tuple] = []
         if cell < 8:  # enlarged view around the query
             zoom_len = min(length, max_side // 8)
             start = min(max(0, query[0] - zoom_len // 2), length - zoom_len)

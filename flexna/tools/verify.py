@@ -113,6 +113,7 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
 
     q_tile = draw_tile()
     kv_tile = q_tile if rng.random() < 0.5 else draw_tile()
+    block: tuple[int, ...] | None
     if cuda:
         block = (CUDA_BLOCK, CUDA_BLOCK)
     elif rng.random() < 0.4:
@@ -193,7 +194,7 @@ class Check:
         cfg, dev = self.cfg, self.device
         want, q_ord, kv_ord = expected_mask(cfg)
         nq, nkv = want.shape
-        kwargs = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
+        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
         mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
         got = create_mask(mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
         if not torch.equal(got, want):
