@@ -12,6 +12,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -187,6 +188,15 @@ class NAPattern:
         """Per-query key window on ``axis`` every key of which is attended (see
         :meth:`envelope_bounds`)."""
         return self.envelope_bounds(axis)
+
+    # False for a rule whose windows are not exact per axis: its mask is the envelope windows AND
+    # :meth:`element_check` (a subclass changes the bounds, this flag and that method only).
+    separable: ClassVar[bool] = True
+
+    def element_check(self, q: tuple[Any, ...], kv: tuple[Any, ...]) -> Any:
+        """For a non-separable rule: whether query coordinates ``q`` attend key coordinates ``kv``
+        (one NumPy array or torch tensor per axis, broadcast), inside the envelope windows."""
+        raise NotImplementedError("a separable rule has no element-wise check")
 
     def __str__(self) -> str:
         parts = [f"layout {fmt_dims(self.shape)}", f"kernel {fmt_dims(self.kernel_size)}"]

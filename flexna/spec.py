@@ -158,6 +158,9 @@ class MaskSpec:
         if len({len(g) for g in groups}) != 1:
             raise ValueError("packed samples must all have the same number of head patterns")
         shape = groups[0][0].shape
+        rules = [p for g in groups for p in g if not p.separable]
+        if rules and len({p for g in groups for p in g}) > 1:
+            raise ValueError("a non-separable rule needs one pattern for all heads and samples")
         if packed and (q_region is not None or kv_region is not None):
             raise ValueError("q_region/kv_region select part of one layout; they cannot be "
                              "combined with packed samples")

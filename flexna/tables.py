@@ -53,6 +53,9 @@ class HostTables:
     hi: np.ndarray
     pos: np.ndarray
     axis_max: tuple[int, ...]  # largest value on each axis (every value lies in [-1, max])
+    # layout coordinates [n, len] (-1: padding, extra tokens), for a non-separable rule only
+    q_coords: np.ndarray | None = None
+    kv_coords: np.ndarray | None = None
 
     def attends(self, head: int, q: np.ndarray, kv: np.ndarray) -> np.ndarray:
         """The mask at broadcast index arrays ``q``, ``kv`` (the mask_mod, on the host)."""
@@ -60,6 +63,10 @@ class HostTables:
         for a in range(self.spec.ndim):
             y = self.pos[a, head][kv]
             ok &= (self.lo[a, head][q] <= y) & (y <= self.hi[a, head][q])
+        if self.q_coords is not None and self.kv_coords is not None:
+            rule = self.spec.samples[0][0]
+            ok &= rule.element_check(tuple(self.q_coords[:, q]), tuple(self.kv_coords[:, kv])) | (
+                q >= self.spec.q_layout_len)
         return ok | (kv >= self.spec.kv_layout_len)
 
 
@@ -114,7 +121,23 @@ def host_tables(spec: MaskSpec) -> HostTables:
     lo[:, :, end:] = 0  # extra queries: a window over every value (every real key)
     hi[:, :, end:] = np.array(axis_max)[:, None, None]
     pos[:, :, spec.kv_layout_len:] = -1  # extra keys: attended through the index test
-    return HostTables(spec, lo, hi, pos, axis_max)
+    if spec.samples[0][0].separable:
+        return HostTables(spec, lo, hi, pos, axis_max)
+    return HostTables(spec, lo, hi, pos, axis_max, *_coordinates(spec))
+
+
+def _coordinates(spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Layout coordinates of every query and key position ``[n, len]``; -1 where none."""
+    out = []
+    for length, offsets, order, region in ((spec.q_len, spec.q_offsets, spec.q_order, spec.q_region),
+                                           (spec.kv_len, spec.kv_offsets, spec.kv_order, spec.kv_region)):
+        coords = np.full((spec.ndim, length), -1, dtype=np.int64)
+        for i, group in enumerate(spec.samples):
+            c = order(i).coords()
+            start = np.array([s for s, _ in region_or_full(region, group[0].shape)])
+            coords[:, offsets[i]:offsets[i] + len(c)] = np.where(c >= 0, c + start, -1).T
+        out.append(coords)
+    return out[0], out[1]
 
 
 def _padded_lengths(order: object) -> tuple[int, ...]:
@@ -169,6 +192,8 @@ class MaskTables:
     q_hi: tuple[torch.Tensor, ...]
     kv_pos: tuple[torch.Tensor, ...]
     fused: FusedTables | None = None
+    q_coords: tuple[torch.Tensor, ...] = ()  # per axis, for a non-separable rule only
+    kv_coords: tuple[torch.Tensor, ...] = ()
 
     @property
     def q_len(self) -> int:
@@ -180,7 +205,7 @@ class MaskTables:
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.q_lo, *self.q_hi, *self.kv_pos]
+        tensors = [*self.q_lo, *self.q_hi, *self.kv_pos, *self.q_coords, *self.kv_coords]
         if self.fused is not None:
             tensors += [self.fused.lo_g, self.fused.hi_g, self.fused.pos]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -201,6 +226,8 @@ class MaskTables:
         extra_from = spec.kv_layout_len if spec.num_extra_kv else None
         fused_t = self.fused if use_fused else None
         q_lo, q_hi, kv_pos = self.q_lo, self.q_hi, self.kv_pos
+        rule = None if spec.samples[0][0].separable else spec.samples[0][0]
+        q_coords, kv_coords, layout_q = self.q_coords, self.kv_coords, spec.q_layout_len
 
         def na_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                     kv_idx: torch.Tensor) -> torch.Tensor:
@@ -216,6 +243,10 @@ class MaskTables:
                 for lo, hi, pos in zip(q_lo[1:], q_hi[1:], kv_pos[1:], strict=True):
                     y = pos[ki]
                     ok = ok & (lo[qi] <= y) & (y <= hi[qi])
+            if rule is not None:
+                inside = rule.element_check(tuple(c[q_idx] for c in q_coords),
+                                            tuple(c[kv_idx] for c in kv_coords))
+                ok = ok & (inside | (q_idx >= layout_q))
             if extra_from is not None:
                 ok = ok | (kv_idx >= extra_from)
             return ok
@@ -248,6 +279,8 @@ def build_tables(spec: MaskSpec, device: torch.device | str | None = None, *,
         lo_g -= sum(guards)
         hi_g += sum(guards)
         cols += [lo_g[None], hi_g[None], pos_g[None], np.array([[sum(guards)]], dtype=np.int32)]
+    if host.q_coords is not None and host.kv_coords is not None:
+        cols += [host.q_coords.astype(host.lo.dtype), host.kv_coords.astype(host.lo.dtype)]
     flat = np.concatenate([c.reshape(-1) for c in cols])
     moved = torch.from_numpy(flat).to(dev)
     parts = moved.split([c.size for c in cols])
@@ -255,7 +288,10 @@ def build_tables(spec: MaskSpec, device: torch.device | str | None = None, *,
     fused_t = None
     if fields is not None:
         fused_t = FusedTables(parts[3], parts[4], parts[5], parts[6].reshape(()))
-    return MaskTables(spec, q_lo, q_hi, kv_pos, fused_t)
+    coords: tuple[tuple[torch.Tensor, ...], ...] = ((), ())
+    if host.q_coords is not None:
+        coords = (tuple(parts[-2].reshape(n, -1).unbind(0)), tuple(parts[-1].reshape(n, -1).unbind(0)))
+    return MaskTables(spec, q_lo, q_hi, kv_pos, fused_t, *coords)
 
 
 def _meta_tables(spec: MaskSpec, fused: bool, dtype: torch.dtype) -> MaskTables:

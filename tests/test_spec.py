@@ -6,8 +6,11 @@ from __future__ import annotations
 import ast
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from ext_reference import attention64, per_head_mask_and_bias
@@ -289,3 +292,53 @@ def test_analyze_counts_equal_the_block_mask(shape, kernel, stride, dilation, ti
     assert a.full_blocks == int(want.full_kv_num_blocks.sum())
     assert a.partial_blocks == int(want.kv_num_blocks.sum())
     assert a.total_blocks == want.kv_num_blocks.shape[-1] * want.kv_indices.shape[-1]
+
+
+# ----------------------------------------------------------------- a rule not separable per axis
+
+@dataclass(frozen=True)
+class DiamondNA(flexna.NAPattern):
+    """A test rule that is not separable: the NA window AND |dy| + |dx| <= radius (2-D,
+    dilation 1). Only the bounds, the flag and the element check change: the seam."""
+
+    radius: int = 1
+    separable: ClassVar[bool] = False
+
+    def core_bounds(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.envelope_bounds(axis)
+        x, half = np.arange(self.shape[axis]), self.radius // 2  # the square inside the diamond
+        return np.maximum(lo, x - half), np.minimum(hi, x + half)
+
+    def element_check(self, q: tuple, kv: tuple) -> object:
+        return abs(q[0] - kv[0]) + abs(q[1] - kv[1]) <= self.radius
+
+
+def _diamond_reference(shape: tuple[int, int], kernel: int, radius: int) -> torch.Tensor:
+    c = np.stack(np.unravel_index(np.arange(shape[0] * shape[1]), shape), axis=1)
+    l1 = np.abs(c[:, None, :] - c[None, :, :]).sum(-1)
+    return reference_mask(shape, kernel) & torch.from_numpy(l1 <= radius)
+
+
+@pytest.mark.parametrize("shape,kernel,radius,tile,block", [
+    ((13, 17), 9, 8, None, 4), ((16, 24), 9, 5, (2, 2), 4), ((20, 20), 11, 6, (4, 4), 16),
+    ((16, 24), 9, 5, (4, 8), 32)])
+def test_non_separable_rule_through_the_seam(shape, kernel, radius, tile, block) -> None:
+    """mask_mod equals the brute-force rule; the BlockMask keeps every attending pair, and its
+    full blocks (from the core windows) hold only attending pairs."""
+    rule = DiamondNA(**vars(flexna.NAPattern.create(shape, kernel)), radius=radius)
+    spec = flexna.MaskSpec.create(rule, q_tile=tile, kv_tile=tile, block_size=block)
+    mask = spec_block_mask(spec, "cpu")
+    want = permuted_mask(_diamond_reference(shape, kernel, radius), shape, tile, tile)
+    qq, kk = torch.arange(spec.q_len)[:, None], torch.arange(spec.kv_len)[None, :]
+    got = mask.mask_mod(torch.tensor(0), torch.tensor(0), qq, kk)
+    assert torch.equal(got, want)
+    def cells(m: torch.Tensor) -> torch.Tensor:
+        return m.repeat_interleave(block, 0).repeat_interleave(block, 1)[:spec.q_len, :spec.kv_len].bool()
+
+    blocks = cells(mask.to_dense()[0, 0])
+    assert not (want & ~blocks).any(), "an attending pair lies in a skipped block"
+    from flexna.tools.blockmaps import block_maps as decode
+
+    full = cells(decode(mask)[1][0, 0])
+    assert full.any() or block > 16  # the core windows do give full blocks
+    assert not (full & ~want).any(), "a full block holds a pair the rule drops"
