@@ -338,6 +338,11 @@ def spec_block_maps(spec: MaskSpec, host_tables: object | None = None) -> Maps:
     :class:`~flexna.tables.HostTables`, built when needed and not given).
     """
     rows, cols = spec.num_q_blocks, spec.num_kv_blocks
+    one = len(spec.samples) == 1 and spec.heads == 1 and not (spec.num_extra_q or spec.num_extra_kv)
+    if one:  # the common case: the pattern's own maps, no copy into a larger array
+        pm, fm = order_block_maps(spec.samples[0][0], spec.q_order(), spec.kv_order(), spec.q_block,
+                                  spec.kv_block, spec.q_region, spec.kv_region)
+        return pm[None], fm[None]
     partial = np.zeros((spec.heads, rows, cols), dtype=bool)
     full = np.zeros_like(partial)
     qb, kb = spec.q_block, spec.kv_block

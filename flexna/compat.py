@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,40 +61,27 @@ def _natten_call(ndim: int, query: torch.Tensor, key: torch.Tensor, value: torch
                                   additional_values=additional_values, tiles=tiles, _ndim=ndim)
 
 
-def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: Any, stride: Any = 1,
-         dilation: Any = 1, is_causal: Any = False, scale: float | None = None,
-         additional_keys: torch.Tensor | None = None, additional_values: torch.Tensor | None = None,
-         attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape: Any = None,
-         kv_tile_shape: Any = None, *, torch_compile: bool = False, return_lse: bool = False,
-         **backward: Any) -> Any:
-    """NATTEN >= 0.20's ``na1d`` on flexna (``[batch, L, heads, dim]``)."""
-    return _natten_call(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, return_lse,
-                        torch_compile, **backward)
+def _natten_na(ndim: int, layout: str) -> Callable[..., Any]:
+    """NATTEN >= 0.20's ``na{ndim}d``, same arguments in the same order, on flexna."""
+
+    def na(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: Any, stride: Any = 1,
+           dilation: Any = 1, is_causal: Any = False, scale: float | None = None,
+           additional_keys: torch.Tensor | None = None, additional_values: torch.Tensor | None = None,
+           attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape: Any = None,
+           kv_tile_shape: Any = None, *, torch_compile: bool = False, return_lse: bool = False,
+           **backward: Any) -> Any:
+        return _natten_call(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                            additional_keys, additional_values, attention_kwargs, backend, q_tile_shape,
+                            kv_tile_shape, return_lse, torch_compile, **backward)
+
+    na.__name__ = na.__qualname__ = f"na{ndim}d"
+    na.__doc__ = f"NATTEN >= 0.20's ``na{ndim}d`` on flexna (``{layout}``)."
+    return na
 
 
-def na2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: Any, stride: Any = 1,
-         dilation: Any = 1, is_causal: Any = False, scale: float | None = None,
-         additional_keys: torch.Tensor | None = None, additional_values: torch.Tensor | None = None,
-         attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape: Any = None,
-         kv_tile_shape: Any = None, *, torch_compile: bool = False, return_lse: bool = False,
-         **backward: Any) -> Any:
-    """NATTEN >= 0.20's ``na2d`` on flexna (``[batch, H, W, heads, dim]``)."""
-    return _natten_call(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, return_lse,
-                        torch_compile, **backward)
-
-
-def na3d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: Any, stride: Any = 1,
-         dilation: Any = 1, is_causal: Any = False, scale: float | None = None,
-         additional_keys: torch.Tensor | None = None, additional_values: torch.Tensor | None = None,
-         attention_kwargs: dict | None = None, backend: str | None = None, q_tile_shape: Any = None,
-         kv_tile_shape: Any = None, *, torch_compile: bool = False, return_lse: bool = False,
-         **backward: Any) -> Any:
-    """NATTEN >= 0.20's ``na3d`` on flexna (``[batch, T, H, W, heads, dim]``)."""
-    return _natten_call(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, attention_kwargs, backend, q_tile_shape, kv_tile_shape, return_lse,
-                        torch_compile, **backward)
+na1d = _natten_na(1, "[batch, L, heads, dim]")
+na2d = _natten_na(2, "[batch, H, W, heads, dim]")
+na3d = _natten_na(3, "[batch, T, H, W, heads, dim]")
 
 
 class _Legacy(NeighborhoodAttentionGeneric):
