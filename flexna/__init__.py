@@ -7,6 +7,7 @@ The exact pattern is specified in ``docs/SEMANTICS.md``.
 """
 
 from flexna.analysis import analyze, choose_layout, choose_tiles, search_tiles
+from flexna.backends import BackendError, flash_unavailable, kernel_options
 from flexna.blockmask import na_block_mask
 from flexna.cache import CacheInfo, cache_info, clear_cache, set_cache_limit
 from flexna.distributed import sharded_neighborhood_attention
@@ -43,6 +44,7 @@ from flexna.spec import MaskSpec
 from flexna.tables import na_mask_mod
 
 __all__ = [
+    "BackendError",
     "CacheInfo",
     "CacheWarning",
     "EagerFallbackWarning",
@@ -64,6 +66,8 @@ __all__ = [
     "distance_decay_score_mod",
     "extended_na_block_mask",
     "extended_na_mask_mod",
+    "flash_unavailable",
+    "kernel_options",
     "na1d",
     "na2d",
     "na3d",

@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
+from flexna.backends import Backend, check_backend
 from flexna.blockmask import spec_block_mask
 from flexna.flex import run_flex
-from flexna.functional import Tiles, check_tensors, resolve_tiles
+from flexna.functional import Tiles, check_tensors, choose_backend, resolve_tiles
 from flexna.geometry import Region, axis_window_bounds
 from flexna.layout import TokenLayout
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, _is_int
@@ -243,25 +244,38 @@ def _rows_region(shape: tuple[int, ...], axis: int, rows: Rows) -> Region:
 
 
 def region_block_mask(pattern: NAPattern, q_region: Region, kv_region: Region,
-                      q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device) -> BlockMask:
+                      q_tile: tuple[int, ...], kv_tile: tuple[int, ...], device: torch.device,
+                      block_size: tuple[int, int] | None = None) -> BlockMask:
     """Analytic BlockMask of ``pattern`` for queries of ``q_region`` x keys of ``kv_region``
     (each in its own, optionally tiled, order), from flexna's cache."""
-    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_region=q_region, kv_region=kv_region)
-    return spec_block_mask(spec, device)
+    return spec_block_mask(_region_spec(pattern, q_region, kv_region, q_tile, kv_tile, block_size), device)
+
+
+def _region_spec(pattern: NAPattern, q_region: Region, kv_region: Region, q_tile: tuple[int, ...],
+                 kv_tile: tuple[int, ...], block_size: tuple[int, int] | None) -> MaskSpec:
+    return MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_region=q_region, kv_region=kv_region,
+                           block_size=block_size)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPattern, axis: int,
             q_rows: Rows, kv_rows: Rows, tiles: tuple[tuple[int, ...], tuple[int, ...]] | None,
-            scale: float | None) -> torch.Tensor:
+            scale: float | None, backend: str = "auto") -> torch.Tensor:
     """One fused Flex call: queries of rows ``q_rows`` (tensor ``q``) x keys of ``kv_rows``,
     each box in its own token order (row-major, or tiled by ``tiles = (q_tile, kv_tile)``)."""
     n = pattern.ndim
     q_tile, kv_tile = ((1,) * n, (1,) * n) if tiles is None else tiles
     q_layout = TokenLayout(tuple(q.shape[1:1 + n]), q_tile)
     kv_layout = TokenLayout(tuple(k.shape[1:1 + n]), kv_tile)
-    mask = region_block_mask(pattern, _rows_region(pattern.shape, axis, q_rows),
-                             _rows_region(pattern.shape, axis, kv_rows), q_tile, kv_tile, q.device)
-    kwargs = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
+    q_region = _rows_region(pattern.shape, axis, q_rows)
+    kv_region = _rows_region(pattern.shape, axis, kv_rows)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    spec, chosen = choose_backend(
+        lambda block: _region_spec(pattern, q_region, kv_region, q_tile, kv_tile, block),
+        backend, q.device, grads, q.shape[0], q.shape[-2])
+    mask = spec_block_mask(spec, q.device)
+    kwargs: dict[str, Any] = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
+    if chosen == "flash":
+        kwargs["kernel_options"] = {"BACKEND": "FLASH"}
     out = run_flex(q_layout.heads_first(q), kv_layout.heads_first(k), kv_layout.heads_first(v), mask,
                    scale, False, **kwargs)
     return q_layout.from_heads_first(out)
@@ -361,6 +375,7 @@ def sharded_neighborhood_attention(
     shard_sizes: Sequence[int] | None = None,
     overlap: bool = False,
     tiles: Tiles = "auto",
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Neighborhood attention over a layout sharded along spatial ``axis`` across ``group``.
 
@@ -376,6 +391,7 @@ def sharded_neighborhood_attention(
     :func:`flexna.neighborhood_attention` (``"auto"``: the tiles flexna picks for the global
     pattern, or row-major; ``None``: row-major; a tile or a ``(q_tile, kv_tile)`` pair of
     128-token tiles), applied to each local box (query slab, key slab plus halo).
+    ``backend``: the CUDA kernels of the local calls, as in :func:`flexna.neighborhood_attention`.
 
     Returns this rank's output slab ``[batch, *local_spatial, heads, value_dim]``, equal to
     the matching rows of ``flexna.neighborhood_attention`` on the gathered tensors, with
@@ -399,6 +415,7 @@ def sharded_neighborhood_attention(
     check_tensors(query, key, value, None)
     if not isinstance(overlap, bool):
         raise ValueError(f"overlap must be a bool, got {overlap!r}")
+    check_backend(backend)
     rank, world = _group_rank(group)
     local = query.shape[dim]
     if shard_sizes is None:
@@ -414,7 +431,7 @@ def sharded_neighborhood_attention(
 
     own = plan.own
     pending = PendingHalo(plan, (key, value), dim, group)
-    attend = functools.partial(_attend, pattern=pattern, axis=axis, tiles=order, scale=scale)
+    attend = functools.partial(_attend, pattern=pattern, axis=axis, tiles=order, scale=scale, backend=backend)
     # one call without overlap, or when there is nothing to overlap: no interior, or no border.
     # (The assembled keys must feed the graph on every rank: their backward is a collective.)
     if not overlap or plan.interior[0] == plan.interior[1] or plan.interior == own:

@@ -132,7 +132,8 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
                            return_lse)
     if query.is_cuda:
         user = kwargs.get("kernel_options") or {}
-        kwargs["kernel_options"] = {**cuda_kernel_options(query.device), **user}
+        if user.get("BACKEND") != "FLASH":  # the Triton options mean nothing to FLASH
+            kwargs["kernel_options"] = {**cuda_kernel_options(query.device), **user}
     if reason is None:
         if query.device.type == "cpu":
             # no gradients wanted, but torch's CPU Flex rejects inputs that require grad

@@ -18,7 +18,9 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from flexna import plan as plans
 from flexna.analysis import choose_tiles
+from flexna.backends import Backend, BackendError, block_sizes, check_backend, resolve_backend
 from flexna.blockmask import spec_block_mask
+from flexna.blocksparsity import spec_maps
 from flexna.errors import warn_user
 from flexna.flex import (
     EagerFallbackWarning,
@@ -164,8 +166,9 @@ class CallPlan:
     kv_layout: TokenLayout
     device: torch.device
     has_rpb: bool
-    kernel_options: dict[str, bool]
+    kernel_options: dict[str, bool | str]
     dense: bool  # the CPU cases compiled Flex cannot run (gradients, lse): the dense stand-in
+    backend: str  # the kernel backend the call runs on: "triton" or "flash"
     # resolved at trace time (the traced code must not touch the cache); None: from the cache
     mask: BlockMask | None = None
     rpb: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -196,20 +199,22 @@ def _const(value: object) -> object:
     return value
 
 
-def _options(scale: object, return_lse: object, score_mod: object) -> tuple:
-    """``scale``, ``return_lse`` and ``score_mod`` as constants for a signature (a type name where
-    the value cannot be right, so that the plan's check names it)."""
+def _options(scale: object, return_lse: object, score_mod: object, backend: object = "auto") -> tuple:
+    """``scale``, ``return_lse``, ``score_mod`` and ``backend`` as constants for a signature (a
+    type name where the value cannot be right, so that the plan's check names it)."""
     scale_c = scale if scale is None or (isinstance(scale, int | float) and not isinstance(scale, bool)) \
         else ("not a number", type(scale).__name__)
     lse_c = return_lse if isinstance(return_lse, bool) else ("not a bool", type(return_lse).__name__)
     mod_c = None if score_mod is None else (True if callable(score_mod) else type(score_mod).__name__)
-    return (scale_c, lse_c, mod_c)
+    backend_c = backend if isinstance(backend, str) else ("not a str", repr(backend))
+    return (scale_c, lse_c, mod_c, backend_c)
 
 
 def _check_options(options: tuple) -> None:
     """``TypeError``/``ValueError`` for a bad ``scale``/``return_lse``/``score_mod`` (before anything
     compiles)."""
-    scale, return_lse, score_mod = options
+    scale, return_lse, score_mod, backend = options
+    check_backend(backend[1] if isinstance(backend, tuple) else backend)
     if isinstance(scale, tuple):
         raise TypeError(f"scale must be a real number or None, got {scale[1]}")
     if scale is not None and not math.isfinite(scale):
@@ -236,10 +241,42 @@ def _rpb_meta(signature: tuple | None) -> Any:
     return TensorMeta.of("rel_pos_bias", signature)
 
 
+def _block_pairs(spec: MaskSpec, batch: int, heads: int) -> int:
+    """Attended (query block, key block) pairs of one call: the kernel's work, in blocks."""
+    partial, full = spec_maps(spec)
+    return int(partial.sum() + full.sum()) * batch * (heads if spec.heads == 1 else 1)
+
+
+def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], backend: str,
+                   device: torch.device, grads: bool, batch: int, heads: int,
+                   score_mod: bool = False) -> tuple[MaskSpec, str]:
+    """The spec and kernel backend of a call (see :func:`flexna.backends.resolve_backend`).
+
+    ``make_spec(block_size)`` builds the call's spec for a backend's block sizes (``None``: the
+    spec's defaults). A user score_mod with gradients enabled counts as differentiated (it may
+    capture trainable tensors, which FLASH's backward rejects).
+    """
+    grads = grads or (score_mod and torch.is_grad_enabled())
+    chosen = resolve_backend(backend, device, grads=grads)
+    try:
+        spec = make_spec(block_sizes(chosen, device) if chosen == "flash" else None)
+    except BackendError:
+        if backend != "auto":
+            raise
+        chosen, spec = "triton", make_spec(None)
+    if chosen == "flash" and backend == "auto":
+        chosen = resolve_backend(backend, device, grads=grads, block_pairs=_block_pairs(spec, batch, heads))
+        if chosen != "flash" and block_sizes("flash", device) != block_sizes(chosen, device):
+            spec = make_spec(None)
+    return spec, chosen
+
+
 def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
-               rpb: bool, needs_dense: bool) -> CallPlan:
-    options = cuda_kernel_options(device) if device.type == "cuda" else {}
-    return CallPlan(spec, q_layout, kv_layout, device, rpb, options, needs_dense)
+               rpb: bool, needs_dense: bool, backend: str = "triton") -> CallPlan:
+    options: dict[str, bool | str] = {}
+    if device.type == "cuda":
+        options = {"BACKEND": "FLASH"} if backend == "flash" else dict(cuda_kernel_options(device))
+    return CallPlan(spec, q_layout, kv_layout, device, rpb, options, needs_dense, backend)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: CallPlan,
@@ -302,6 +339,7 @@ def neighborhood_attention(
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
     tiles: Tiles = "auto",
+    backend: Backend = "auto",
     _ndim: int | None = None,
 ) -> Any:
     """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
@@ -328,6 +366,11 @@ def neighborhood_attention(
     forces those tiles, with any combination of per-head patterns, additional tokens and
     ``rel_pos_bias`` (then a user ``score_mod`` sees tiled indices).
 
+    ``backend``: the FlexAttention kernels on CUDA (:mod:`flexna.backends`). ``"auto"``
+    (default) runs forward-only calls large enough to pay on FLASH (flash-attn-4) where it
+    is installed and the GPU supports it, everything else on Triton; ``"triton"`` or
+    ``"flash"`` force one (``"flash"`` where it cannot run is a ``BackendError``).
+
     Returns the output ``[batch, *spatial, heads, value_dim]``; with
     ``additional_queries`` a pair ``(out, extra_out [batch, Mq, heads, value_dim])``;
     with ``return_lse`` the log-sum-exp(s) (``[batch, *spatial, heads]``, float32)
@@ -341,7 +384,7 @@ def neighborhood_attention(
     """
     sig = plans.tensor_signature
     signature = ("na", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
-                 sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod),
+                 sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod, backend),
                  _const(kernel_size), _const(stride), _const(dilation), _const(is_causal), _const(tiles),
                  _ndim, torch.is_grad_enabled())
     plan = plans.plan_for(signature)
@@ -390,11 +433,12 @@ def _na_plan(signature: tuple) -> CallPlan:
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
     q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
-    spec = MaskSpec.create(patterns, q_tile=q_tile, kv_tile=kv_tile, num_extra_q=extra_q,
-                           num_extra_kv=extra_kv)
     grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, aq, rpb))
+    spec, backend = choose_backend(lambda block: MaskSpec.create(
+        patterns, q_tile=q_tile, kv_tile=kv_tile, block_size=block, num_extra_q=extra_q,
+        num_extra_kv=extra_kv), options[3], query.device, grads, batch, heads, options[2] is not None)
     return _make_plan(spec, TokenLayout(shape, q_tile), TokenLayout(shape, kv_tile), query.device,
-                      rpb is not None, query.device.type == "cpu" and (return_lse or grads))
+                      rpb is not None, query.device.type == "cpu" and (return_lse or grads), backend)
 
 
 plans.register("na", _na_plan)
@@ -416,6 +460,7 @@ def tiled_neighborhood_attention(
     additional_values: torch.Tensor | None = None,
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
+    backend: Backend = "auto",
 ) -> Any:
     """Neighborhood attention on sequences already in ``layout``'s token order.
 
@@ -427,7 +472,8 @@ def tiled_neighborhood_attention(
     positions are never attended; their output is 0 (without additional keys, which every
     query row attends, padded ones included). Pattern arguments may be
     :class:`flexna.PerHead`; ``additional_keys``/``additional_values`` ``[batch, M, kv_heads,
-    dim]`` are extra keys every query attends.
+    dim]`` are extra keys every query attends. ``backend`` as in
+    :func:`neighborhood_attention`.
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
@@ -435,7 +481,7 @@ def tiled_neighborhood_attention(
     plan = plans.plan_for(("tiled", sig(query), sig(key), sig(value), sig(additional_keys),
                            sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
                            _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
-                           _options(scale, return_lse, score_mod), torch.is_grad_enabled()))
+                           _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled()))
 
     def seq(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return (t if extra is None else torch.cat([t, extra], dim=1)).transpose(1, 2)
@@ -469,10 +515,12 @@ def _tiled_plan(signature: tuple) -> CallPlan:
                              _unconst(is_causal), num_heads=heads)
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
-    spec = MaskSpec.create(patterns, q_tile=layout.tile, kv_tile=layout.tile, num_extra_kv=extra_kv)
     grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, rpb))
+    spec, backend = choose_backend(lambda block: MaskSpec.create(
+        patterns, q_tile=layout.tile, kv_tile=layout.tile, block_size=block, num_extra_kv=extra_kv),
+        options[3], query.device, grads, batch, heads, options[2] is not None)
     return _make_plan(spec, layout, layout, query.device, rpb is not None,
-                      query.device.type == "cpu" and (return_lse or grads))
+                      query.device.type == "cpu" and (return_lse or grads), backend)
 
 
 plans.register("tiled", _tiled_plan)
@@ -516,6 +564,7 @@ def packed_neighborhood_attention(
     block_size: int = 128,
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Neighborhood attention over several layouts packed in one sequence (variable resolution).
 
@@ -526,11 +575,13 @@ def packed_neighborhood_attention(
     table for all samples, each sample's tokens indexing it with their own layout's
     coordinates; ``score_mod`` is applied after it (indices in the packed sequence).
     Returns ``[batch, L, heads, value_dim]`` (split it with :func:`flexna.unpack_tokens`).
+    ``backend`` as in :func:`neighborhood_attention` (FLASH on Blackwell needs ``block_size``
+    a multiple of 256).
     """
     sig = plans.tensor_signature
     plan = plans.plan_for(("packed", sig(query), sig(key), sig(value), sig(rel_pos_bias),
                            _const(shapes), _const(kernel_size), _const(stride), _const(dilation),
-                           _const(is_causal), block_size, _options(scale, False, score_mod),
+                           _const(is_causal), block_size, _options(scale, False, score_mod, backend),
                            torch.is_grad_enabled()))
     out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan, scale, False,
                  rel_pos_bias, score_mod)
@@ -563,7 +614,17 @@ def _packed_plan(signature: tuple) -> CallPlan:
         check_rpb(rpb, patterns[0], query.shape[2], device=query.device)
     ones = TokenLayout(patterns[0].shape, (1,) * patterns[0].ndim)
     grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
-    return _make_plan(spec, ones, ones, query.device, rpb is not None, query.device.type == "cpu" and grads)
+
+    def make_spec(blocks: tuple[int, int] | None) -> MaskSpec:
+        if blocks is not None and block % blocks[0]:
+            raise BackendError(f"backend='flash' on this GPU runs {blocks[0]}-token query blocks; "
+                               f"block_size = {block} is not a multiple: use block_size={blocks[0]}")
+        return spec
+
+    spec, backend = choose_backend(make_spec, options[3], query.device, grads, query.shape[0], query.shape[2],
+                                   options[2] is not None)
+    return _make_plan(spec, ones, ones, query.device, rpb is not None, query.device.type == "cpu" and grads,
+                      backend)
 
 
 plans.register("packed", _packed_plan)

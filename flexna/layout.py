@@ -250,11 +250,15 @@ class TokenLayout:
         return untile_tokens(x, self.shape, self.tile)
 
     def heads_first(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, *shape, heads, dim]`` (NATTEN layout) -> ``[B, heads, length, dim]`` contiguous.
+        """``[B, *shape, heads, dim]`` (NATTEN layout) -> ``[B, heads, length, dim]``, one copy.
 
-        One copy (two when the layout needs padding): the permute into this order and the
-        move of the heads axis in front happen in the same pass.
+        Eagerly a gather of whole token rows (:func:`gather_to_order`, near memory speed: the
+        result is a ``[B, heads, length, dim]`` view of ``[B, length, heads, dim]`` memory,
+        which FlexAttention reads as fast and whose layout its output keeps). Inside
+        ``torch.compile`` (where inductor fuses it) and in deterministic mode a reshape-permute.
         """
+        if _gather_pays():
+            return gather_to_order(x, self)
         x = _pad_to_tiles(x, self.shape, self.tile)
         x = _permute_to_tiles(x, tile_grid(self.shape, self.tile), self.tile, heads_first=True)
         return x.contiguous()  # a no-op unless reshape could return a view
@@ -263,4 +267,48 @@ class TokenLayout:
         """``[B, heads, length, dim]`` -> ``[B, *shape, heads, dim]`` (one copy, drops padding)."""
         if self.is_row_major:
             return x.transpose(1, 2).reshape(x.shape[0], *self.shape, x.shape[1], x.shape[-1])
+        if _gather_pays():
+            return gather_from_order(x.transpose(1, 2), self).unflatten(1, self.shape)
         return untile_tokens(x.transpose(1, 2), self.shape, self.tile)
+
+
+def _gather_pays() -> bool:
+    """Eager and not deterministic: the row gather (its backward is an index_add, which torch's
+    deterministic mode rejects on CUDA; under torch.compile the reshape-permute fuses)."""
+    return not torch.compiler.is_compiling() and not torch.are_deterministic_algorithms_enabled()
+
+
+def order_index(order: TokenOrder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_order, from_order)`` int64 index tensors of ``order`` on ``device``, from the cache.
+
+    ``to_order[p]``: the row-major token at sequence position ``p`` (padding: token 0, whose
+    copy is never attended and whose output is dropped); ``from_order[t]``: the position of
+    row-major token ``t``. Any :class:`TokenOrder` (its :meth:`~TokenOrder.coords`).
+    """
+    from flexna.cache import cached
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        coords = order.coords()
+        real = coords[:, 0] >= 0
+        flat = np.ravel_multi_index(tuple(np.where(real, coords[:, a], 0) for a in range(coords.shape[1])),
+                                    order.shape)
+        inverse = np.empty(math.prod(order.shape), dtype=np.int64)
+        inverse[flat[real]] = np.flatnonzero(real)
+        both = torch.from_numpy(np.concatenate([flat.astype(np.int64), inverse])).to(device)
+        return both[:len(flat)], both[len(flat):]
+
+    return cached(("order-index", order, device), build, lambda t: 8 * (t[0].numel() + t[1].numel()))
+
+
+def gather_to_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:
+    """``[B, *shape, heads, dim]`` -> ``[B, heads, length, dim]`` in ``order``: one row gather
+    into ``[B, length, heads, dim]`` memory, returned as its heads-first view."""
+    _check_spatial(x, 1, order.shape, "gather_to_order")
+    rows = x.reshape(x.shape[0], math.prod(order.shape), *x.shape[-2:])
+    return rows.index_select(1, order_index(order, x.device)[0]).transpose(1, 2)
+
+
+def gather_from_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:
+    """``[B, length, heads, dim]`` in ``order`` -> ``[B, prod(shape), heads, dim]`` row-major (one
+    row gather; padding dropped)."""
+    return x.index_select(1, order_index(order, x.device)[1])

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from flexna.backends import Backend, check_backend
 from flexna.functional import neighborhood_attention, tiled_neighborhood_attention
 from flexna.layout import TokenLayout
-from flexna.pattern import PerHead, as_bool_tuple, as_int_tuple
+from flexna.pattern import BoolOrTuple, IntOrTuple, PerHead, as_bool_tuple, as_int_tuple
 from flexna.scores import common_table_shape, rpb_table_shape
 
 
@@ -33,13 +34,18 @@ class NeighborhoodAttentionGeneric(nn.Module):
     (per-head patterns; with ``rel_pos_bias`` every head must give the same table shape,
     e.g. per-head dilation only). ``num_kv_heads`` (default ``num_heads``)
     gives GQA/MQA: ``qkv`` then outputs ``(num_heads + 2 * num_kv_heads) * head_dim``.
+    ``backend``: the CUDA kernels, as in :func:`flexna.neighborhood_attention` (``"auto"``:
+    FLASH for large forward-only calls where flash-attn-4 is installed, else Triton).
     """
 
-    def __init__(self, na_dim: int, embed_dim: int, num_heads: int, kernel_size: Any,
-                 stride: Any = 1, dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+    def __init__(self, na_dim: int, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
+                 stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
+                 is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 backend: Backend = "auto") -> None:
         super().__init__()
+        self.backend = check_backend(backend)
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -106,7 +112,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
         out = neighborhood_attention(*self._project(x), self.kernel_size, self.stride, self.dilation,
                                      self.is_causal, scale=self.scale, rel_pos_bias=self.rpb,
                                      additional_keys=additional_keys,
-                                     additional_values=additional_values)
+                                     additional_values=additional_values, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,44 +136,50 @@ class NeighborhoodAttentionGeneric(nn.Module):
         out = tiled_neighborhood_attention(*self._project(x), layout, self.kernel_size, self.stride,
                                            self.dilation, self.is_causal, scale=self.scale,
                                            rel_pos_bias=self.rpb, additional_keys=additional_keys,
-                                           additional_values=additional_values)
+                                           additional_values=additional_values, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}, "
-                f"rel_pos_bias={self.rpb is not None}")
+                f"rel_pos_bias={self.rpb is not None}, backend={self.backend!r}")
 
 
 class NeighborhoodAttention1D(NeighborhoodAttentionGeneric):
     """1-D: ``x`` ``[batch, L, embed_dim]``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
-                 dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
+                 stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
+                 is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 backend: Backend = "auto") -> None:
         super().__init__(1, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend)
 
 
 class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
     """2-D: ``x`` ``[batch, H, W, embed_dim]``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
-                 dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
+                 stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
+                 is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 backend: Backend = "auto") -> None:
         super().__init__(2, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend)
 
 
 class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
     """3-D: ``x`` ``[batch, T, H, W, embed_dim]``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
-                 dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
+                 stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
+                 is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 backend: Backend = "auto") -> None:
         super().__init__(3, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend)

@@ -184,7 +184,9 @@ def bias_score_mod(table: torch.Tensor, q_base: torch.Tensor, kv_base: torch.Ten
             idx = q_base[h * nq + q_idx] + kv_base[h * nkv + kv_idx]
         else:
             idx = q_base[q_idx] + kv_base[kv_idx]
-        bias = flat[h, idx.clamp(0, top)]
+        # masked pairs may index anywhere: keep them in the table (no min/max, which FLASH's
+        # CuTe code generation does not lower)
+        bias = flat[h, torch.where((idx >= 0) & (idx <= top), idx, 0)]
         if has_extra:
             bias = torch.where((q_idx < lq) & (kv_idx < lk), bias, torch.zeros_like(bias))
         return score + bias
@@ -243,8 +245,9 @@ def distance_decay_score_mod(slopes: torch.Tensor, shape, *, num_extra_q: int = 
         raise ValueError(f"slopes must be a 1-D tensor [heads], got {slopes!r}")
     coords = torch.stack(torch.meshgrid(*[torch.arange(n, device=device) for n in shape_p],
                                         indexing="ij"), -1).reshape(-1, len(shape_p)).to(torch.int32)
-    q_c = torch.cat([coords, coords.new_zeros(num_extra_q, len(shape_p))]).t().contiguous()
-    k_c = torch.cat([coords, coords.new_zeros(num_extra_kv, len(shape_p))]).t().contiguous()
+    # one flat table per axis (no load at a constant index: FLASH's code generation lowers none)
+    q_c = tuple(torch.cat([coords, coords.new_zeros(num_extra_q, len(shape_p))]).t().contiguous().unbind(0))
+    k_c = tuple(torch.cat([coords, coords.new_zeros(num_extra_kv, len(shape_p))]).t().contiguous().unbind(0))
     n_tok = coords.shape[0]
 
     def distance_decay(score, b, h, q_idx, kv_idx):

@@ -180,7 +180,9 @@ class FusedTables:
     lo_g: torch.Tensor  # [heads * Nq]: sum (lo_a - G_a) << o_a
     hi_g: torch.Tensor  # [heads * Nq]: sum (hi_a + G_a) << o_a
     pos: torch.Tensor  # [heads * Nkv]: sum pos_a << o_a
-    guards: torch.Tensor  # 0-d: sum G_a << o_a (a tensor: other widths do not recompile)
+    # [Nq], every entry sum G_a << o_a: a tensor, so other widths do not recompile; read at the
+    # query's index, as FLASH's CuTe code generation lowers no load at a constant index
+    guards: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,7 +209,7 @@ class MaskTables:
     def nbytes(self) -> int:
         tensors = [*self.q_lo, *self.q_hi, *self.kv_pos, *self.q_coords, *self.kv_coords]
         if self.fused is not None:
-            tensors += [self.fused.lo_g, self.fused.hi_g, self.fused.pos]
+            tensors += [self.fused.lo_g, self.fused.hi_g, self.fused.pos, self.fused.guards]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def mask_mod(self, fused: bool | None = None) -> MaskMod:
@@ -235,7 +237,7 @@ class MaskTables:
             ki = h * nkv + kv_idx if per_head else kv_idx
             if fused_t is not None:
                 y = fused_t.pos[ki]
-                g = fused_t.guards
+                g = fused_t.guards[q_idx]
                 ok = ((y - fused_t.lo_g[qi]) & (fused_t.hi_g[qi] - y) & g) == g
             else:
                 y = kv_pos[0][ki]
@@ -278,7 +280,7 @@ def build_tables(spec: MaskSpec, device: torch.device | str | None = None, *,
             pos_g += cols[2][a] << o
         lo_g -= sum(guards)
         hi_g += sum(guards)
-        cols += [lo_g[None], hi_g[None], pos_g[None], np.array([[sum(guards)]], dtype=np.int32)]
+        cols += [lo_g[None], hi_g[None], pos_g[None], np.full((1, spec.q_len), sum(guards), dtype=np.int32)]
     if host.q_coords is not None and host.kv_coords is not None:
         cols += [host.q_coords.astype(host.lo.dtype), host.kv_coords.astype(host.lo.dtype)]
     flat = np.concatenate([c.reshape(-1) for c in cols])
@@ -287,7 +289,7 @@ def build_tables(spec: MaskSpec, device: torch.device | str | None = None, *,
     q_lo, q_hi, kv_pos = (tuple(p.reshape(n, -1).unbind(0)) for p in parts[:3])
     fused_t = None
     if fields is not None:
-        fused_t = FusedTables(parts[3], parts[4], parts[5], parts[6].reshape(()))
+        fused_t = FusedTables(parts[3], parts[4], parts[5], parts[6])
     coords: tuple[tuple[torch.Tensor, ...], ...] = ((), ())
     if host.q_coords is not None:
         coords = (tuple(parts[-2].reshape(n, -1).unbind(0)), tuple(parts[-1].reshape(n, -1).unbind(0)))
@@ -302,7 +304,7 @@ def _meta_tables(spec: MaskSpec, fused: bool, dtype: torch.dtype) -> MaskTables:
     fused_t = None
     if fused:
         fused_t = FusedTables(empty(spec.q_len), empty(spec.q_len), empty(spec.kv_len),
-                              torch.empty((), dtype=dtype, device="meta"))
+                              torch.empty(spec.q_len, dtype=dtype, device="meta"))
     return MaskTables(spec, tuple(empty(spec.q_len) for _ in range(n)),
                       tuple(empty(spec.q_len) for _ in range(n)),
                       tuple(empty(spec.kv_len) for _ in range(n)), fused_t)

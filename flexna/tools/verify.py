@@ -44,6 +44,8 @@ from flexna.tools.blockmaps import block_maps
 
 HEADS = 2
 HEAD_DIM = 16
+FLASH_HEAD_DIM = 64  # flash-attn-4's CuTe kernels take head dims from 64 on Hopper
+FLASH_TOL = 1e-2  # fp16 inputs, fp32 accumulation: errors are about 1e-3
 CUDA_BLOCK = 128  # one block size on CUDA: compiled kernels are specialised on it
 
 
@@ -170,8 +172,10 @@ class Check:
     """Runs one configuration; collects failure messages and the attention error."""
 
     def __init__(self, cfg: Config, device: torch.device, attention: bool,
-                 flex: Callable[..., Any], tol: float) -> None:
+                 flex: Callable[..., Any], tol: float, flash: bool = False) -> None:
         self.cfg, self.device, self.attention, self.flex, self.tol = cfg, device, attention, flex, tol
+        self.flash = flash  # also run the FLASH-vs-Triton differential
+        self.flash_checked = False
         self.failures: list[str] = []
         self.error = 0.0
 
@@ -243,6 +247,37 @@ class Check:
             if not (torch.isfinite(out).all() and self.error <= self.tol):
                 self.failures.append(f"flex_attention: max |out - reference| = {self.error:.3g} "
                                      f"> tolerance {self.tol:g}")
+            if self.flash:
+                self._flash_differential(want, kwargs)
+
+    def _flash_differential(self, want: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """FLASH and Triton on the same half-precision inputs and FLASH-sized blocks, each against
+        the float64 reference (FLASH has had silently wrong code generation upstream)."""
+        from flexna.backends import block_sizes
+
+        cfg, dev = self.cfg, self.device
+        blocks = block_sizes("flash", dev)
+        if any(b % _tile_tokens(t) for b, t in zip(blocks, (cfg.q_tile, cfg.kv_tile), strict=True)):
+            return  # tiles that do not divide FLASH's blocks: no FLASH BlockMask for this config
+        bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=blocks, **kwargs)
+        nq, nkv = want.shape
+        gen = torch.Generator().manual_seed(2000 + cfg.index)
+        q = torch.randn(1, HEADS, nq, FLASH_HEAD_DIM, generator=gen)
+        k, v = (torch.randn(1, HEADS, nkv, FLASH_HEAD_DIM, generator=gen) for _ in range(2))
+        ref, _ = reference_attention(q.half().double(), k.half().double(), v.half().double(), want)
+        outs = {}
+        for name, options in (("triton", {}), ("flash", {"BACKEND": "FLASH"})):
+            out = self.flex(*(t.to(dev, torch.float16) for t in (q, k, v)), block_mask=bm,
+                            kernel_options=options)
+            outs[name] = out.double().cpu()
+            err = float((outs[name] - ref).abs().max())
+            if not (torch.isfinite(outs[name]).all() and err <= FLASH_TOL):
+                self.failures.append(f"flex_attention BACKEND={name.upper()} (fp16): max |out - "
+                                     f"reference| = {err:.3g} > tolerance {FLASH_TOL:g}")
+        diff = float((outs["flash"] - outs["triton"]).abs().max())
+        if diff > FLASH_TOL:
+            self.failures.append(f"FLASH vs Triton (fp16): max difference {diff:.3g} > {FLASH_TOL:g}")
+        self.flash_checked = True
 
 
 class _Progress:
@@ -331,10 +366,15 @@ def run_verify(
     flex = torch.compile(flex_attention) if use_compile else flex_attention
     tol = 2e-4 if cuda else 1e-4
     name = torch.cuda.get_device_name(dev) if cuda else "CPU"
+    from flexna.backends import flash_unavailable
+
+    no_flash = flash_unavailable(dev) if attention and use_compile else "attention not compiled"
     print(f"flexna verify: {n} random configurations (seed {seed}"
           f"{f', from index {start}' if start else ''}) on {dev} ({name}), torch {torch.__version__}, "
           f"at most {max_tokens} tokens; attention "
-          f"{('compiled' if use_compile else 'eager') if attention else 'not checked'}", file=out)
+          f"{('compiled' if use_compile else 'eager') if attention else 'not checked'}; FLASH-vs-Triton "
+          f"differential: {'on' if no_flash is None else 'off (' + no_flash + ')'}", file=out)
+    flash_runs = 0
     progress = _Progress(n, out)
     failed: list[Check] = []
     max_err = 0.0
@@ -343,19 +383,21 @@ def run_verify(
         for i, index in enumerate(range(start, start + n)):
             rng = random.Random(seed * 1_000_003 + index)
             cfg = random_config(rng, index, max_tokens, cuda)
-            check = Check(cfg, dev, attention, flex, tol)
+            check = Check(cfg, dev, attention, flex, tol, flash=no_flash is None)
             try:
                 check.run()
             except Exception as exc:  # a crash is a failure of this config, not of the run
                 check.failures.append(f"raised {type(exc).__name__}: {exc}")
             max_err = max(max_err, check.error)
+            flash_runs += check.flash_checked
             if check.failures:
                 failed.append(check)
             progress.update(i + 1, len(failed))
     seconds = time.perf_counter() - t0
     print(f"\n{n - len(failed)}/{n} configurations passed, {len(failed)} failed in {seconds:.1f} s"
           + (f"; max |attention - float64 reference| = {max_err:.2e} (tolerance {tol:g})"
-             if attention else ""), file=out)
+             if attention else "")
+          + (f"; FLASH differential on {flash_runs} of them" if no_flash is None else ""), file=out)
     for check in failed:
         cfg = check.cfg
         print(f"\nFAILED config {cfg.index} (reproduce: flexna verify --seed {seed} --start {cfg.index} "

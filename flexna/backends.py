@@ -1,0 +1,149 @@
+"""Which FlexAttention kernel backend a call runs on, and what that backend needs.
+
+FlexAttention lowers the same ``mask_mod`` / ``score_mod`` / ``BlockMask`` to two CUDA
+backends: its Triton kernels (every GPU, forward and backward, gradients to captured
+tensors) and, with ``kernel_options={"BACKEND": "FLASH"}``, flash-attn-4's CuTe DSL kernels
+(Hopper and Blackwell, faster on large forward calls; see
+``benchmarks/results/flash-backend-*.md``). flexna's masks and score_mods use only operations
+both lower (``tests/test_flash_safe.py`` guards that on the CPU).
+
+``backend="auto"`` (every entry point's default) picks FLASH where it is installed, the GPU
+supports it and the call is a forward-only call large enough to pay for FLASH's fixed launch
+cost; Triton otherwise (CPU, older GPUs, gradients, deterministic mode, small calls).
+``backend="flash"`` where FLASH cannot run is a :class:`BackendError` saying why; flexna
+never switches backend silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "flash"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "flash")
+
+FLASH_INSTALL = ('install flash-attn-4 (pip install "flexna[flash]", or pip install --pre '
+                 'flash-attn-4; "flash-attn-4[cu13]" for CUDA 13)')
+
+# Below this many (query block, key block) pairs per call (times batch and heads) "auto" keeps
+# Triton: FLASH's kernels carry a fixed cost of about 0.3 ms per call on an H200, so small calls
+# run faster on Triton (benchmarks/results/flash-backend-NVIDIA-H200-2026-12-02.md).
+FLASH_MIN_BLOCK_PAIRS = 20_000
+
+
+class BackendError(RuntimeError):
+    """The requested kernel backend cannot run this call (the message says why and what to do)."""
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else a ``ValueError`` naming it."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_has_flash() -> bool:
+    """Whether this torch's Flex lowering has the FLASH backend (torch >= 2.10)."""
+    return importlib.util.find_spec("torch._inductor.kernel.flex.flex_flash_attention") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_installed() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def flash_unavailable(device: torch.device) -> str | None:
+    """Why FLASH cannot run on ``device`` (``None``: it can)."""
+    if device.type != "cuda":
+        return f"the tensors are on {device.type}; FLASH runs on CUDA GPUs only"
+    if not _torch_has_flash():
+        return f"torch {torch.__version__} has no FLASH backend for FlexAttention (torch >= 2.10 has)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) is not "
+                "supported by flash-attn-4's CuTe kernels (Hopper sm90 or Blackwell sm100)")
+    if not _flash_attn_installed():
+        return f"flash-attn-4 is not installed: {FLASH_INSTALL}"
+    return None
+
+
+def block_sizes(backend: str, device: torch.device) -> tuple[int, int]:
+    """(query, key) BlockMask block sizes the backend's kernels run in on ``device``.
+
+    Triton: 128 x 128 everywhere. FLASH: 128 x 128 on Hopper; on Blackwell its query tile is
+    256 tokens (two 128-row warpgroups), so the BlockMask's query block must be 256.
+    """
+    if backend == "flash" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10:
+        return 256, 128
+    return 128, 128
+
+
+def resolve_backend(backend: str, device: torch.device, *, grads: bool,
+                    block_pairs: int | None = None) -> str:
+    """The backend (``"triton"`` or ``"flash"``) a call runs on; ``BackendError`` where the
+    requested one cannot run it.
+
+    ``grads``: whether the call will be differentiated (FLASH's backward rejects gradients to
+    captured tensors and is slower than Triton's on 3-D rows, so "auto" trains on Triton).
+    ``block_pairs``: the call's attended (query block, key block) pairs times batch and heads,
+    or ``None`` when not known (then "auto" goes by availability alone).
+    """
+    check_backend(backend)
+    if device.type != "cuda":
+        if backend == "flash":
+            raise BackendError(f"backend='flash': {flash_unavailable(device)}; use backend='auto' "
+                               "or 'triton'")
+        return "triton"
+    if backend == "triton":
+        return "triton"
+    reason = flash_unavailable(device)
+    if backend == "flash":
+        if reason is not None:
+            raise BackendError(f"backend='flash' cannot run: {reason}. Use backend='auto' (Triton "
+                               "where FLASH cannot run) or 'triton'")
+        if grads and torch.are_deterministic_algorithms_enabled():
+            raise BackendError("backend='flash': its block-sparse backward is not deterministic and "
+                               "torch.use_deterministic_algorithms(True) is set; use 'triton'")
+        return "flash"
+    if reason is not None or grads:
+        return "triton"
+    if block_pairs is not None and block_pairs < FLASH_MIN_BLOCK_PAIRS:
+        return "triton"
+    return "flash"
+
+
+def kernel_options(backend: str = "auto", device: torch.device | str | None = None, *,
+                   grads: bool = False, block_pairs: int | None = None) -> dict[str, bool | str]:
+    """The ``kernel_options`` to pass to ``flex_attention`` with flexna's masks on ``device``.
+
+    For direct FlexAttention users: the backend choice of :func:`resolve_backend` plus the
+    Triton options flexna uses (see :func:`flexna.flex.cuda_kernel_options`). Build the
+    BlockMask with ``block_size=flexna.backends.block_sizes(backend, device)``.
+
+    Example::
+
+        opts = flexna.kernel_options("auto", "cuda")
+        out = torch.compile(flex_attention)(q, k, v, block_mask=bm, kernel_options=opts)
+    """
+    from flexna.flex import cuda_kernel_options
+
+    dev = torch.device("cuda") if device is None and torch.cuda.is_available() else torch.device(
+        device if device is not None else "cpu")
+    chosen = resolve_backend(backend, dev, grads=grads, block_pairs=block_pairs)
+    if dev.type != "cuda":
+        return {}
+    if chosen == "flash":
+        return {"BACKEND": "FLASH"}
+    return {**cuda_kernel_options(dev)}
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "block_sizes", "check_backend", "flash_unavailable",
+           "kernel_options", "resolve_backend"]
