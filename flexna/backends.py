@@ -8,8 +8,10 @@ tensors) and, with ``kernel_options={"BACKEND": "FLASH"}``, flash-attn-4's CuTe 
 both lower (``tests/test_flash_safe.py`` guards that on the CPU).
 
 ``backend="auto"`` (every entry point's default) picks FLASH where it is installed, the GPU
-supports it and the call is a forward-only call large enough to pay for FLASH's fixed launch
-cost; Triton otherwise (CPU, older GPUs, gradients, deterministic mode, small calls).
+supports it and the call is large enough to pay for FLASH's fixed cost per call; for calls
+that will be differentiated, only where most blocks are full (FLASH's backward is slower than
+Triton's where partial blocks dominate, e.g. 3-D NA) and no captured tensor needs gradients.
+Triton otherwise (CPU, older GPUs, deterministic mode, small calls, a trainable rpb).
 ``backend="flash"`` where FLASH cannot run is a :class:`BackendError` saying why; flexna
 never switches backend silently.
 """
@@ -29,20 +31,26 @@ FLASH_INSTALL = ('install flash-attn-4 (pip install "flexna[flash]", or pip inst
                  'flash-attn-4; "flash-attn-4[cu13]" for CUDA 13)')
 
 # Below this many (query block, key block) pairs per call (times batch and heads) "auto" keeps
-# Triton: FLASH's kernels carry a fixed cost of about 0.3 ms per call on an H200, so small calls
-# run faster on Triton (benchmarks/results/flash-backend-NVIDIA-H200-2026-12-02.md).
-FLASH_MIN_BLOCK_PAIRS = 20_000
+# Triton: FLASH's forward carries a fixed cost of 0.2-0.3 ms per call on an H200, so small calls
+# run faster on Triton (crossover 10-17k pairs at head_dim 128;
+# benchmarks/results/flash-backend-NVIDIA-H200-2026-12-02.md).
+FLASH_MIN_BLOCK_PAIRS = 12_000
+# Calls that will be differentiated: FLASH's forward + backward won where at most 42% of the
+# attended blocks were partial (2-D NA and every GNA row) and lost at 78% (3-D NA), and lost on
+# the 4.3k-pair 1-D row; so at most half partial, and a larger minimum size.
+FLASH_MAX_PARTIAL_SHARE_TRAINING = 0.5
+FLASH_MIN_BLOCK_PAIRS_TRAINING = 50_000
 
 
 class BackendError(RuntimeError):
     """The requested kernel backend cannot run this call (the message says why and what to do)."""
 
 
-def check_backend(backend: object) -> str:
+def check_backend(backend: object) -> Backend:
     """``backend`` if it is one of :data:`BACKENDS`, else a ``ValueError`` naming it."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
-    return backend
+    return backend  # type: ignore[return-value]  # one of the Literal's values, checked above
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,15 +94,16 @@ def block_sizes(backend: str, device: torch.device) -> tuple[int, int]:
     return 128, 128
 
 
-def resolve_backend(backend: str, device: torch.device, *, grads: bool,
-                    block_pairs: int | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device, *, grads: bool, captured_grads: bool = False,
+                    block_pairs: int | None = None, partial_share: float = 0.0) -> str:
     """The backend (``"triton"`` or ``"flash"``) a call runs on; ``BackendError`` where the
     requested one cannot run it.
 
-    ``grads``: whether the call will be differentiated (FLASH's backward rejects gradients to
-    captured tensors and is slower than Triton's on 3-D rows, so "auto" trains on Triton).
-    ``block_pairs``: the call's attended (query block, key block) pairs times batch and heads,
-    or ``None`` when not known (then "auto" goes by availability alone).
+    ``grads``: whether the call will be differentiated; ``captured_grads``: whether a tensor its
+    score_mod captures may need gradients (a trainable rpb, or any user score_mod), which FLASH's
+    backward rejects. ``block_pairs``: the call's attended (query block, key block) pairs times
+    batch and heads, and ``partial_share`` the share of them that are partial; ``None`` when not
+    known (then "auto" goes by availability alone).
     """
     check_backend(backend)
     if device.type != "cuda":
@@ -113,15 +122,21 @@ def resolve_backend(backend: str, device: torch.device, *, grads: bool,
             raise BackendError("backend='flash': its block-sparse backward is not deterministic and "
                                "torch.use_deterministic_algorithms(True) is set; use 'triton'")
         return "flash"
-    if reason is not None or grads:
+    if reason is not None or (grads and (captured_grads or torch.are_deterministic_algorithms_enabled())):
         return "triton"
-    if block_pairs is not None and block_pairs < FLASH_MIN_BLOCK_PAIRS:
-        return "triton"
-    return "flash"
+    if block_pairs is None:
+        return "flash"
+    if grads:
+        pays = (block_pairs >= FLASH_MIN_BLOCK_PAIRS_TRAINING
+                and partial_share <= FLASH_MAX_PARTIAL_SHARE_TRAINING)
+    else:
+        pays = block_pairs >= FLASH_MIN_BLOCK_PAIRS
+    return "flash" if pays else "triton"
 
 
 def kernel_options(backend: str = "auto", device: torch.device | str | None = None, *,
-                   grads: bool = False, block_pairs: int | None = None) -> dict[str, bool | str]:
+                   grads: bool = False, captured_grads: bool = False, block_pairs: int | None = None,
+                   partial_share: float = 0.0) -> dict[str, bool | str]:
     """The ``kernel_options`` to pass to ``flex_attention`` with flexna's masks on ``device``.
 
     For direct FlexAttention users: the backend choice of :func:`resolve_backend` plus the
@@ -137,7 +152,8 @@ def kernel_options(backend: str = "auto", device: torch.device | str | None = No
 
     dev = torch.device("cuda") if device is None and torch.cuda.is_available() else torch.device(
         device if device is not None else "cpu")
-    chosen = resolve_backend(backend, dev, grads=grads, block_pairs=block_pairs)
+    chosen = resolve_backend(backend, dev, grads=grads, captured_grads=captured_grads,
+                             block_pairs=block_pairs, partial_share=partial_share)
     if dev.type != "cuda":
         return {}
     if chosen == "flash":

@@ -241,23 +241,32 @@ def _rpb_meta(signature: tuple | None) -> Any:
     return TensorMeta.of("rel_pos_bias", signature)
 
 
-def _block_pairs(spec: MaskSpec, batch: int, heads: int) -> int:
-    """Attended (query block, key block) pairs of one call: the kernel's work, in blocks."""
+def _block_pairs(spec: MaskSpec, batch: int, heads: int) -> tuple[int, float]:
+    """Attended (query block, key block) pairs of one call (the kernel's work, in blocks) and
+    the share of them that are partial."""
     partial, full = spec_maps(spec)
-    return int(partial.sum() + full.sum()) * batch * (heads if spec.heads == 1 else 1)
+    n_partial, n_full = int(partial.sum()), int(full.sum())
+    per_call = batch * (heads if spec.heads == 1 else 1)
+    return (n_partial + n_full) * per_call, n_partial / max(1, n_partial + n_full)
 
 
 def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], backend: str,
                    device: torch.device, grads: bool, batch: int, heads: int,
-                   score_mod: bool = False) -> tuple[MaskSpec, str]:
+                   score_mod: bool = False, captured_grads: bool = False) -> tuple[MaskSpec, str]:
     """The spec and kernel backend of a call (see :func:`flexna.backends.resolve_backend`).
 
     ``make_spec(block_size)`` builds the call's spec for a backend's block sizes (``None``: the
-    spec's defaults). A user score_mod with gradients enabled counts as differentiated (it may
-    capture trainable tensors, which FLASH's backward rejects).
+    spec's defaults). A user score_mod with gradients enabled counts as differentiated through
+    captured tensors (it may capture trainable ones, which FLASH's backward rejects);
+    ``captured_grads``: flexna's own captured tensor (the rpb table) requires grad.
     """
-    grads = grads or (score_mod and torch.is_grad_enabled())
-    chosen = resolve_backend(backend, device, grads=grads)
+    if captured_grads and backend == "flash" and grads:
+        raise BackendError("backend='flash': FLASH's backward cannot differentiate tensors a score_mod "
+                           "captures (here a trainable rel_pos_bias); use backend='triton' or 'auto', "
+                           "or run without gradients")
+    if score_mod and torch.is_grad_enabled():  # it may capture trainable tensors
+        grads = captured_grads = True
+    chosen = resolve_backend(backend, device, grads=grads, captured_grads=captured_grads)
     try:
         spec = make_spec(block_sizes(chosen, device) if chosen == "flash" else None)
     except BackendError:
@@ -265,7 +274,9 @@ def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], back
             raise
         chosen, spec = "triton", make_spec(None)
     if chosen == "flash" and backend == "auto":
-        chosen = resolve_backend(backend, device, grads=grads, block_pairs=_block_pairs(spec, batch, heads))
+        pairs, share = _block_pairs(spec, batch, heads)
+        chosen = resolve_backend(backend, device, grads=grads, captured_grads=captured_grads,
+                                 block_pairs=pairs, partial_share=share)
         if chosen != "flash" and block_sizes("flash", device) != block_sizes(chosen, device):
             spec = make_spec(None)
     return spec, chosen
@@ -436,7 +447,8 @@ def _na_plan(signature: tuple) -> CallPlan:
     grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, aq, rpb))
     spec, backend = choose_backend(lambda block: MaskSpec.create(
         patterns, q_tile=q_tile, kv_tile=kv_tile, block_size=block, num_extra_q=extra_q,
-        num_extra_kv=extra_kv), options[3], query.device, grads, batch, heads, options[2] is not None)
+        num_extra_kv=extra_kv), options[3], query.device, grads, batch, heads, options[2] is not None,
+        grads and rpb is not None and rpb.requires_grad)
     return _make_plan(spec, TokenLayout(shape, q_tile), TokenLayout(shape, kv_tile), query.device,
                       rpb is not None, query.device.type == "cpu" and (return_lse or grads), backend)
 
@@ -518,7 +530,8 @@ def _tiled_plan(signature: tuple) -> CallPlan:
     grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, rpb))
     spec, backend = choose_backend(lambda block: MaskSpec.create(
         patterns, q_tile=layout.tile, kv_tile=layout.tile, block_size=block, num_extra_kv=extra_kv),
-        options[3], query.device, grads, batch, heads, options[2] is not None)
+        options[3], query.device, grads, batch, heads, options[2] is not None,
+        grads and rpb is not None and rpb.requires_grad)
     return _make_plan(spec, layout, layout, query.device, rpb is not None,
                       query.device.type == "cpu" and (return_lse or grads), backend)
 
@@ -622,7 +635,7 @@ def _packed_plan(signature: tuple) -> CallPlan:
         return spec
 
     spec, backend = choose_backend(make_spec, options[3], query.device, grads, query.shape[0], query.shape[2],
-                                   options[2] is not None)
+                                   options[2] is not None, grads and rpb is not None and rpb.requires_grad)
     return _make_plan(spec, ones, ones, query.device, rpb is not None, query.device.type == "cpu" and grads,
                       backend)
 

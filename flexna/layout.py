@@ -278,34 +278,40 @@ def _gather_pays() -> bool:
     return not torch.compiler.is_compiling() and not torch.are_deterministic_algorithms_enabled()
 
 
-def order_index(order: TokenOrder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(to_order, from_order)`` int64 index tensors of ``order`` on ``device``, from the cache.
+def order_index(order: TokenOrder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(to_order, from_order, padding)`` int64 index tensors of ``order`` on ``device``, cached.
 
-    ``to_order[p]``: the row-major token at sequence position ``p`` (padding: token 0, whose
-    copy is never attended and whose output is dropped); ``from_order[t]``: the position of
-    row-major token ``t``. Any :class:`TokenOrder` (its :meth:`~TokenOrder.coords`).
+    ``to_order[p]``: the row-major token at sequence position ``p`` (padding: token 0);
+    ``from_order[t]``: the position of row-major token ``t``; ``padding``: the padded positions.
+    Any :class:`TokenOrder` (from its :meth:`~TokenOrder.coords`).
     """
     from flexna.cache import cached
 
-    def build() -> tuple[torch.Tensor, torch.Tensor]:
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         coords = order.coords()
         real = coords[:, 0] >= 0
         flat = np.ravel_multi_index(tuple(np.where(real, coords[:, a], 0) for a in range(coords.shape[1])),
-                                    order.shape)
+                                    order.shape).astype(np.int64)
         inverse = np.empty(math.prod(order.shape), dtype=np.int64)
         inverse[flat[real]] = np.flatnonzero(real)
-        both = torch.from_numpy(np.concatenate([flat.astype(np.int64), inverse])).to(device)
-        return both[:len(flat)], both[len(flat):]
+        parts = (flat, inverse, np.flatnonzero(~real))
+        moved = torch.from_numpy(np.concatenate(parts)).to(device).split([len(p) for p in parts])
+        return moved[0], moved[1], moved[2]
 
-    return cached(("order-index", order, device), build, lambda t: 8 * (t[0].numel() + t[1].numel()))
+    return cached(("order-index", order, device), build, lambda t: 8 * sum(i.numel() for i in t))
 
 
 def gather_to_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     """``[B, *shape, heads, dim]`` -> ``[B, heads, length, dim]`` in ``order``: one row gather
-    into ``[B, length, heads, dim]`` memory, returned as its heads-first view."""
+    into ``[B, length, heads, dim]`` memory, returned as its heads-first view; padded positions
+    hold zeros (as :func:`tile_tokens` gives them)."""
     _check_spatial(x, 1, order.shape, "gather_to_order")
     rows = x.reshape(x.shape[0], math.prod(order.shape), *x.shape[-2:])
-    return rows.index_select(1, order_index(order, x.device)[0]).transpose(1, 2)
+    to_order, _, padding = order_index(order, x.device)
+    out = rows.index_select(1, to_order)
+    if padding.numel():
+        out = out.index_fill(1, padding, 0)
+    return out.transpose(1, 2)
 
 
 def gather_from_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:

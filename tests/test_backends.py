@@ -128,7 +128,13 @@ def test_auto_picks_flash_for_large_forward_calls(flash_here, monkeypatch):
     big = backends.FLASH_MIN_BLOCK_PAIRS
     assert backends.resolve_backend("auto", flash_here, grads=False, block_pairs=big) == "flash"
     assert backends.resolve_backend("auto", flash_here, grads=False, block_pairs=big - 1) == "triton"
-    assert backends.resolve_backend("auto", flash_here, grads=True, block_pairs=10 * big) == "triton"
+    train = backends.FLASH_MIN_BLOCK_PAIRS_TRAINING
+    resolve = functools.partial(backends.resolve_backend, "auto", flash_here, grads=True)
+    assert resolve(block_pairs=train, partial_share=0.4) == "flash"
+    assert resolve(block_pairs=train, partial_share=0.6) == "triton"
+    assert backends.resolve_backend("auto", flash_here, grads=True, block_pairs=train - 1) == "triton"
+    assert backends.resolve_backend("auto", flash_here, grads=True, captured_grads=True,
+                                    block_pairs=10 * train) == "triton"
     assert backends.resolve_backend("triton", flash_here, grads=False, block_pairs=10 * big) == "triton"
     assert backends.resolve_backend("flash", flash_here, grads=True, block_pairs=1) == "flash"
     assert backends.block_sizes("flash", flash_here) == (128, 128)
@@ -147,8 +153,34 @@ def test_flash_with_deterministic_backward_is_an_error(flash_here):
         with pytest.raises(backends.BackendError, match="deterministic"):
             backends.resolve_backend("flash", flash_here, grads=True)
         assert backends.resolve_backend("flash", flash_here, grads=False) == "flash"
+        assert backends.resolve_backend("auto", flash_here, grads=True, block_pairs=10**9) == "triton"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_plans_pick_the_backend_auto_promises(flash_here, monkeypatch):
+    """Through the public API's plan (nothing runs): large forward -> FLASH; a trainable rpb or a
+    3-D NA call with gradients (most blocks partial) -> Triton; explicit FLASH with a trainable
+    rpb is an error naming it."""
+    from flexna import plan as plans
+    from flexna.functional import _options
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(flexna.functional, "cuda_kernel_options", lambda device: {})
+
+    def chosen(shape, kernel, heads, grad_q=False, rpb=None, backend="auto"):
+        q = ((1, *shape, heads, 64), "torch.float16", "cuda:0", grad_q)
+        r = None if rpb is None else ((heads, *rpb), "torch.float32", "cuda:0", True)
+        sig = ("na", q, q, q, None, None, None, r, _options(None, False, None, backend), kernel, 1, 1,
+               False, "auto", None, True)
+        return plans.build(sig).backend
+
+    assert chosen((256, 256), (17, 17), 8) == "flash"
+    assert chosen((16, 16), (5, 5), 1) == "triton"  # small: FLASH's fixed cost does not pay
+    assert chosen((256, 256), (17, 17), 8, rpb=(33, 33)) == "triton"
+    assert chosen((16, 48, 48), (9, 9, 9), 24, grad_q=True) == "triton"  # mostly partial blocks
+    with pytest.raises(flexna.BackendError, match="rel_pos_bias"):
+        chosen((256, 256), (17, 17), 8, rpb=(33, 33), backend="flash")
 
 
 def test_flash_where_it_cannot_run_says_why():
@@ -264,7 +296,9 @@ def test_flash_backward_equals_reference():
     grad = torch.randn_like(out)
     out.backward(grad)
     leaves = [t.detach().double().cpu().requires_grad_(True) for t in (q, k, v)]
-    want = _reference(*leaves, reference_mask(shape, 9, 1, 2))
+    qs, ks, vs = (t.reshape(1, -1, 2, 64).transpose(1, 2) for t in leaves)
+    scores = (qs @ ks.transpose(-2, -1) / 8.0).masked_fill(~reference_mask(shape, 9, 1, 2), float("-inf"))
+    want = (scores.softmax(-1) @ vs).transpose(1, 2).reshape(q.shape)  # float64, differentiable
     want.backward(grad.double().cpu())
     for name, t, ref in zip("qkv", (q, k, v), leaves, strict=True):
         torch.testing.assert_close(t.grad.double().cpu(), ref.grad, atol=5e-2, rtol=5e-2,
