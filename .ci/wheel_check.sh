@@ -74,4 +74,13 @@ if "$FLEXNA" bench 2>"$WORK/err.txt"; then
   echo "wheel check: bench ran without a checkout" >&2; exit 1
 fi
 grep -q "needs a flexna source checkout" "$WORK/err.txt"
+# 5. the sdist: its tests collect (every helper they import ships) against the installed wheel
+step "sdist tests import"
+"$VPY" -m pip install --quiet build "pytest>=7,<10" "hypothesis>=6"
+"$VPY" -m build --sdist --outdir "$WORK/sdist" "$WORK/src" >/dev/null
+tar -xzf "$WORK"/sdist/flexna-*.tar.gz -C "$WORK/sdist"
+SDIST_DIR="$(ls -d "$WORK"/sdist/flexna-*/)"
+rm -rf "$SDIST_DIR/flexna"  # the tests must run against the installed wheel, not the sdist's copy
+(cd "$SDIST_DIR" && "$VPY" -m pytest --collect-only -q -p no:cacheprovider tests | tail -1)
+(cd "$SDIST_DIR" && "$VPY" -m pytest -q -p no:cacheprovider tests/test_mask_mod.py -x | tail -1)
 step "passed"
