@@ -29,7 +29,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb  # type: ignore[import-untyped]
@@ -141,7 +141,7 @@ class State:
 
     def set_grid(self, grid: tuple[int, ...]) -> None:
         if grid not in self._plans_by_grid:
-            plans = []
+            plans: list[LayerPlan | None] = []
             for i in range(self.num_layers):
                 pattern = self.config.layer(i)
                 if pattern is None:
@@ -160,8 +160,9 @@ class State:
     def plan(self, layer: int) -> LayerPlan | None:
         """Layer ``layer``'s plan for this forward, ``None`` when it runs dense."""
         if self.grid is None:
-            raise RuntimeError("flexna attention was called outside the transformer's forward (the token grid "
-                               "is unknown): call the transformer, or pass grid= to apply_neighborhood_attention")
+            raise RuntimeError("flexna attention was called outside the transformer's forward (the token "
+                               "grid is unknown): call the transformer, or pass grid= to "
+                               "apply_neighborhood_attention")
         return None if self.dense_now else self.plans[layer]
 
 
@@ -176,11 +177,16 @@ class Processor:
         self.state, self.layer, self.stock = state, layer, stock
 
 
+def _rotary(x: torch.Tensor, freqs: Any) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` on ``[B, N, heads, D]`` (as the stock processors call it)."""
+    return cast(torch.Tensor, apply_rotary_emb(x, freqs, sequence_dim=1))
+
+
 class FluxNAAttnProcessor(Processor):
     """``FluxAttnProcessor`` with flexna's attention core (text tokens first, joint attention)."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
+    def __call__(self, attn: Any, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> Any:
         plan = self.state.plan(self.layer)
         if plan is None:
@@ -200,8 +206,8 @@ class FluxNAAttnProcessor(Processor):
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query = _rotary(query, image_rotary_emb)
+            key = _rotary(key, image_rotary_emb)
         grid = self.state.grid
         assert grid is not None
         text_len = query.shape[1] - math.prod(grid)
@@ -209,8 +215,9 @@ class FluxNAAttnProcessor(Processor):
                                         text_first=True)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
+            text = encoder_hidden_states.shape[1]
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+                [text, hidden_states.shape[1] - text], dim=1)
             hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
@@ -220,8 +227,8 @@ class FluxNAAttnProcessor(Processor):
 class HunyuanVideoNAAttnProcessor(Processor):
     """``HunyuanVideoAttnProcessor2_0`` with flexna's attention core (text last, padding masked)."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
+    def __call__(self, attn: Any, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: torch.Tensor | None = None) -> Any:
         plan = self.state.plan(self.layer)
         if plan is None:
@@ -238,13 +245,11 @@ class HunyuanVideoNAAttnProcessor(Processor):
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
             if attn.add_q_proj is None and text_len:
-                query = torch.cat([apply_rotary_emb(query[:, :-text_len], image_rotary_emb, sequence_dim=1),
-                                   query[:, -text_len:]], dim=1)
-                key = torch.cat([apply_rotary_emb(key[:, :-text_len], image_rotary_emb, sequence_dim=1),
-                                 key[:, -text_len:]], dim=1)
+                query = torch.cat([_rotary(query[:, :-text_len], image_rotary_emb), query[:, -text_len:]], 1)
+                key = torch.cat([_rotary(key[:, :-text_len], image_rotary_emb), key[:, -text_len:]], 1)
             else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+                query = _rotary(query, image_rotary_emb)
+                key = _rotary(key, image_rotary_emb)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
             encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
             encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
@@ -296,8 +301,8 @@ def _wan_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin:
 class WanNAAttnProcessor(Processor):
     """``WanAttnProcessor`` of a self-attention (``attn1``) with flexna's attention core."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
+    def __call__(self, attn: Any, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
         plan = self.state.plan(self.layer)
         if plan is None:
@@ -305,7 +310,7 @@ class WanNAAttnProcessor(Processor):
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             raise ValueError("flexna's Wan processor replaces self-attention only (attn1: no "
                              "encoder_hidden_states, attention_mask or added key/value projections)")
-        query, key, value = transformer_wan._get_qkv_projections(attn, hidden_states, None)
+        query, key, value = transformer_wan._get_qkv_projections(attn, hidden_states, None)  # type: ignore[arg-type]
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -332,33 +337,39 @@ def _check_given(model: str, inferred: tuple[int, ...], given: tuple[int, ...] |
 
 
 def _flux_grid(state: State, model: Any, inputs: dict[str, Any]) -> tuple[int, ...]:
-    """FLUX's image token grid from ``img_ids`` (``[N, 3]``: 0, row, column; row-major)."""
+    """FLUX's image token grid from ``img_ids`` (``[N, 3]``: 0, row, column; row-major), checked
+    against ``grid=`` when both are there (read once per ``img_ids`` tensor)."""
     n = inputs["hidden_states"].shape[1]
     given = state.given_grid
-    if given is not None:
-        if math.prod(given) != n:
-            raise ValueError(f"grid = {given} holds {math.prod(given)} tokens, but FluxTransformer2DModel got "
-                             f"{n} image tokens (hidden_states {tuple(inputs['hidden_states'].shape)})")
-        return given
+    if given is not None and math.prod(given) != n:
+        raise ValueError(f"grid = {given} holds {math.prod(given)} tokens, but FluxTransformer2DModel got "
+                         f"{n} image tokens (hidden_states {tuple(inputs['hidden_states'].shape)})")
     ids = inputs.get("img_ids")
     if ids is None:
-        raise ValueError("FluxTransformer2DModel was called without img_ids: pass grid=(rows, columns) to "
-                         "apply_neighborhood_attention")
+        if given is None:
+            raise ValueError("FluxTransformer2DModel was called without img_ids: pass grid=(rows, columns) "
+                             "to apply_neighborhood_attention")
+        return given
     ids = ids[0] if ids.dim() == 3 else ids
     key = (ids.data_ptr(), tuple(ids.shape), ids.device, ids._version)
-    if key == state._ids_key and state._ids_grid is not None:
-        return state._ids_grid
-    if ids.dim() != 2 or ids.shape != (n, 3):
+    if key != state._ids_key or state._ids_grid is None:
+        state._ids_key, state._ids_grid = None, _grid_of_ids(ids, n)
+        state._ids_key = key
+    return _check_given("FluxTransformer2DModel", state._ids_grid, given, "from img_ids")
+
+
+def _grid_of_ids(ids: torch.Tensor, n: int) -> tuple[int, int]:
+    """``(rows, columns)`` of FLUX ``img_ids`` laid out as one row-major grid, else ``ValueError``."""
+    if ids.dim() != 2 or tuple(ids.shape) != (n, 3):
         raise ValueError(f"img_ids must be [{n}, 3] for {n} image tokens, got {tuple(ids.shape)}")
     rows, cols = int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1
     idx = torch.arange(n, device=ids.device)
-    ok = (rows * cols == n and bool(((ids[:, 1] == idx // cols) & (ids[:, 2] == idx % cols)
-                                     & (ids[:, 0] == ids[0, 0])).all().item()))
+    ok = rows * cols == n and bool(((ids[:, 1] == idx // cols) & (ids[:, 2] == idx % cols)
+                                    & (ids[:, 0] == ids[0, 0])).all().item())
     if not ok:
         raise ValueError(f"img_ids do not describe one row-major image grid of {n} tokens (rows 0..{rows - 1}, "
-                         f"columns 0..{cols - 1}): pass grid= for a plain grid; other token sets (several "
-                         "images, reference tokens) are not supported")
-    state._ids_key, state._ids_grid = key, (rows, cols)
+                         f"columns 0..{cols - 1}); other token sets (several images, reference tokens) are "
+                         "not supported")
     return rows, cols
 
 
@@ -366,8 +377,8 @@ def _video_grid(patch: tuple[int, int, int]) -> Callable[[State, Any, dict[str, 
     def grid(state: State, model: Any, inputs: dict[str, Any]) -> tuple[int, ...]:
         x = inputs["hidden_states"]
         if x.dim() != 5:
-            raise ValueError(f"{type(model).__name__} expects latents [batch, channels, frames, height, width], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"{type(model).__name__} expects latents [batch, channels, frames, height, "
+                             f"width], got {tuple(x.shape)}")
         inferred = tuple(s // p for s, p in zip(x.shape[2:], patch, strict=True))
         return _check_given(type(model).__name__, inferred, state.given_grid,
                             f"latents {tuple(x.shape)}, patch size {patch}")
