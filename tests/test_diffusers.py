@@ -59,14 +59,14 @@ def flux_model() -> tuple[torch.nn.Module, dict]:
     return model, inputs
 
 
-def hunyuan_model() -> tuple[torch.nn.Module, dict]:
+def hunyuan_model(grid: tuple[int, int, int] = VIDEO_GRID) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
                                            attention_head_dim=16, num_layers=1, num_single_layers=1,
                                            num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
                                            text_embed_dim=16, pooled_projection_dim=8,
                                            rope_axes_dim=(4, 6, 6)).eval()
-    t, h, w = VIDEO_GRID
+    t, h, w = grid
     g = torch.Generator().manual_seed(1)
     text_mask = torch.ones(2, HUNYUAN_TEXT, dtype=torch.bool)
     text_mask[0, 4:] = False  # sample 0: 4 real text tokens, 2 padding; sample 1: 6 real
@@ -182,6 +182,20 @@ def test_hunyuan_windows_and_text_padding_equal_the_float64_reference(monkeypatc
     assert torch.allclose(run(model, inputs2)[0], out[0], atol=1e-5)
     inputs2["encoder_hidden_states"][0, :4] += 3.0  # ... while its real text tokens matter
     assert (run(model, inputs2)[0] - out[0]).abs().max() > 1e-3
+
+
+def test_hunyuan_tiled_order_with_text_padding_equals_the_float64_reference(monkeypatch):
+    """A grid where flexna runs tiled and padded (4x16x20 in 2x8x8 tiles: 1536 keys before the text):
+    the padding score_mod must find the text keys behind the padded layout."""
+    grid, window = (4, 16, 20), (2, 8, 8)
+    model, inputs = hunyuan_model(grid)
+    mask = joint_mask(grid, window, window, HUNYUAN_TEXT, text_first=False)
+    expected = reference_run(monkeypatch, transformer_hunyuan_video, model, inputs, [mask])
+    apply_neighborhood_attention(model, {"window_size": window, "stride": window})
+    out = run(model, inputs)
+    plan = model._flexna_state.plans[0]
+    assert plan.tiles == ((2, 8, 8), (2, 8, 8)) and plan.kv_layout_len == 1536 > math.prod(grid)
+    assert torch.allclose(out, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_wan_per_layer_config_equals_the_float64_reference(monkeypatch):
@@ -305,3 +319,24 @@ def test_compiled_transformer_has_no_graph_breaks_and_compiles_once_per_schedule
     apply_neighborhood_attention(model, [{"window_size": (2, 3, 3)}, {"window_size": (-1, -1, -1)}])
     assert torch.allclose(outs[3], run(model, inputs), atol=1e-4)
     torch.compiler.reset()
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_tiny_models_on_the_cpu(tmp_path):
+    """benchmarks/bench_diffusers.py --tiny: the GPU benchmark's code path on small random models."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out_file = tmp_path / "bench.md"
+    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": "",
+           "FLEXNA_MASKS": str(root / "masks")}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_diffusers.py"), "--tiny", "--model",
+                           "hunyuan", "--grid", "2", "4", "6", "--text", "8", "--layers", "2", "--warmup", "1",
+                           "--reps", "1", "--out", str(out_file)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out_file.read_text()
+    assert all(f"| {mode} |" in table for mode in ("stock", "gna", "na"))

@@ -114,3 +114,26 @@ def test_catalogue_rejects_a_model_config_that_does_not_fit(tmp_path):
     (tmp_path / "flux-gna.json").write_text(not_a_dict)
     with pytest.raises(catalogue.CatalogueError, match="field 'model_config': must be an object"):
         catalogue.load_entry("flux-gna", tmp_path)
+
+
+def test_flexna_imports_without_the_optional_libraries():
+    """flexna and flexna.integrations need neither diffusers nor transformers; the integration
+    modules say which package is missing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "sys.modules['diffusers'] = sys.modules['transformers'] = None\n"
+            "import flexna, flexna.integrations, flexna.tools.catalogue\n"
+            "for name in ('diffusers', 'transformers'):\n"
+            "    try:\n"
+            "        __import__('flexna.integrations.' + name)\n"
+            "    except ImportError as exc:\n"
+            "        print(name, 'missing:', exc)\n")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "diffusers missing:" in out.stdout and "'diffusers'" in out.stdout
