@@ -293,6 +293,14 @@ def test_bad_configs_give_clear_errors(config, kwargs, error, match):
     assert not hasattr(model, "_flexna_state")
 
 
+def test_other_processors_are_not_replaced():
+    model, _ = flux_model()
+    model.single_transformer_blocks[0].attn.set_processor(lambda *args, **kwargs: None)
+    with pytest.raises(TypeError, match="attention layer 1 runs function; flexna replaces only the stock "
+                       "FluxAttnProcessor"):
+        apply_neighborhood_attention(model, {"window_size": (3, 3)})
+
+
 def test_unknown_model_class_is_a_clear_error():
     with pytest.raises(TypeError, match=r"transformer is a Linear; .* supports FluxTransformer2DModel, "
                        "HunyuanVideoTransformer3DModel, WanTransformer3DModel"):

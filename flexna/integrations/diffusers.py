@@ -35,6 +35,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb  # type: ignore[import-untyped]
 from diffusers.models.transformers import transformer_flux, transformer_wan  # type: ignore[import-untyped]
 from diffusers.models.transformers.transformer_hunyuan_video import (  # type: ignore[import-untyped]
+    HunyuanVideoAttnProcessor2_0,
     HunyuanVideoTransformer3DModel,
 )
 
@@ -392,6 +393,7 @@ class Family:
 
     name: str
     attentions: Callable[[Any], list[Any]]
+    stock: type  # the processor flexna's replaces (others, e.g. IP-Adapter's, are refused)
     processor: type[Processor]
     grid: Callable[[Any], Callable[[State, Any, dict[str, Any]], tuple[int, ...]]]
     ndim: int
@@ -401,14 +403,15 @@ FAMILIES: dict[type, Family] = {
     transformer_flux.FluxTransformer2DModel: Family(
         "FluxTransformer2DModel",
         lambda m: [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks],
-        FluxNAAttnProcessor, lambda m: _flux_grid, 2),
+        transformer_flux.FluxAttnProcessor, FluxNAAttnProcessor, lambda m: _flux_grid, 2),
     HunyuanVideoTransformer3DModel: Family(
         "HunyuanVideoTransformer3DModel",
         lambda m: [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks],
-        HunyuanVideoNAAttnProcessor,
+        HunyuanVideoAttnProcessor2_0, HunyuanVideoNAAttnProcessor,
         lambda m: _video_grid((m.config.patch_size_t, m.config.patch_size, m.config.patch_size)), 3),
     transformer_wan.WanTransformer3DModel: Family(
-        "WanTransformer3DModel", lambda m: [b.attn1 for b in m.blocks], WanNAAttnProcessor,
+        "WanTransformer3DModel", lambda m: [b.attn1 for b in m.blocks], transformer_wan.WanAttnProcessor,
+        WanNAAttnProcessor,
         lambda m: _video_grid(tuple(m.config.patch_size)), 3),
 }
 
@@ -445,6 +448,11 @@ def apply_neighborhood_attention(transformer: Any, config: Any, *, grid: Sequenc
                                 calls_per_step=calls_per_step)
     attentions = family.attentions(transformer)
     cfg.check(len(attentions), family.name)
+    for i, attn in enumerate(attentions):
+        if type(attn.processor) is not family.stock:
+            raise TypeError(f"{family.name} attention layer {i} runs {type(attn.processor).__name__}; flexna "
+                            f"replaces only the stock {family.stock.__name__} (put it back first, e.g. unload "
+                            "the adapter that installed this one)")
     given = None
     if grid is not None:
         if isinstance(grid, str) or not isinstance(grid, Sequence) or len(grid) != family.ndim or not all(
