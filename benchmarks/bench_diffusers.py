@@ -60,23 +60,18 @@ def build(model: str, layers: int | None, dtype: torch.dtype, device: str, tiny:
 
     extra = TINY[model] if tiny else {}
     torch.manual_seed(0)
-    with torch.device(device):
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            if model == "flux":  # FLUX.1-dev
-                d, s = split(19, 38)
-                net = FluxTransformer2DModel(num_layers=d, num_single_layers=s, guidance_embeds=True, **extra)
-            elif model == "hunyuan":  # HunyuanVideo (hunyuanvideo-community/HunyuanVideo)
-                d, s = split(20, 40)
-                net = HunyuanVideoTransformer3DModel(num_layers=d, num_single_layers=s, **extra)
-            else:  # Wan 2.1 / 2.2 14B T2V
-                d, s = (layers or 40), 0
-                full = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
-                net = WanTransformer3DModel(num_layers=d, text_dim=4096, freq_dim=256, in_channels=16,
-                                            out_channels=16, patch_size=(1, 2, 2), **{**full, **extra})
-        finally:
-            torch.set_default_dtype(prev)
+    with torch.device(device):  # built in float32 (as checkpoints are), then cast like torch_dtype=
+        if model == "flux":  # FLUX.1-dev
+            d, s = split(19, 38)
+            net = FluxTransformer2DModel(num_layers=d, num_single_layers=s, guidance_embeds=True, **extra)
+        elif model == "hunyuan":  # HunyuanVideo (hunyuanvideo-community/HunyuanVideo)
+            d, s = split(20, 40)
+            net = HunyuanVideoTransformer3DModel(num_layers=d, num_single_layers=s, **extra)
+        else:  # Wan 2.1 / 2.2 14B T2V
+            d, s = (layers or 40), 0
+            full = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
+            net = WanTransformer3DModel(num_layers=d, text_dim=4096, freq_dim=256, in_channels=16,
+                                        out_channels=16, patch_size=(1, 2, 2), **{**full, **extra})
     return net.eval().to(dtype), d + s
 
 
