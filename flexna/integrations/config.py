@@ -5,12 +5,14 @@ format (one dict per layer)::
 
     {"window_size": (-1, 12, 24), "stride": (1, 4, 8), "dilation": 1, "base_size": (-1, 44, 80)}
 
-``window_size`` per axis (``-1``: the whole axis), ``stride`` and ``dilation`` per axis (or one
-int), ``is_causal`` (optional), and ``base_size``: the token grid the window was written for.
-On another grid the window, stride and dilation of every axis whose ``base_size`` is not ``-1``
-scale with ``grid / base_size`` as Cosmos-Predict2 scales them (rounded; window at least 2 and
-at most the axis, stride at most the window, dilation at most ``axis // window``). A ``None``
-entry (or ``"dense"``) keeps that layer's attention dense.
+``window_size`` per axis (``-1``: the whole axis; Cosmos-Predict2's own code also reads a window
+of 0 or 1 as the whole axis, here 1 is a window of one token and 0 an error), ``stride`` and
+``dilation`` per axis (or one int), ``is_causal`` (optional), and ``base_size``: the token grid
+the window was written for. On another grid the window, stride and dilation of every axis whose
+``base_size`` is not ``-1`` scale with ``grid / base_size`` as Cosmos-Predict2 scales them
+(rounded; window at least 2 and at most the axis, stride at most the window, dilation at most
+``axis // window``); a ``-1`` window stays the whole axis. A ``None`` entry (or ``"dense"``)
+keeps that layer's attention dense.
 
 :class:`SparsityConfig` adds the schedule: ``dense_layers`` (layer indices left dense) and
 ``dense_steps`` (the first N denoising steps run dense, as STA, SVG and Radial do). Bad
