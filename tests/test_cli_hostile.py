@@ -460,6 +460,7 @@ CORE_NAMES = {  # what flexna.tools may import from the core (kept through refac
     "flexna.layout": {"as_tile", "TokenLayout"},
     "flexna.reference": {"reference_mask", "reference_attention"},
     "flexna.blockmask": {"resolve_block_sizes"},
+    "flexna.integrations.config": {"SparsityConfig"},  # catalogue entries' model_config
 }
 
 

@@ -1,7 +1,8 @@
 """Every ```python block of README.md runs, on the CPU, each in a fresh namespace.
 
 A block opts out with a first line ``# not run: <reason>`` (GPU-only or very slow
-examples); it is then reported as skipped with that reason. Blocks are executed in
+examples); it is then reported as skipped with that reason. A first line ``# needs: PKG``
+skips the block where the optional package PKG is not installed. Blocks are executed in
 this process with empty dynamo caches (as if each were a fresh script: no dynamic-shape
 recompiles, no recompile limit carried over), in a temporary working directory,
 with flexna's EagerFallbackWarning allowed (CPU examples that need gradients use the
@@ -18,6 +19,7 @@ import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 OPT_OUT = "# not run:"
+NEEDS = "# needs:"  # "# needs: diffusers": skipped where that optional package is not installed
 
 # Blocks in README sections owned elsewhere that are known to fail, keyed by their first
 # line: a strict xfail, so the test fails (XPASS) as soon as the block is fixed and the
@@ -88,6 +90,9 @@ def test_readme_block(block, tmp_path, monkeypatch):
     first = code.splitlines()[0].strip()
     if first.startswith(OPT_OUT):
         pytest.skip(f"README.md:{line} ({heading}): {first[len(OPT_OUT):].strip()}")
+    if first.startswith(NEEDS):
+        for package in first[len(NEEDS):].split(","):
+            pytest.importorskip(package.strip())
     monkeypatch.chdir(tmp_path)
     torch.compiler.reset()
     try:

@@ -4,7 +4,12 @@ The catalogue ships inside the package as data (``flexna.tools.masks``, read wit
 :mod:`importlib.resources`; in a source checkout it is the top-level ``masks/``
 folder). Each ``NAME.json`` holds ``name`` (equal to ``NAME``), ``description``,
 ``source``, the pattern (``shape``, ``kernel_size``, ``stride``, ``dilation``,
-``is_causal``) and the model's ``heads`` and ``head_dim``.
+``is_causal``) and the model's ``heads`` and ``head_dim``. An optional ``model_config`` holds
+how a whole model runs it, in the format of
+:meth:`flexna.integrations.config.SparsityConfig.create` (``pattern`` or ``layers`` in the
+NATTEN / Cosmos format, ``dense_layers``, ``dense_steps``); it must fit the entry's ``shape``.
+:meth:`CatalogueEntry.sparsity_config` gives it, or, without one, the entry's pattern with
+``base_size`` = ``shape`` (windows rescale with the resolution).
 
 Another folder can stand in for it: pass ``folder=`` (the command line's
 ``--catalogue DIR``) or set ``FLEXNA_MASKS``. Names are plain file stems checked
@@ -23,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flexna.integrations.config import SparsityConfig
 from flexna.pattern import NAPattern
 
 if TYPE_CHECKING:
@@ -59,6 +65,17 @@ class CatalogueEntry:
     pattern: NAPattern
     heads: int
     head_dim: int
+    model_config: dict | None = None
+
+    def sparsity_config(self) -> dict:
+        """The entry as a model config for :func:`flexna.integrations.diffusers.apply_neighborhood_attention`
+        (``model_config``, else the pattern with ``base_size`` = ``shape``)."""
+        if self.model_config is not None:
+            return json.loads(json.dumps(self.model_config))  # a copy the caller may change
+        p = self.pattern
+        return {"pattern": {"window_size": list(p.kernel_size), "stride": list(p.stride),
+                            "dilation": list(p.dilation), "is_causal": list(p.is_causal),
+                            "base_size": list(p.shape)}}
 
 
 def catalogue_dir(folder: str | os.PathLike | None = None) -> Traversable:
@@ -195,7 +212,25 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
         first = re.match(r"\w+", str(exc))
         field = first.group(0) if first and first.group(0) in PATTERN_FIELDS else "pattern"
         raise CatalogueError(where, str(exc), field) from None
-    return CatalogueEntry(name, description, source, pattern, heads, head_dim)
+    model_config = data.get("model_config")
+    if model_config is not None:
+        _check_model_config(where, model_config, pattern.shape)
+    return CatalogueEntry(name, description, source, pattern, heads, head_dim, model_config)
+
+
+def _check_model_config(where: str, config: object, shape: tuple[int, ...]) -> None:
+    """``model_config`` must be a model dict that :class:`SparsityConfig` accepts and whose patterns
+    fit ``shape``."""
+    if not isinstance(config, dict) or not ({"pattern", "layers"} & set(config)):
+        raise CatalogueError(where, "must be an object with 'pattern' or 'layers'", "model_config")
+    try:
+        cfg = SparsityConfig.create(config)
+        layers = cfg.layers if isinstance(cfg.layers, tuple) else (cfg.layers,)
+        for layer in layers:
+            if layer is not None:
+                layer.resolve(shape)
+    except (ValueError, TypeError) as exc:
+        raise CatalogueError(where, str(exc), "model_config") from None
 
 
 def check_name(name: str, folder: str | os.PathLike | None = None) -> Traversable:
