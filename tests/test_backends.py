@@ -91,6 +91,9 @@ def test_library_score_mods_are_flash_safe():
     mods = [flexna.softcap_score_mod(20.0),
             flexna.distance_decay_score_mod(torch.rand(2), (6, 7), num_extra_kv=2),
             flexna.compose_score_mods(flexna.softcap_score_mod(5.0), flexna.softcap_score_mod(9.0))]
+    from flexna.integrations.diffusers import _text_padding_score_mod
+
+    mods.append(_text_padding_score_mod(torch.ones(2, 5, dtype=torch.bool), 10))
     for mod in mods:
         assert flash_violations(mod, score=True) == []
 

@@ -110,11 +110,13 @@ def joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _text_padding_score_mod(text_valid: torch.Tensor, offset: int) -> Callable[..., torch.Tensor]:
     """A score_mod masking the text keys ``j`` (sequence index ``offset + j``) where
     ``text_valid[b, j]`` is False."""
-    last = text_valid.shape[1] - 1
+    width = text_valid.shape[1]  # read at where-guarded indices: no clamp (FLASH lowers none)
 
     def text_padding(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                      kv_idx: torch.Tensor) -> torch.Tensor:
-        keep = (kv_idx < offset) | text_valid[b, (kv_idx - offset).clamp(0, last)]
+        j = kv_idx - offset
+        j = torch.where((j >= 0) & (j < width), j, 0)
+        keep = (kv_idx < offset) | text_valid[b, j]
         return torch.where(keep, score, -float("inf"))
 
     return text_padding
