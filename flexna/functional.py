@@ -174,8 +174,10 @@ class CallPlan:
         """This plan with its BlockMask and rpb tables in hand (for traced code, which must not
         reach the cache); warns where the traced call will run the dense stand-in."""
         if self.dense:
-            warn_user("flexna: inside torch.compile on CPU with gradients (or return_lse), attention "
-                      "runs as the dense N x N stand-in (torch's CPU Flex compiles inference only)",
+            warn_user("flexna: inside torch.compile on CPU with gradients enabled and a tensor needing "
+                      "them (or a user score_mod, whose captures flexna cannot see at trace time, or "
+                      "return_lse), attention runs as the dense N x N stand-in (torch's CPU Flex "
+                      "compiles inference only)",
                       EagerFallbackWarning)
         return replace(self, mask=spec_block_mask(self.spec, self.device),
                        rpb=rpb_token_tables(self.spec, self.device) if self.has_rpb else None)
@@ -247,6 +249,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Ca
            score_mod: ScoreModArg = None) -> Any:
     """The one attention route: ``[B, H, N, D]`` tensors in the plan's sequence order, its cached
     BlockMask and rpb tables, one fused Flex call."""
+    user_mod = score_mod
     if rel_pos_bias is not None:
         score_mod = compose_score_mods(bias_score_mod(rel_pos_bias, *plan.rpb_tables(), plan.spec), score_mod)
     kwargs: dict[str, Any] = {}
@@ -256,7 +259,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Ca
         kwargs["enable_gqa"] = True
     if plan.kernel_options:
         kwargs["kernel_options"] = dict(plan.kernel_options)
-    captured = rel_pos_bias is not None and rel_pos_bias.requires_grad
+    # traced by the user's torch.compile, flexna cannot walk what a user score_mod reaches: on the CPU
+    # with gradients enabled it takes the differentiable stand-in (eager calls walk it, run_flex)
+    captured = ((rel_pos_bias is not None and rel_pos_bias.requires_grad)
+                or (user_mod is not None and torch.compiler.is_compiling()))
     return run_flex(query, key, value, plan.block_mask(), scale, return_lse, captured_grad=captured,
                     **kwargs)
 
@@ -392,7 +398,8 @@ def _na_plan(signature: tuple) -> CallPlan:
     q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
     spec = MaskSpec.create(patterns, q_tile=q_tile, kv_tile=kv_tile, num_extra_q=extra_q,
                            num_extra_kv=extra_kv)
-    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, aq, rpb))
+    grads = grad and (has_score_mod or any(t is not None and t.requires_grad
+                                           for t in (query, key, value, ak, av, aq, rpb)))
     return _make_plan(spec, TokenLayout(shape, q_tile), TokenLayout(shape, kv_tile), query.device,
                       rpb is not None, query.device.type == "cpu" and (return_lse or grads))
 
@@ -470,7 +477,8 @@ def _tiled_plan(signature: tuple) -> CallPlan:
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
     spec = MaskSpec.create(patterns, q_tile=layout.tile, kv_tile=layout.tile, num_extra_kv=extra_kv)
-    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, rpb))
+    grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
+                                                    for t in (query, key, value, ak, av, rpb)))
     return _make_plan(spec, layout, layout, query.device, rpb is not None,
                       query.device.type == "cpu" and (return_lse or grads))
 
@@ -562,7 +570,8 @@ def _packed_plan(signature: tuple) -> CallPlan:
     if rpb is not None:
         check_rpb(rpb, patterns[0], query.shape[2], device=query.device)
     ones = TokenLayout(patterns[0].shape, (1,) * patterns[0].ndim)
-    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
+    grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
+                                                    for t in (query, key, value, rpb)))
     return _make_plan(spec, ones, ones, query.device, rpb is not None, query.device.type == "cpu" and grads)
 
 
