@@ -39,7 +39,7 @@ from flexna.scores import (
     rpb_table_shape,
     softcap_score_mod,
 )
-from flexna.spec import MaskSpec
+from flexna.spec import MaskSpec, mask_limit, set_mask_limit
 from flexna.tables import na_mask_mod
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "distance_decay_score_mod",
     "extended_na_block_mask",
     "extended_na_mask_mod",
+    "mask_limit",
     "na1d",
     "na2d",
     "na3d",
@@ -80,6 +81,7 @@ __all__ = [
     "rpb_table_shape",
     "search_tiles",
     "set_cache_limit",
+    "set_mask_limit",
     "sharded_neighborhood_attention",
     "softcap_score_mod",
     "tile_tokens",

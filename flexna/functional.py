@@ -30,7 +30,7 @@ from flexna.flex import (
 from flexna.layout import TokenLayout, as_tile
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, PerHead, head_patterns
 from flexna.scores import bias_score_mod, check_rpb, compose_score_mods, rpb_token_tables
-from flexna.spec import DEFAULT_BLOCK, MaskSpec, TensorMeta
+from flexna.spec import DEFAULT_BLOCK, MaskSpec, TensorMeta, check_mask_limit
 
 __all__ = ["EagerFallbackWarning", "RecompileLimitError", "dense_flex_attention", "na1d", "na2d", "na3d",
            "neighborhood_attention", "packed_neighborhood_attention", "tiled_neighborhood_attention"]
@@ -224,6 +224,14 @@ def _check_options(options: tuple) -> None:
                         f"got {score_mod}")
 
 
+as_constant = _const  # for flexna.distributed
+
+
+def check_options(scale: object, return_lse: object = False, score_mod: object = None) -> None:
+    """``TypeError``/``ValueError`` for a bad ``scale``, ``return_lse`` or ``score_mod``."""
+    _check_options(_options(scale, return_lse, score_mod))
+
+
 def _unconst(value: object) -> object:
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "PerHead":
         return PerHead(list(value[1]))
@@ -240,6 +248,7 @@ def _rpb_meta(signature: tuple | None) -> Any:
 
 def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
                rpb: bool, needs_dense: bool) -> CallPlan:
+    check_mask_limit(spec)  # before anything is built or compiled
     options = cuda_kernel_options(device) if device.type == "cuda" else {}
     return CallPlan(spec, q_layout, kv_layout, device, rpb, options, needs_dense)
 
@@ -395,6 +404,8 @@ def _na_plan(signature: tuple) -> CallPlan:
                              _unconst(is_causal), num_heads=heads)
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
+    # limits first (int32 token counts, the mask limit): choosing tiles analyses the row-major mask
+    check_mask_limit(MaskSpec.create(patterns, num_extra_q=extra_q, num_extra_kv=extra_kv))
     q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
     spec = MaskSpec.create(patterns, q_tile=q_tile, kv_tile=kv_tile, num_extra_q=extra_q,
                            num_extra_kv=extra_kv)
