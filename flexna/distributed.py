@@ -39,7 +39,15 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from flexna.blockmask import spec_block_mask
 from flexna.flex import run_flex
-from flexna.functional import SUPPORTED_DTYPES, Tiles, as_constant, check_options, check_tensors, resolve_tiles
+from flexna.functional import (
+    SUPPORTED_DTYPES,
+    Tiles,
+    as_constant,
+    check_finite_inputs,
+    check_options,
+    check_tensors,
+    resolve_tiles,
+)
 from flexna.geometry import Region, axis_window_bounds
 from flexna.layout import TokenLayout
 from flexna.pattern import MAX_AXES, MAX_TOKENS, BoolOrTuple, IntOrTuple, NAPattern, _is_int
@@ -387,13 +395,14 @@ def _global_pattern(query: torch.Tensor, axis: int, sizes: tuple[int, ...], kern
 
 def _validate(query: Any, key: Any, value: Any, kernel_size: object, stride: object, dilation: object,
               is_causal: object, scale: object, group: dist.ProcessGroup | None, axis: object,
-              shard_sizes: object, overlap: object, tiles: Tiles
+              shard_sizes: object, overlap: object, tiles: Tiles, check_finite: object = False
               ) -> tuple[_LocalCall | None, BaseException | None]:
     """This rank's own checks, before any collective: its call, or the error it will raise (after
     telling its peers, so that they raise too rather than wait in the halo exchange)."""
     try:
         ax, fields = _check_local(query, key, value, kernel_size, stride, dilation, is_causal, scale, axis,
                                   overlap)
+        check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value)))
     except (ValueError, TypeError) as exc:
         try:
             _group_rank(group)
@@ -503,6 +512,7 @@ def sharded_neighborhood_attention(
     shard_sizes: Sequence[int] | None = None,
     overlap: bool = False,
     tiles: Tiles = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Neighborhood attention over a layout sharded along spatial ``axis`` across ``group``.
 
@@ -517,6 +527,8 @@ def sharded_neighborhood_attention(
     :func:`flexna.neighborhood_attention` (``"auto"``: the tiles flexna picks for the global
     pattern, or row-major; ``None``: row-major; a tile or a ``(q_tile, kv_tile)`` pair of
     128-token tiles), applied to each local box (query slab, key slab plus halo).
+    ``check_finite=True``: a rank whose q/k/v hold a NaN or an infinity rejects its arguments
+    (every rank raises, below; a host sync, off by default).
 
     Returns this rank's output slab ``[batch, *local_spatial, heads, value_dim]``, equal to
     the matching rows of ``flexna.neighborhood_attention`` on the gathered tensors, with
@@ -530,7 +542,7 @@ def sharded_neighborhood_attention(
     argument; its peers one naming that rank), before any halo moves.
     """
     call, error = _validate(query, key, value, kernel_size, stride, dilation, is_causal, scale, group, axis,
-                            shard_sizes, overlap, tiles)
+                            shard_sizes, overlap, tiles, check_finite)
     rank, world = _group_rank(group)
     mine = _encode(error, (query, key, value), {} if call is None else call.fields)
     fingerprints = _exchange(mine, group, world)

@@ -232,6 +232,24 @@ def check_options(scale: object, return_lse: object = False, score_mod: object =
     _check_options(_options(scale, return_lse, score_mod))
 
 
+def check_finite_inputs(check_finite: object, tensors: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """With ``check_finite=True``, ``ValueError`` naming the first tensor that holds a NaN or an
+    infinity (one host sync per tensor); with ``False`` nothing runs (no sync)."""
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if not check_finite:
+        return
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"{name} holds {int(bad.sum())} non-finite value(s) (NaN or inf), the first "
+                             f"at index {first} of shape {tuple(t.shape)}: attention of non-finite inputs "
+                             "is undefined (check_finite=True; see docs/SEMANTICS.md)")
+
+
 def _unconst(value: object) -> object:
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "PerHead":
         return PerHead(list(value[1]))
@@ -317,6 +335,7 @@ def neighborhood_attention(
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
     tiles: Tiles = "auto",
+    check_finite: bool = False,
     _ndim: int | None = None,
 ) -> Any:
     """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
@@ -343,6 +362,11 @@ def neighborhood_attention(
     forces those tiles, with any combination of per-head patterns, additional tokens and
     ``rel_pos_bias`` (then a user ``score_mod`` sees tiled indices).
 
+    ``check_finite=True``: raise ``ValueError`` naming the first input (query, key, value, the
+    additional tensors, rel_pos_bias) holding a NaN or an infinity, before attention runs (a
+    host sync per tensor, and a graph break under ``torch.compile``: a debugging aid; off by
+    default, when nothing is checked).
+
     Returns the output ``[batch, *spatial, heads, value_dim]``; with
     ``additional_queries`` a pair ``(out, extra_out [batch, Mq, heads, value_dim])``;
     with ``return_lse`` the log-sum-exp(s) (``[batch, *spatial, heads]``, float32)
@@ -360,6 +384,11 @@ def neighborhood_attention(
                  _const(kernel_size), _const(stride), _const(dilation), _const(is_causal), _const(tiles),
                  _ndim, torch.is_grad_enabled())
     plan = plans.plan_for(signature)
+    check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
+                                       ("additional_keys", additional_keys),
+                                       ("additional_values", additional_values),
+                                       ("additional_queries", additional_queries),
+                                       ("rel_pos_bias", rel_pos_bias)))
     result = attend(_to_sequence(query, additional_queries, plan.q_layout),
                     _to_sequence(key, additional_keys, plan.kv_layout),
                     _to_sequence(value, additional_values, plan.kv_layout),
@@ -434,6 +463,7 @@ def tiled_neighborhood_attention(
     additional_values: torch.Tensor | None = None,
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
+    check_finite: bool = False,
 ) -> Any:
     """Neighborhood attention on sequences already in ``layout``'s token order.
 
@@ -445,7 +475,8 @@ def tiled_neighborhood_attention(
     positions are never attended; their output is 0 (without additional keys, which every
     query row attends, padded ones included). Pattern arguments may be
     :class:`flexna.PerHead`; ``additional_keys``/``additional_values`` ``[batch, M, kv_heads,
-    dim]`` are extra keys every query attends.
+    dim]`` are extra keys every query attends. ``check_finite``: as in
+    :func:`neighborhood_attention`.
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
@@ -454,6 +485,10 @@ def tiled_neighborhood_attention(
                            sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
                            _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
                            _options(scale, return_lse, score_mod), torch.is_grad_enabled()))
+    check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
+                                       ("additional_keys", additional_keys),
+                                       ("additional_values", additional_values),
+                                       ("rel_pos_bias", rel_pos_bias)))
 
     def seq(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return (t if extra is None else torch.cat([t, extra], dim=1)).transpose(1, 2)
@@ -535,6 +570,7 @@ def packed_neighborhood_attention(
     block_size: int = 128,
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Neighborhood attention over several layouts packed in one sequence (variable resolution).
 
@@ -545,12 +581,15 @@ def packed_neighborhood_attention(
     table for all samples, each sample's tokens indexing it with their own layout's
     coordinates; ``score_mod`` is applied after it (indices in the packed sequence).
     Returns ``[batch, L, heads, value_dim]`` (split it with :func:`flexna.unpack_tokens`).
+    ``check_finite``: as in :func:`neighborhood_attention`.
     """
     sig = plans.tensor_signature
     plan = plans.plan_for(("packed", sig(query), sig(key), sig(value), sig(rel_pos_bias),
                            _const(shapes), _const(kernel_size), _const(stride), _const(dilation),
                            _const(is_causal), block_size, _options(scale, False, score_mod),
                            torch.is_grad_enabled()))
+    check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
+                                       ("rel_pos_bias", rel_pos_bias)))
     out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan, scale, False,
                  rel_pos_bias, score_mod)
     return out.transpose(1, 2)

@@ -33,13 +33,20 @@ class NeighborhoodAttentionGeneric(nn.Module):
     (per-head patterns; with ``rel_pos_bias`` every head must give the same table shape,
     e.g. per-head dilation only). ``num_kv_heads`` (default ``num_heads``)
     gives GQA/MQA: ``qkv`` then outputs ``(num_heads + 2 * num_kv_heads) * head_dim``.
+    ``check_finite=True`` (attribute ``check_finite``, settable later): every forward raises
+    ``ValueError`` naming q, k, v or the bias if one holds a NaN or an infinity (a host sync;
+    off by default, see :func:`flexna.neighborhood_attention`).
     """
 
     def __init__(self, na_dim: int, embed_dim: int, num_heads: int, kernel_size: Any,
                  stride: Any = 1, dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 check_finite: bool = False) -> None:
         super().__init__()
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+        self.check_finite = check_finite
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -106,7 +113,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
         out = neighborhood_attention(*self._project(x), self.kernel_size, self.stride, self.dilation,
                                      self.is_causal, scale=self.scale, rel_pos_bias=self.rpb,
                                      additional_keys=additional_keys,
-                                     additional_values=additional_values)
+                                     additional_values=additional_values, check_finite=self.check_finite)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +137,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
         out = tiled_neighborhood_attention(*self._project(x), layout, self.kernel_size, self.stride,
                                            self.dilation, self.is_causal, scale=self.scale,
                                            rel_pos_bias=self.rpb, additional_keys=additional_keys,
-                                           additional_values=additional_values)
+                                           additional_values=additional_values,
+                                           check_finite=self.check_finite)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def extra_repr(self) -> str:
@@ -146,9 +154,11 @@ class NeighborhoodAttention1D(NeighborhoodAttentionGeneric):
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
                  dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 check_finite: bool = False) -> None:
         super().__init__(1, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads,
+                         check_finite=check_finite)
 
 
 class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
@@ -157,9 +167,11 @@ class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
                  dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 check_finite: bool = False) -> None:
         super().__init__(2, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads,
+                         check_finite=check_finite)
 
 
 class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
@@ -168,6 +180,8 @@ class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: Any, stride: Any = 1,
                  dilation: Any = 1, is_causal: Any = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 rel_pos_bias: bool = False, num_kv_heads: int | None = None) -> None:
+                 rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
+                 check_finite: bool = False) -> None:
         super().__init__(3, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads,
+                         check_finite=check_finite)

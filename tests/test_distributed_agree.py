@@ -32,7 +32,8 @@ WORLD = 2
 SHAPE = (12, 6)  # sharded along axis 0: 6 rows per rank
 DEADLINE_S = 150  # the whole spawn; the process group's own timeout is shorter
 
-# kind -> (this rank's keyword arguments, rank -> dtype, field the message must name on every rank)
+# kind -> (this rank's keyword arguments, rank 1's dtype ("nan": one NaN in its query), what the
+# message must name on every rank)
 KINDS: dict[str, tuple] = {
     "kernel_shard_axis": (lambda r: dict(kernel_size=(3 if r == 0 else 5, 3)), None, "kernel_size"),
     "causal": (lambda r: dict(kernel_size=3, is_causal=(r == 1, False)), None, "is_causal"),
@@ -41,6 +42,7 @@ KINDS: dict[str, tuple] = {
     "kernel_other_axis": (lambda r: dict(kernel_size=(3, 3 if r == 0 else 5)), None, "kernel_size"),
     "invalid_one_rank_gathering": (lambda r: dict(kernel_size=(3, 99 if r == 1 else 3), shard_sizes=None),
                                    None, "kernel_size"),
+    "non_finite_one_rank": (lambda r: dict(kernel_size=3, check_finite=True), "nan", "non-finite"),
 }
 
 
@@ -55,11 +57,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     mine = shard(full, rank, WORLD).contiguous()
     try:
         for kind, (kwargs, dtype, _) in KINDS.items():
-            x = mine.to(getattr(torch, dtype)) if dtype and rank == 1 else mine
+            x = mine.to(getattr(torch, dtype)) if dtype and dtype != "nan" and rank == 1 else mine
+            q = x.clone() if dtype == "nan" and rank == 1 else x
+            if q is not x:
+                q[0, 0, 0, 0, 0] = float("nan")
             kw = {"shard_sizes": (6, 6), **kwargs(rank)}
             start = time.monotonic()
             try:
-                sharded_neighborhood_attention(x, x, x, **kw)
+                sharded_neighborhood_attention(q, x, x, **kw)
                 report[kind] = {"error": None}
             except Exception as exc:
                 report[kind] = {"error": type(exc).__name__, "message": str(exc)}
@@ -101,6 +106,10 @@ def test_every_rank_raises(reports: list[dict], kind: str) -> None:
         assert g["seconds"] < 30, f"rank {r} waited {g['seconds']:.0f} s"
     if kind == "invalid_one_rank_gathering":
         assert got[1]["message"].startswith("kernel_size[axis 1] = 99 is out of range")
+        assert "rank 1 rejected its arguments" in got[0]["message"]
+    elif kind == "non_finite_one_rank":
+        assert got[1]["message"].startswith("query holds 1 non-finite value(s) (NaN or inf), the first at "
+                                            "index [0, 0, 0, 0, 0]")
         assert "rank 1 rejected its arguments" in got[0]["message"]
     else:
         assert got[0]["message"] == got[1]["message"]
