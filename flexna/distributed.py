@@ -367,7 +367,8 @@ def _check_local(query: Any, key: Any, value: Any, kernel_size: object, stride: 
     p = NAPattern.create(tuple(shape), kernel_size, stride, dilation, is_causal)  # type: ignore[arg-type]
     fields = {"kernel_size": p.kernel_size, "stride": p.stride, "dilation": p.dilation,
               "is_causal": tuple(int(c) for c in p.is_causal), "dtype": (SUPPORTED_DTYPES.index(query.dtype),),
-              "axis": (ax,), "overlap": (int(overlap),), "scale": (repr(scale),)}
+              "axis": (ax,), "overlap": (int(overlap),),
+              "scale": (repr(None if scale is None else float(scale)),)}  # type: ignore[arg-type]
     return ax, fields
 
 
