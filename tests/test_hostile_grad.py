@@ -133,3 +133,26 @@ def test_no_grad_keeps_compiled_path(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(1, *SHAPE, HEADS, DIM)
     with torch.no_grad():
         assert flexna.flex._eager_reason(x, (x,), False, global_mod) is None
+
+
+@pytest.mark.slow
+def test_inside_torch_compile_a_reached_parameter_gets_gradients() -> None:
+    """Traced by the user's torch.compile on the CPU, a score_mod's captures are not visible at
+    trace time: with grad enabled it takes the differentiable stand-in (warned about), and the
+    gradient equals the eager one (itself checked against float64 above)."""
+    module = Biased()
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, *SHAPE, HEADS, DIM) for _ in range(3))
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return flexna.na2d(q, k, v, KERNEL, score_mod=module.mod).pow(2).sum()
+
+    with pytest.warns(EagerFallbackWarning):
+        step(q, k, v).backward()
+    want = module.bias.grad.clone()
+    module.bias.grad = None
+    torch._dynamo.reset()
+    with pytest.warns(EagerFallbackWarning, match="user score_mod"):
+        torch.compile(step, fullgraph=True)(q, k, v).backward()
+    assert module.bias.grad is not None
+    torch.testing.assert_close(module.bias.grad, want, rtol=1e-5, atol=1e-6)
