@@ -40,7 +40,7 @@ from flexna.scores import (
     rpb_table_shape,
     softcap_score_mod,
 )
-from flexna.spec import MaskSpec
+from flexna.spec import MaskSpec, mask_limit, set_mask_limit
 from flexna.tables import na_mask_mod
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "extended_na_mask_mod",
     "flash_unavailable",
     "kernel_options",
+    "mask_limit",
     "na1d",
     "na2d",
     "na3d",
@@ -84,6 +85,7 @@ __all__ = [
     "rpb_table_shape",
     "search_tiles",
     "set_cache_limit",
+    "set_mask_limit",
     "sharded_neighborhood_attention",
     "softcap_score_mod",
     "tile_tokens",

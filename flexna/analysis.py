@@ -117,13 +117,16 @@ def _factorised_counts(pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tup
             math.prod(c[2] * c[3] for c in counts))
 
 
-def _tile_shapes(shape: tuple[int, ...], tokens: int) -> list[tuple[int, ...]]:
-    """Power-of-two tiles with ``tokens`` tokens that waste at most half of any axis."""
+def _tile_shapes(shape: tuple[int, ...], tokens: int, padding: bool = True) -> list[tuple[int, ...]]:
+    """Power-of-two tiles with ``tokens`` tokens that waste at most half of any axis
+    (``padding=False``: only tiles that divide every axis, so the tiled order pads nothing)."""
     n = len(shape)
     powers = [2**i for i in range(int(math.log2(tokens)) + 1)]
     out = []
     for tile in itertools.product(powers, repeat=n):
         if math.prod(tile) != tokens:
+            continue
+        if not padding and any(length % t for t, length in zip(tile, shape, strict=True)):
             continue
         if all(t <= max(1, 2 * length) for t, length in zip(tile, shape, strict=True)):
             out.append(tile)
@@ -136,6 +139,7 @@ def search_tiles(
     kv_tokens: Sequence[int] = (128, 64),
     top: int = 5,
     same_tile: bool = False,
+    padding: bool = True,
 ) -> list[Analysis]:
     """Tile pairs (one tile per block) ranked by predicted cost, best first.
 
@@ -144,15 +148,18 @@ def search_tiles(
     perfectly block-sparse arrangement (0 partial blocks) is found whenever
     one exists among the candidates at minimal cost. Padding is accounted for:
     tiles that pad the layout add blocks. ``same_tile``: only pairs with one
-    tile for queries and keys (one token order for a whole model).
+    tile for queries and keys (one token order for a whole model). ``padding=False``: only
+    tiles that divide the layout (the tiled sequence is as long as the row-major one).
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top = {top!r} is out of range: need an int >= 1")
+    if not isinstance(padding, bool):
+        raise ValueError(f"padding must be a bool, got {padding!r}")
     memo: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
     results = []
     for qn, kn in itertools.product(q_tokens, kv_tokens):
-        for q_tile in _tile_shapes(pattern.shape, qn):
-            for kv_tile in _tile_shapes(pattern.shape, kn):
+        for q_tile in _tile_shapes(pattern.shape, qn, padding):
+            for kv_tile in _tile_shapes(pattern.shape, kn, padding):
                 if same_tile and kv_tile != q_tile:
                     continue
                 some, full, total = _factorised_counts(pattern, q_tile, kv_tile, memo)
@@ -179,12 +186,17 @@ def choose_tiles(pattern: NAPattern, same_tile: bool = False) -> tuple[tuple[int
 
     128-token tiles (the kernels' default block) from :func:`search_tiles`, chosen
     when their predicted cost is below ``TILED_MARGIN`` x row-major's (1-D layouts
-    are always row-major: a 1-D tile is a block already). Cached per pattern.
+    are always row-major: a 1-D tile is a block already). Only tiles that divide the
+    layout are candidates (``padding=False``): the sequence then has the layout's token
+    count whatever the pattern, so ``tiles="auto"`` never changes the tensor shapes of a
+    call when only the pattern changes (no recompilation); layouts no 128-token
+    power-of-two tile divides (e.g. 24 x 40, 56 x 56) always run row-major under
+    ``"auto"`` (pass explicit tiles to tile them with padding). Cached per pattern.
     """
     if pattern.ndim == 1 or pattern.num_tokens <= DEFAULT_BLOCK:
         return None
     best = search_tiles(pattern, q_tokens=(DEFAULT_BLOCK,), kv_tokens=(DEFAULT_BLOCK,), top=1,
-                        same_tile=same_tile)
+                        same_tile=same_tile, padding=False)
     if not best or best[0].cost >= TILED_MARGIN * analyze(pattern).cost:
         return None
     return best[0].q_tile, best[0].kv_tile

@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from flexna.blocksparsity import spec_maps
 from flexna.cache import cached
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern
-from flexna.spec import MaskSpec, resolve_block_sizes, resolve_device
+from flexna.spec import MaskSpec, check_mask_limit, resolve_block_sizes, resolve_device
 from flexna.tables import MaskMod, build_tables, host_tables
 
 __all__ = ["assemble_block_mask", "build_block_mask", "na_block_mask", "ordered_by_scatter",
@@ -108,7 +108,9 @@ def build_block_mask(spec: MaskSpec, device: torch.device) -> BlockMask:
 
 
 def _build(spec: MaskSpec, device: torch.device) -> tuple[BlockMask, int]:
-    """The BlockMask and the bytes it holds (index tensors and the mask_mod's tables)."""
+    """The BlockMask and the bytes it holds (index tensors and the mask_mod's tables); ``ValueError``
+    first if it would exceed :func:`flexna.set_mask_limit`'s limit."""
+    check_mask_limit(spec)
     host = host_tables(spec)
     partial, full = spec_maps(spec, host)
     tables = build_tables(spec, device, host=host)

@@ -26,6 +26,7 @@ attend the assembled keys. Softmax is per query, so the union of these calls is 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -36,13 +37,22 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.backends import Backend, check_backend
+from flexna.backends import BACKENDS, Backend, check_backend
 from flexna.blockmask import spec_block_mask
 from flexna.flex import run_flex
-from flexna.functional import Tiles, check_tensors, choose_backend, resolve_tiles
+from flexna.functional import (
+    SUPPORTED_DTYPES,
+    Tiles,
+    as_constant,
+    check_finite_inputs,
+    check_options,
+    check_tensors,
+    choose_backend,
+    resolve_tiles,
+)
 from flexna.geometry import Region, axis_window_bounds
 from flexna.layout import TokenLayout
-from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, _is_int
+from flexna.pattern import MAX_AXES, MAX_TOKENS, BoolOrTuple, IntOrTuple, NAPattern, _is_int
 from flexna.spec import MaskSpec
 
 # [start, stop) along the shard axis, in global coordinates
@@ -320,44 +330,188 @@ def _check_sizes(shard_sizes: object, world: int, rank: int, local: int, axis: i
     return sizes
 
 
-_JOINED: set[tuple[int, int]] = set()
+# ------------------------------------------------------------ the ranks agree on the call
+
+# what the ranks compare before any halo moves (one small all-gather per call)
+FINGERPRINT_FIELDS = ("kernel_size", "stride", "dilation", "is_causal", "dtype", "axis", "shard_sizes",
+                      "tiles", "overlap", "scale", "backend")
+_SHOWN = MAX_AXES  # values of a field shown in messages (longer ones are compared by hash only)
+_MESSAGE_BYTES = 240  # a rank's own error message, passed to its peers
+_SHAPE_SLOTS = MAX_AXES + 3
 
 
-def _join_group_once(group: dist.ProcessGroup | None) -> None:
-    """One barrier per NCCL group before its first halo exchange.
+@dataclass(frozen=True)
+class _LocalCall:
+    """One rank's validated arguments: what it can know before talking to its peers."""
 
-    NCCL builds its communicator lazily at a group's first collective, which every rank
-    must join; a batch of sends/receives that only some ranks post (a rank with no halo)
-    could hang there. The all-gather of shapes does this when ``shard_sizes`` is not given.
-    """
-    key = (id(group), dist.get_world_size(group))
-    if key in _JOINED:
-        return
-    if dist.get_backend(group) == "nccl":
-        dist.barrier(group=group)
-    _JOINED.add(key)
+    axis: int
+    sizes: tuple[int, ...] | None  # None: gather the shard sizes
+    fields: dict[str, tuple]  # FINGERPRINT_FIELDS -> a tuple of ints, or of other hashable values
+    pattern: NAPattern | None  # the global pattern when the shard sizes are known
+    order: tuple[tuple[int, ...], tuple[int, ...]] | None
 
 
-def _gather_shapes(tensors: Sequence[torch.Tensor], dim: int, world: int, rank: int,
-                   group: dist.ProcessGroup | None) -> tuple[int, ...]:
-    """All-gather every rank's q/k/v shapes (one small collective); returns the shard sizes
-    and raises the same ValueError on every rank if the slabs do not fit together."""
-    mine = torch.tensor([s for t in tensors for s in t.shape], dtype=torch.int64, device=tensors[0].device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
-    shapes = torch.stack(gathered).cpu()
-    sizes = tuple(int(s) for s in shapes[:, dim])
-    other = torch.ones(mine.numel(), dtype=torch.bool)
-    other[[dim + i * tensors[0].dim() for i in range(len(tensors))]] = False
-    for r in range(world):
-        if sizes[r] < 1:
-            raise ValueError(f"rank {r} holds a shard of size 0 along the shard axis: every rank "
-                             "needs at least 1 row (use fewer ranks)")
-        if not torch.equal(shapes[r][other], shapes[0][other]):
+def _stable_hash(value: object) -> int:
+    """A hash equal on every process (``hash`` of a str is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:7], "little")
+
+
+def _check_local(query: Any, key: Any, value: Any, kernel_size: object, stride: object, dilation: object,
+                 is_causal: object, scale: object, axis: object, overlap: object, backend: object = "auto"
+                 ) -> tuple[int, dict[str, tuple]]:
+    """Everything a rank can check without a process group: tensors, axis, options, the pattern
+    arguments (against a provisional shard-axis length). Returns the axis and the fingerprint."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    spatial = query.dim() - 3
+    if not 1 <= spatial <= MAX_AXES:
+        raise ValueError(f"query must be shaped [batch, *spatial, heads, head_dim] with 1 to {MAX_AXES} "
+                         f"spatial axes, got {query.dim()} dims: {tuple(query.shape)}")
+    ax = _check_axis(axis, spatial, tuple(query.shape))
+    if query.shape[1 + ax] == 0:
+        raise ValueError(f"query has a shard of size 0 along axis {ax}: every rank needs at least "
+                         "1 row (use fewer ranks)")
+    check_tensors(query, key, value, None)
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be a bool, got {overlap!r}")
+    check_options(scale)
+    shape = list(query.shape[1:1 + spatial])
+    others = math.prod(shape) // shape[ax]
+    shape[ax] = max(shape[ax], MAX_TOKENS // others)  # the global length is not known yet
+    p = NAPattern.create(tuple(shape), kernel_size, stride, dilation, is_causal)  # type: ignore[arg-type]
+    fields = {"kernel_size": p.kernel_size, "stride": p.stride, "dilation": p.dilation,
+              "is_causal": tuple(int(c) for c in p.is_causal), "dtype": (SUPPORTED_DTYPES.index(query.dtype),),
+              "axis": (ax,), "overlap": (int(overlap),),
+              "scale": (repr(None if scale is None else float(scale)),),  # type: ignore[arg-type]
+              "backend": (BACKENDS.index(check_backend(backend)),)}
+    return ax, fields
+
+
+def _plan_local(query: torch.Tensor, kernel_size: object, stride: object, dilation: object, is_causal: object,
+                axis: int, shard_sizes: object, tiles: Tiles, rank: int, world: int,
+                fields: dict[str, tuple]) -> _LocalCall:
+    """The checks that need this rank's place in the group (shard sizes; with them the global
+    pattern and tiles)."""
+    fields = {**fields, "tiles": (repr(as_constant(tiles)),)}
+    if shard_sizes is None:
+        return _LocalCall(axis, None, {**fields, "shard_sizes": (-1,)}, None, None)
+    sizes = _check_sizes(shard_sizes, world, rank, query.shape[1 + axis], axis)
+    pattern = _global_pattern(query, axis, sizes, kernel_size, stride, dilation, is_causal)
+    order = resolve_tiles(tiles, (pattern,), False)
+    return _LocalCall(axis, sizes, {**fields, "shard_sizes": sizes}, pattern, order)
+
+
+def _global_pattern(query: torch.Tensor, axis: int, sizes: tuple[int, ...], kernel_size: object,
+                    stride: object, dilation: object, is_causal: object) -> NAPattern:
+    """The pattern over the gathered layout (the local one, the shard axis ``sum(sizes)`` long)."""
+    shape = list(query.shape[1:query.dim() - 2])
+    shape[axis] = sum(sizes)
+    return NAPattern.create(tuple(shape), kernel_size, stride, dilation, is_causal)  # type: ignore[arg-type]
+
+
+def _validate(query: Any, key: Any, value: Any, kernel_size: object, stride: object, dilation: object,
+              is_causal: object, scale: object, group: dist.ProcessGroup | None, axis: object,
+              shard_sizes: object, overlap: object, tiles: Tiles, check_finite: object = False,
+              backend: object = "auto") -> tuple[_LocalCall | None, BaseException | None]:
+    """This rank's own checks, before any collective: its call, or the error it will raise (after
+    telling its peers, so that they raise too rather than wait in the halo exchange)."""
+    try:
+        ax, fields = _check_local(query, key, value, kernel_size, stride, dilation, is_causal, scale, axis,
+                                  overlap, backend)
+        check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value)))
+    except (ValueError, TypeError) as exc:
+        try:
+            _group_rank(group)
+        except ValueError:
+            raise exc from None  # no process group: nobody to tell
+        return None, exc
+    rank, world = _group_rank(group)
+    try:
+        return _plan_local(query, kernel_size, stride, dilation, is_causal, ax, shard_sizes, tiles, rank,
+                           world, fields), None
+    except (ValueError, TypeError) as exc:
+        return None, exc
+
+
+def _encode(error: BaseException | None, tensors: Sequence[object], fields: dict[str, tuple]) -> list[int]:
+    """This rank's fingerprint as ints: error flag and message, q/k/v shapes, then per field a hash,
+    a length and up to ``_SHOWN`` values (for messages)."""
+    text = b"" if error is None else str(error).encode()[:_MESSAGE_BYTES]
+    out = [int(error is not None), len(text), *text, *[0] * (_MESSAGE_BYTES - len(text))]
+    for t in tensors:
+        shape = list(t.shape) if isinstance(t, torch.Tensor) and t.dim() <= _SHAPE_SLOTS else []
+        out += [len(shape), *shape, *[0] * (_SHAPE_SLOTS - len(shape))]
+    for name in FINGERPRINT_FIELDS:
+        value = fields.get(name, ())
+        shown = list(value) if len(value) <= _SHOWN and all(_is_int(v) for v in value) else []
+        out += [_stable_hash(value), len(shown), *shown, *[0] * (_SHOWN - len(shown))]
+    return out
+
+
+def _exchange(mine: list[int], group: dist.ProcessGroup | None, world: int) -> torch.Tensor:
+    """All-gather every rank's fingerprint: ``[world, len]`` int64 on the CPU."""
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor(mine, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(gathered, t, group=group)
+    return torch.stack(gathered).cpu()
+
+
+def _decode_shapes(row: list[int]) -> list[tuple[int, ...]]:
+    """The q/k/v shapes of a fingerprint row."""
+    at, shapes = 2 + _MESSAGE_BYTES, []
+    for _ in range(3):
+        n = row[at]
+        shapes.append(tuple(row[at + 1:at + 1 + n]))
+        at += 1 + _SHAPE_SLOTS
+    return shapes
+
+
+def _field(row: list[int], index: int) -> tuple[int, str]:
+    """(hash, value as shown in messages, or "") of field ``index`` of a fingerprint row."""
+    at = 2 + _MESSAGE_BYTES + 3 * (1 + _SHAPE_SLOTS) + index * (2 + _SHOWN)
+    values = tuple(row[at + 2:at + 2 + row[at + 1]])
+    name = FINGERPRINT_FIELDS[index]
+    if not values:
+        return row[at], ""
+    if name == "dtype":
+        return row[at], str(SUPPORTED_DTYPES[values[0]])
+    if name == "is_causal":
+        return row[at], str(tuple(bool(v) for v in values))
+    if name == "overlap":
+        return row[at], str(bool(values[0]))
+    return row[at], str(values[0] if name == "axis" else values)
+
+
+def _agree(rows: torch.Tensor, axis: int, error: BaseException | None) -> tuple[int, ...]:
+    """Raise on every rank if a rank rejected its arguments or the ranks' calls differ (the same
+    ValueError everywhere, but a rank's own error on that rank); returns the shard sizes."""
+    table = rows.tolist()
+    for r, row in enumerate(table):
+        if row[0]:
+            if error is not None:
+                raise error
+            text = bytes(row[2:2 + row[1]]).decode(errors="replace")
+            raise ValueError(f"sharded_neighborhood_attention: rank {r} rejected its arguments ({text}); "
+                             "every rank raises")
+    for i, name in enumerate(FINGERPRINT_FIELDS):
+        for r, row in enumerate(table[1:], 1):
+            (h0, v0), (h, v) = _field(table[0], i), _field(row, i)
+            if h != h0:
+                shown = f": {v} on rank {r}, {v0} on rank 0" if v and v0 else f" between rank 0 and rank {r}"
+                raise ValueError(f"sharded_neighborhood_attention: {name} differs across ranks{shown}; every "
+                                 "rank must pass the same arguments (only its own slab of q/k/v differs)")
+    shapes = [_decode_shapes(row) for row in table]
+    dim = 1 + axis
+    for r, s in enumerate(shapes):
+        if any(a[:dim] + a[dim + 1:] != b[:dim] + b[dim + 1:] for a, b in zip(s, shapes[0], strict=True)) \
+                or any(t[dim] != s[0][dim] for t in s):
             raise ValueError(f"query/key/value shapes differ across ranks beyond the shard axis: rank 0 "
-                             f"has {shapes[0].tolist()}, rank {r} {shapes[r].tolist()} (q, k, v shapes "
-                             "concatenated)")
-    return sizes
+                             f"has {shapes[0]}, rank {r} {s} (q, k, v shapes: batch, heads, head dims and "
+                             "the other axes must match)")
+    return tuple(s[0][dim] for s in shapes)
 
 
 def sharded_neighborhood_attention(
@@ -376,6 +530,7 @@ def sharded_neighborhood_attention(
     overlap: bool = False,
     tiles: Tiles = "auto",
     backend: Backend = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Neighborhood attention over a layout sharded along spatial ``axis`` across ``group``.
 
@@ -384,54 +539,43 @@ def sharded_neighborhood_attention(
     ``[sum(shard_sizes[:r]), sum(shard_sizes[:r + 1]))`` of the global layout along
     ``axis``; the global layout is the local one with that axis' length replaced by
     ``sum(shard_sizes)``. Pattern parameters refer to the global layout.
-    ``shard_sizes``: the row count of every rank; ``None`` all-gathers the shapes (one
-    small collective per call, which also checks that the slabs fit together); pass them
-    in hot loops (e.g. :func:`split_sizes`). ``overlap``: exchange the halo while the
+    ``shard_sizes``: the row count of every rank; ``None`` takes them from the shapes in the
+    fingerprint all-gather below. ``overlap``: exchange the halo while the
     interior queries are computed. ``tiles``: the token order of the local calls, as in
     :func:`flexna.neighborhood_attention` (``"auto"``: the tiles flexna picks for the global
     pattern, or row-major; ``None``: row-major; a tile or a ``(q_tile, kv_tile)`` pair of
     128-token tiles), applied to each local box (query slab, key slab plus halo).
     ``backend``: the CUDA kernels of the local calls, as in :func:`flexna.neighborhood_attention`.
+    ``check_finite=True``: a rank whose q/k/v hold a NaN or an infinity rejects its arguments
+    (every rank raises, below; a host sync, off by default).
 
     Returns this rank's output slab ``[batch, *local_spatial, heads, value_dim]``, equal to
     the matching rows of ``flexna.neighborhood_attention`` on the gathered tensors, with
     gradients flowing back to every rank's q/k/v. Every rank must call it with the same
-    arguments (except its own tensors). Inputs are validated before any communication
-    (except the shape all-gather when ``shard_sizes`` is ``None``, whose mismatches are
-    reported on every rank).
+    arguments (except its own tensors). Each rank validates its own arguments before any
+    communication; then one small all-gather (every call) compares a fingerprint of the call
+    (kernel_size, stride, dilation, is_causal, dtype, axis, shard_sizes, tiles, overlap, scale,
+    and the q/k/v shapes: batch, heads, head dims, the other axes) and, when ``shard_sizes`` is
+    ``None``, gives the shard sizes. If a rank's arguments are invalid or the ranks' calls
+    differ, every rank raises a ``ValueError`` (the invalid rank its own error, naming the
+    argument; its peers one naming that rank), before any halo moves.
     """
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    spatial = query.dim() - 3
-    if not 1 <= spatial <= MAX_AXES:
-        raise ValueError(f"query must be shaped [batch, *spatial, heads, head_dim] with 1 to {MAX_AXES} "
-                         f"spatial axes, got {query.dim()} dims: {tuple(query.shape)}")
-    axis = _check_axis(axis, spatial, tuple(query.shape))
-    dim = 1 + axis
-    if query.shape[dim] == 0:
-        raise ValueError(f"query has a shard of size 0 along axis {axis}: every rank needs at least "
-                         "1 row (use fewer ranks)")
-    check_tensors(query, key, value, None)
-    if not isinstance(overlap, bool):
-        raise ValueError(f"overlap must be a bool, got {overlap!r}")
-    check_backend(backend)
+    call, error = _validate(query, key, value, kernel_size, stride, dilation, is_causal, scale, group, axis,
+                            shard_sizes, overlap, tiles, check_finite, backend)
     rank, world = _group_rank(group)
-    local = query.shape[dim]
-    if shard_sizes is None:
-        sizes = _gather_shapes((query, key, value), dim, world, rank, group)
-    else:
-        sizes = _check_sizes(shard_sizes, world, rank, local, axis)
-        _join_group_once(group)
-    global_shape = list(query.shape[1:1 + spatial])
-    global_shape[axis] = sum(sizes)
-    pattern = NAPattern.create(tuple(global_shape), kernel_size, stride, dilation, is_causal)
+    mine = _encode(error, (query, key, value), {} if call is None else call.fields)
+    fingerprints = _exchange(mine, group, world)
+    sizes = _agree(fingerprints, 0 if call is None else call.axis, error)
+    assert call is not None  # _agree raised otherwise
+    axis, dim = call.axis, 1 + call.axis
+    pattern = call.pattern or _global_pattern(query, axis, sizes, kernel_size, stride, dilation, is_causal)
+    order = call.order or resolve_tiles(tiles, (pattern,), False)
     plan = halo_plan(pattern, axis, sizes, rank)
-    order = resolve_tiles(tiles, (pattern,), False)
 
     own = plan.own
     pending = PendingHalo(plan, (key, value), dim, group)
-    attend = functools.partial(_attend, pattern=pattern, axis=axis, tiles=order, scale=scale, backend=backend)
+    attend = functools.partial(_attend, pattern=pattern, axis=axis, tiles=order, scale=scale,
+                               backend=backend)
     # one call without overlap, or when there is nothing to overlap: no interior, or no border.
     # (The assembled keys must feed the graph on every rank: their backward is a collective.)
     if not overlap or plan.interior[0] == plan.interior[1] or plan.interior == own:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -77,14 +78,24 @@ def call_compiled(*args: Any, **kwargs: Any) -> Any:
             ) from exc
 
 
-def _eager_reason(query: torch.Tensor, tensors: tuple[torch.Tensor, ...], return_lse: bool) -> str | None:
-    """Why compiled Flex cannot run this call, or None. (CPU Flex compiles inference only.)"""
+def _eager_reason(query: torch.Tensor, tensors: tuple[torch.Tensor, ...], return_lse: bool,
+                  score_mod: object = None) -> str | None:
+    """Why compiled Flex cannot run this call, or None. (CPU Flex compiles inference only.)
+
+    With gradients enabled, a ``score_mod`` that may reach a tensor requiring grad (see
+    :func:`reachable_tensors`: closures, globals, bound methods, partials) counts as needing
+    them; nothing is walked under ``torch.no_grad()``.
+    """
     if query.device.type != "cpu":
         return None
     if return_lse:
         return "return_lse=True"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if not torch.is_grad_enabled():
+        return None
+    if any(t.requires_grad for t in tensors):
         return "gradients are required"
+    if score_mod is not None and score_mod_needs_grad(score_mod):
+        return "score_mod reaches a tensor that requires grad"
     return None
 
 
@@ -128,8 +139,7 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
                                         return_lse=return_lse, **kwargs)
         return lse_call(flex_attention, query, key, value, block_mask=block_mask, scale=scale,
                         return_lse=return_lse, **kwargs)
-    reason = _eager_reason(query, (query, key, value, *captured_tensors(kwargs.get("score_mod"))),
-                           return_lse)
+    reason = _eager_reason(query, (query, key, value), return_lse, kwargs.get("score_mod"))
     if query.is_cuda:
         user = kwargs.get("kernel_options") or {}
         if user.get("BACKEND") != "FLASH":  # the Triton options mean nothing to FLASH
@@ -179,20 +189,79 @@ def cuda_kernel_options(device: torch.device) -> dict[str, bool]:
     return options
 
 
-def captured_tensors(mod: Callable[..., Any] | None) -> tuple[torch.Tensor, ...]:
-    """Tensors captured by a score_mod closure (e.g. a relative-position-bias table)."""
-    cells = getattr(mod, "__closure__", None) or ()
-    found: list[torch.Tensor] = []
-    for cell in cells:
-        try:
-            v = cell.cell_contents
-        except ValueError:
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, types.ModuleType, type,
+           types.BuiltinFunctionType, types.CodeType, torch.dtype, torch.device, torch.Size)
+REACH_LIMIT = 10_000  # objects walked per score_mod before flexna assumes the worst
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """Global names ``code`` (and the code objects nested in it) may read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _children(obj: object) -> list[object]:
+    """What a score_mod-like object can reach one step on (see :func:`reachable_tensors`)."""
+    if isinstance(obj, types.FunctionType):
+        cells = [c.cell_contents for c in obj.__closure__ or () if _cell_full(c)]
+        globs = [obj.__globals__[n] for n in _code_names(obj.__code__) if n in obj.__globals__]
+        return [*cells, *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values(), *globs,
+                *vars(obj).values()]
+    if isinstance(obj, types.MethodType):
+        return [obj.__func__, obj.__self__]
+    if isinstance(obj, functools.partial):
+        return [obj.func, *obj.args, *obj.keywords.values()]
+    if isinstance(obj, dict):
+        return list(obj.values())
+    if isinstance(obj, list | tuple | set | frozenset):
+        return list(obj)
+    reach = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    call = next((vars(c)["__call__"] for c in type(obj).__mro__ if "__call__" in vars(c)), None)
+    return [*reach, call] if isinstance(call, types.FunctionType) else reach
+
+
+def _cell_full(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell (a name not yet bound)
+        return False
+    return True
+
+
+def reachable_tensors(mod: object, limit: int = REACH_LIMIT) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """Tensors a score_mod can reach, and whether the walk saw everything.
+
+    Walked: closure cells, default arguments, the globals its code (and nested code) names,
+    a bound method's ``__self__`` (an ``nn.Module``'s parameters, buffers and submodules
+    through its attributes), a ``functools.partial``'s function, args and keywords, a
+    callable object's attributes and ``__call__``, and containers of these. Modules,
+    classes and builtins are not entered. ``complete`` is False when more than ``limit``
+    objects were reachable (the caller then assumes a tensor needing gradients is among them).
+    """
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack: list[object] = [mod]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, _LEAVES):
             continue
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, tuple):
-            found += [m for f in v if callable(f) for m in captured_tensors(f)]
-    return tuple(found)
+        if len(seen) >= limit:
+            return tuple(found.values()), False
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[id(obj)] = obj
+            continue
+        stack.extend(_children(obj))
+    return tuple(found.values()), True
+
+
+def score_mod_needs_grad(mod: object) -> bool:
+    """Whether a score_mod may reach a tensor that requires grad (True when unsure)."""
+    tensors, complete = reachable_tensors(mod)
+    return not complete or any(t.requires_grad for t in tensors)
 
 
 def dense_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

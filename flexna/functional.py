@@ -32,7 +32,7 @@ from flexna.flex import (
 from flexna.layout import TokenLayout, as_tile
 from flexna.pattern import MAX_AXES, BoolOrTuple, IntOrTuple, NAPattern, PerHead, head_patterns
 from flexna.scores import bias_score_mod, check_rpb, compose_score_mods, rpb_token_tables
-from flexna.spec import DEFAULT_BLOCK, MaskSpec, TensorMeta
+from flexna.spec import DEFAULT_BLOCK, MaskSpec, TensorMeta, check_mask_limit
 
 __all__ = ["EagerFallbackWarning", "RecompileLimitError", "dense_flex_attention", "na1d", "na2d", "na3d",
            "neighborhood_attention", "packed_neighborhood_attention", "tiled_neighborhood_attention"]
@@ -177,8 +177,10 @@ class CallPlan:
         """This plan with its BlockMask and rpb tables in hand (for traced code, which must not
         reach the cache); warns where the traced call will run the dense stand-in."""
         if self.dense:
-            warn_user("flexna: inside torch.compile on CPU with gradients (or return_lse), attention "
-                      "runs as the dense N x N stand-in (torch's CPU Flex compiles inference only)",
+            warn_user("flexna: inside torch.compile on CPU with gradients enabled and a tensor needing "
+                      "them (or a user score_mod, whose captures flexna cannot see at trace time, or "
+                      "return_lse), attention runs as the dense N x N stand-in (torch's CPU Flex "
+                      "compiles inference only)",
                       EagerFallbackWarning)
         return replace(self, mask=spec_block_mask(self.spec, self.device),
                        rpb=rpb_token_tables(self.spec, self.device) if self.has_rpb else None)
@@ -225,6 +227,32 @@ def _check_options(options: tuple) -> None:
     if isinstance(score_mod, str):
         raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score or None, "
                         f"got {score_mod}")
+
+
+as_constant = _const  # for flexna.distributed
+
+
+def check_options(scale: object, return_lse: object = False, score_mod: object = None) -> None:
+    """``TypeError``/``ValueError`` for a bad ``scale``, ``return_lse`` or ``score_mod``."""
+    _check_options(_options(scale, return_lse, score_mod))
+
+
+def check_finite_inputs(check_finite: object, tensors: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """With ``check_finite=True``, ``ValueError`` naming the first tensor that holds a NaN or an
+    infinity (one host sync per tensor); with ``False`` nothing runs (no sync)."""
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if not check_finite:
+        return
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            first = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"{name} holds {int(bad.sum())} non-finite value(s) (NaN or inf), the first "
+                             f"at index {first} of shape {tuple(t.shape)}: attention of non-finite inputs "
+                             "is undefined (check_finite=True; see docs/SEMANTICS.md)")
 
 
 def _unconst(value: object) -> object:
@@ -284,6 +312,7 @@ def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], back
 
 def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
                rpb: bool, needs_dense: bool, backend: str = "triton") -> CallPlan:
+    check_mask_limit(spec)  # before anything is built or compiled
     options: dict[str, bool | str] = {}
     if device.type == "cuda":
         options = {"BACKEND": "FLASH"} if backend == "flash" else dict(cuda_kernel_options(device))
@@ -295,6 +324,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Ca
            score_mod: ScoreModArg = None) -> Any:
     """The one attention route: ``[B, H, N, D]`` tensors in the plan's sequence order, its cached
     BlockMask and rpb tables, one fused Flex call."""
+    user_mod = score_mod
     if rel_pos_bias is not None:
         score_mod = compose_score_mods(bias_score_mod(rel_pos_bias, *plan.rpb_tables(), plan.spec), score_mod)
     kwargs: dict[str, Any] = {}
@@ -304,7 +334,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Ca
         kwargs["enable_gqa"] = True
     if plan.kernel_options:
         kwargs["kernel_options"] = dict(plan.kernel_options)
-    captured = rel_pos_bias is not None and rel_pos_bias.requires_grad
+    # traced by the user's torch.compile, flexna cannot walk what a user score_mod reaches: on the CPU
+    # with gradients enabled it takes the differentiable stand-in (eager calls walk it, run_flex)
+    captured = ((rel_pos_bias is not None and rel_pos_bias.requires_grad)
+                or (user_mod is not None and torch.compiler.is_compiling()))
     return run_flex(query, key, value, plan.block_mask(), scale, return_lse, captured_grad=captured,
                     **kwargs)
 
@@ -351,6 +384,7 @@ def neighborhood_attention(
     score_mod: ScoreModArg = None,
     tiles: Tiles = "auto",
     backend: Backend = "auto",
+    check_finite: bool = False,
     _ndim: int | None = None,
 ) -> Any:
     """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
@@ -382,6 +416,11 @@ def neighborhood_attention(
     is installed and the GPU supports it, everything else on Triton; ``"triton"`` or
     ``"flash"`` force one (``"flash"`` where it cannot run is a ``BackendError``).
 
+    ``check_finite=True``: raise ``ValueError`` naming the first input (query, key, value, the
+    additional tensors, rel_pos_bias) holding a NaN or an infinity, before attention runs (a
+    host sync per tensor, and a graph break under ``torch.compile``: a debugging aid; off by
+    default, when nothing is checked).
+
     Returns the output ``[batch, *spatial, heads, value_dim]``; with
     ``additional_queries`` a pair ``(out, extra_out [batch, Mq, heads, value_dim])``;
     with ``return_lse`` the log-sum-exp(s) (``[batch, *spatial, heads]``, float32)
@@ -399,6 +438,11 @@ def neighborhood_attention(
                  _const(kernel_size), _const(stride), _const(dilation), _const(is_causal), _const(tiles),
                  _ndim, torch.is_grad_enabled())
     plan = plans.plan_for(signature)
+    check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
+                                       ("additional_keys", additional_keys),
+                                       ("additional_values", additional_values),
+                                       ("additional_queries", additional_queries),
+                                       ("rel_pos_bias", rel_pos_bias)))
     result = attend(_to_sequence(query, additional_queries, plan.q_layout),
                     _to_sequence(key, additional_keys, plan.kv_layout),
                     _to_sequence(value, additional_values, plan.kv_layout),
@@ -443,8 +487,11 @@ def _na_plan(signature: tuple) -> CallPlan:
                              _unconst(is_causal), num_heads=heads)
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
+    # limits first (int32 token counts, the mask limit): choosing tiles analyses the row-major mask
+    check_mask_limit(MaskSpec.create(patterns, num_extra_q=extra_q, num_extra_kv=extra_kv))
     q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
-    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, aq, rpb))
+    grads = grad and (has_score_mod or any(t is not None and t.requires_grad
+                                           for t in (query, key, value, ak, av, aq, rpb)))
     spec, backend = choose_backend(lambda block: MaskSpec.create(
         patterns, q_tile=q_tile, kv_tile=kv_tile, block_size=block, num_extra_q=extra_q,
         num_extra_kv=extra_kv), options[3], query.device, grads, batch, heads, options[2] is not None,
@@ -473,6 +520,7 @@ def tiled_neighborhood_attention(
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
     backend: Backend = "auto",
+    check_finite: bool = False,
 ) -> Any:
     """Neighborhood attention on sequences already in ``layout``'s token order.
 
@@ -484,7 +532,7 @@ def tiled_neighborhood_attention(
     positions are never attended; their output is 0 (without additional keys, which every
     query row attends, padded ones included). Pattern arguments may be
     :class:`flexna.PerHead`; ``additional_keys``/``additional_values`` ``[batch, M, kv_heads,
-    dim]`` are extra keys every query attends. ``backend`` as in
+    dim]`` are extra keys every query attends. ``backend`` and ``check_finite`` as in
     :func:`neighborhood_attention`.
     """
     if not isinstance(layout, TokenLayout):
@@ -494,6 +542,10 @@ def tiled_neighborhood_attention(
                            sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
                            _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
                            _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled()))
+    check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
+                                       ("additional_keys", additional_keys),
+                                       ("additional_values", additional_values),
+                                       ("rel_pos_bias", rel_pos_bias)))
 
     def seq(t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
         return (t if extra is None else torch.cat([t, extra], dim=1)).transpose(1, 2)
@@ -527,7 +579,8 @@ def _tiled_plan(signature: tuple) -> CallPlan:
                              _unconst(is_causal), num_heads=heads)
     if rpb is not None:
         check_rpb(rpb, patterns, heads, device=query.device)
-    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, ak, av, rpb))
+    grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
+                                                    for t in (query, key, value, ak, av, rpb)))
     spec, backend = choose_backend(lambda block: MaskSpec.create(
         patterns, q_tile=layout.tile, kv_tile=layout.tile, block_size=block, num_extra_kv=extra_kv),
         options[3], query.device, grads, batch, heads, options[2] is not None,
@@ -578,6 +631,7 @@ def packed_neighborhood_attention(
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
     backend: Backend = "auto",
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """Neighborhood attention over several layouts packed in one sequence (variable resolution).
 
@@ -589,13 +643,15 @@ def packed_neighborhood_attention(
     coordinates; ``score_mod`` is applied after it (indices in the packed sequence).
     Returns ``[batch, L, heads, value_dim]`` (split it with :func:`flexna.unpack_tokens`).
     ``backend`` as in :func:`neighborhood_attention` (FLASH on Blackwell needs ``block_size``
-    a multiple of 256).
+    a multiple of 256); ``check_finite``: as in :func:`neighborhood_attention`.
     """
     sig = plans.tensor_signature
     plan = plans.plan_for(("packed", sig(query), sig(key), sig(value), sig(rel_pos_bias),
                            _const(shapes), _const(kernel_size), _const(stride), _const(dilation),
                            _const(is_causal), block_size, _options(scale, False, score_mod, backend),
                            torch.is_grad_enabled()))
+    check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
+                                       ("rel_pos_bias", rel_pos_bias)))
     out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), plan, scale, False,
                  rel_pos_bias, score_mod)
     return out.transpose(1, 2)
@@ -626,7 +682,8 @@ def _packed_plan(signature: tuple) -> CallPlan:
     if rpb is not None:
         check_rpb(rpb, patterns[0], query.shape[2], device=query.device)
     ones = TokenLayout(patterns[0].shape, (1,) * patterns[0].ndim)
-    grads = grad and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
+    grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
+                                                    for t in (query, key, value, rpb)))
 
     def make_spec(blocks: tuple[int, int] | None) -> MaskSpec:
         if blocks is not None and block % blocks[0]:

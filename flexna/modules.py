@@ -36,6 +36,9 @@ class NeighborhoodAttentionGeneric(nn.Module):
     gives GQA/MQA: ``qkv`` then outputs ``(num_heads + 2 * num_kv_heads) * head_dim``.
     ``backend``: the CUDA kernels, as in :func:`flexna.neighborhood_attention` (``"auto"``:
     FLASH for large forward-only calls where flash-attn-4 is installed, else Triton).
+    ``check_finite=True`` (attribute ``check_finite``, settable later): every forward raises
+    ``ValueError`` naming q, k, v or the bias if one holds a NaN or an infinity (a host sync;
+    off by default, see :func:`flexna.neighborhood_attention`).
     """
 
     def __init__(self, na_dim: int, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
@@ -43,9 +46,12 @@ class NeighborhoodAttentionGeneric(nn.Module):
                  is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto", check_finite: bool = False) -> None:
         super().__init__()
         self.backend = check_backend(backend)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+        self.check_finite = check_finite
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -112,7 +118,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
         out = neighborhood_attention(*self._project(x), self.kernel_size, self.stride, self.dilation,
                                      self.is_causal, scale=self.scale, rel_pos_bias=self.rpb,
                                      additional_keys=additional_keys,
-                                     additional_values=additional_values, backend=self.backend)
+                                     additional_values=additional_values, backend=self.backend,
+                                     check_finite=self.check_finite)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +143,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
         out = tiled_neighborhood_attention(*self._project(x), layout, self.kernel_size, self.stride,
                                            self.dilation, self.is_causal, scale=self.scale,
                                            rel_pos_bias=self.rpb, additional_keys=additional_keys,
-                                           additional_values=additional_values, backend=self.backend)
+                                           additional_values=additional_values, backend=self.backend,
+                                           check_finite=self.check_finite)
         return self.proj_drop(self.proj(out.flatten(-2)))
 
     def extra_repr(self) -> str:
@@ -154,9 +162,10 @@ class NeighborhoodAttention1D(NeighborhoodAttentionGeneric):
                  is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto", check_finite: bool = False) -> None:
         super().__init__(1, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend,
+                         check_finite=check_finite)
 
 
 class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
@@ -167,9 +176,10 @@ class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
                  is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto", check_finite: bool = False) -> None:
         super().__init__(2, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend,
+                         check_finite=check_finite)
 
 
 class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
@@ -180,6 +190,7 @@ class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
                  is_causal: BoolOrTuple | PerHead = False, qkv_bias: bool = True,
                  qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  rel_pos_bias: bool = False, num_kv_heads: int | None = None, *,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto", check_finite: bool = False) -> None:
         super().__init__(3, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias,
-                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend)
+                         qk_scale, attn_drop, proj_drop, rel_pos_bias, num_kv_heads, backend=backend,
+                         check_finite=check_finite)

@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexna.blockmask import build_block_mask
-from flexna.pattern import NAPattern, as_shape
+from flexna.pattern import MAX_TOKENS, NAPattern, as_shape
 from flexna.scores import ScoreMod, check_rpb, spec_rpb_score_mod
 from flexna.spec import DEFAULT_BLOCK, MaskSpec, resolve_device
 from flexna.tables import MaskMod, build_tables
@@ -54,6 +54,9 @@ def packed_offsets(shapes: Sequence, block_size: int = DEFAULT_BLOCK) -> list[tu
         padded = -(-n // block) * block
         out.append((offset, n, padded))
         offset += padded
+    if offset > MAX_TOKENS:
+        raise ValueError(f"shapes: {len(shapes_t)} samples padded to {block}-token blocks add up to {offset} "
+                         f"tokens, more than int32 indices allow: need at most {MAX_TOKENS}")
     return out
 
 

@@ -34,6 +34,47 @@ from flexna.pattern import MAX_TOKENS, NAPattern, as_int_tuple
 # Tokens per BlockMask block when a side is row-major (FlexAttention's default block).
 DEFAULT_BLOCK = 128
 
+# Largest BlockMask (estimated bytes, MaskSpec.estimated_bytes) flexna builds unless told otherwise.
+DEFAULT_MASK_LIMIT = 8 * 2**30
+_MASK_LIMIT: dict[str, int | None] = {"bytes": DEFAULT_MASK_LIMIT}
+
+
+def set_mask_limit(max_bytes: int | None) -> int | None:
+    """Set the largest BlockMask flexna builds, in bytes (default 8 GiB; ``None``: no limit);
+    returns the previous limit (to restore it). A call whose mask would exceed it raises
+    ``ValueError`` before anything is built or compiled. The estimate
+    (:meth:`MaskSpec.estimated_bytes`) counts the BlockMask's index tensors and mask tables,
+    about ``16 x heads x query blocks x key blocks`` bytes (``heads``: 1, or the query heads
+    with per-head patterns; packed samples add up), a little above what is allocated."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or max_bytes < 0):
+        raise ValueError(f"max_bytes must be an int >= 0 or None (no limit), got {max_bytes!r}")
+    previous = _MASK_LIMIT["bytes"]
+    _MASK_LIMIT["bytes"] = max_bytes
+    return previous
+
+
+def mask_limit() -> int | None:
+    """The largest BlockMask flexna builds, in bytes (``None``: no limit); see :func:`set_mask_limit`."""
+    return _MASK_LIMIT["bytes"]
+
+
+def check_mask_limit(spec: MaskSpec) -> None:
+    """``ValueError`` if ``spec``'s BlockMask would exceed :func:`mask_limit` (before building it)."""
+    limit, need = _MASK_LIMIT["bytes"], spec.estimated_bytes()
+    if limit is None or need <= limit:
+        return
+    if spec.pad_samples:
+        what = f"shapes: {len(spec.samples)} packed samples, {spec.q_len} tokens"
+    else:
+        what = f"layout {spec.samples[0][0].shape}, {spec.q_len} x {spec.kv_len} tokens"
+    raise ValueError(
+        f"the BlockMask would take about {need / 2**30:.3g} GiB ({need} bytes estimated: {what}, "
+        f"{spec.heads} pattern(s) x {spec.num_q_blocks} x {spec.num_kv_blocks} blocks), more than the "
+        f"mask limit of {limit} bytes ({limit / 2**30:.3g} GiB); allowed: at most the limit. Use a "
+        "smaller layout, fewer packed samples or per-head patterns, or raise the limit with "
+        "flexna.set_mask_limit(max_bytes) (None: no limit)")
+
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
     """``device`` as a ``torch.device``; ``None`` is torch's default device."""
@@ -178,11 +219,25 @@ class MaskSpec:
         spec = cls(groups, q_t, kv_t, q_block, kv_block, q_reg, kv_reg,
                    as_count("num_extra_q", num_extra_q), as_count("num_extra_kv", num_extra_kv),
                    packed)
-        for side, length in (("query", spec.q_len), ("key", spec.kv_len)):
-            if length > MAX_TOKENS:
-                raise ValueError(f"the {side} sequence has {length} tokens (layout, padding and "
-                                 f"extra tokens), more than int32 indices allow (at most {MAX_TOKENS})")
+        spec._check_lengths()
         return spec
+
+    def _check_lengths(self) -> None:
+        """``ValueError`` naming what makes a side's sequence longer than int32 indices allow."""
+        for side, length, layout, name, extra in (
+                ("query", self.q_len, self.q_layout_len, "num_extra_q (additional queries)", self.num_extra_q),
+                ("key", self.kv_len, self.kv_layout_len, "num_extra_kv (additional keys)", self.num_extra_kv)):
+            if length <= MAX_TOKENS:
+                continue
+            if extra and layout <= MAX_TOKENS:
+                raise ValueError(f"{name} = {extra} is out of range: with the layout's {layout} tokens "
+                                 f"(padding included) the {side} sequence would have {length}, more than "
+                                 f"int32 indices allow; need {name.split()[0]} <= {MAX_TOKENS - layout}")
+            what = (f"shapes: {len(self.samples)} packed samples padded to {self.q_block}-token blocks"
+                    if self.pad_samples else f"layout {self.samples[0][0].shape} in its token order")
+            plus = f", plus {extra} extra" if extra else ""
+            raise ValueError(f"the {side} sequence has {length} tokens ({what}{plus}), more than int32 "
+                             f"indices allow: need at most {MAX_TOKENS}")
 
     # ------------------------------------------------------------------ structure
     @property
