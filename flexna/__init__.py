@@ -39,6 +39,7 @@ from flexna.scores import (
     rpb_table_shape,
     softcap_score_mod,
 )
+from flexna.sliding_tile import SlidingTilePattern, sliding_tile_pattern, sta_block_mask, sta_mask_mod, sta_spec
 from flexna.spec import MaskSpec
 from flexna.tables import na_mask_mod
 
@@ -53,6 +54,7 @@ __all__ = [
     "NeighborhoodAttention3D",
     "PerHead",
     "RecompileLimitError",
+    "SlidingTilePattern",
     "TokenLayout",
     "analyze",
     "cache_info",
@@ -81,7 +83,11 @@ __all__ = [
     "search_tiles",
     "set_cache_limit",
     "sharded_neighborhood_attention",
+    "sliding_tile_pattern",
     "softcap_score_mod",
+    "sta_block_mask",
+    "sta_mask_mod",
+    "sta_spec",
     "tile_tokens",
     "tiled_length",
     "tiled_neighborhood_attention",

@@ -83,3 +83,29 @@ def reference_attention(
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
     probs = probs.masked_fill(~mask, 0.0)
     return probs @ v, lse
+
+
+def reference_sliding_tile_mask(
+    shape: int | Sequence[int],
+    tile: int | Sequence[int],
+    window: int | Sequence[int],
+) -> torch.Tensor:
+    """Dense ``[N, N]`` mask of sliding tile attention (STA) in row-major token order.
+
+    Restates STA literally: per axis the query's tile ``X = x // t`` picks the centre tile
+    ``clamp(X, w // 2, G - 1 - (w - 1 - w // 2))`` (``G = L // t`` tiles, ``w`` window tiles)
+    and the key's tile must lie within ``w // 2`` tiles before and ``w - 1 - w // 2`` after it.
+    """
+    shape = [shape] if isinstance(shape, (int, np.integer)) else list(shape)
+    n = len(shape)
+    ts, ws = _per_axis(tile, n), _per_axis(window, n)
+    total = int(np.prod(shape))
+    coords = np.stack(np.unravel_index(np.arange(total), shape), axis=1)
+    allowed = np.ones((total, total), dtype=bool)
+    for a in range(n):
+        t, w, tiles = ts[a], ws[a], shape[a] // ts[a]
+        before, after = w // 2, w - 1 - w // 2
+        centre = np.clip(coords[:, a] // t, before, tiles - 1 - after)[:, None]
+        key_tile = (coords[:, a] // t)[None, :]
+        allowed &= (centre - before <= key_tile) & (key_tile <= centre + after)
+    return torch.from_numpy(allowed)
