@@ -193,3 +193,36 @@ def test_sta_bad_text_and_head() -> None:
         sta_spec((8, 8), 2, 1, text_length=-1)
     with pytest.raises(ValueError, match=r"head 1: window\[axis 0\] = 9"):
         sta_spec((8, 8), 2, flexna.PerHead([1, (9, 1)]))
+
+
+def test_sta_catalogue_entries(tmp_path) -> None:
+    import json
+
+    from flexna.tools.catalogue import CatalogueError, load_entry
+
+    entry = load_entry("hunyuan-sta")
+    assert isinstance(entry.pattern, flexna.SlidingTilePattern)
+    assert entry.pattern.window == (3, 3, 3) and entry.pattern.tile == (6, 8, 8)
+    base = {"name": "x", "description": "d", "source": "s", "rule": "sliding_tile", "shape": [8, 8],
+            "tile": [2, 2], "window": [2, 5], "heads": 1, "head_dim": 8}
+    for change, field in (({"rule": "spiral"}, "rule"), ({"window": [2, 5]}, "window"),
+                          ({"tile": [3, 2]}, "tile")):
+        (tmp_path / "x.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(CatalogueError) as err:
+            load_entry("x", tmp_path)
+        assert err.value.field == field, err.value
+    bad = dict(base)
+    del bad["window"]
+    (tmp_path / "x.json").write_text(json.dumps(bad))
+    with pytest.raises(CatalogueError, match="'window': missing"):
+        load_entry("x", tmp_path)
+
+
+def test_sta_render_draws_the_tile_aligned_window() -> None:
+    from flexna.tools.render import axis_flags, block_stats
+
+    p = sliding_tile_pattern((16, 16), (4, 4), (2, 3))
+    rows = axis_flags(p, 0, 9)["attended"]  # tile 2, window 2 tiles: tiles 1..2
+    assert rows.nonzero()[0].tolist() == list(range(4, 12))
+    stats = block_stats(p, (4, 4), (4, 4))
+    assert stats.partial == 0 and stats.full == 16 * 2 * 3

@@ -3,8 +3,10 @@
 The catalogue ships inside the package as data (``flexna.tools.masks``, read with
 :mod:`importlib.resources`; in a source checkout it is the top-level ``masks/``
 folder). Each ``NAME.json`` holds ``name`` (equal to ``NAME``), ``description``,
-``source``, the pattern (``shape``, ``kernel_size``, ``stride``, ``dilation``,
-``is_causal``) and the model's ``heads`` and ``head_dim``.
+``source``, the pattern and the model's ``heads`` and ``head_dim``. The pattern is
+neighborhood attention (``shape``, ``kernel_size``, ``stride``, ``dilation``,
+``is_causal``) unless ``"rule"`` names another one with its own fields:
+``"sliding_tile"`` (STA: ``shape``, ``tile``, ``window``).
 
 Another folder can stand in for it: pass ``folder=`` (the command line's
 ``--catalogue DIR``) or set ``FLEXNA_MASKS``. Names are plain file stems checked
@@ -37,6 +39,8 @@ MAX_INT = 2**31 - 1  # every integer of an entry fits int32 (as FlexAttention's 
 MAX_TEXT = 2000
 PATTERN_FIELDS = ("shape", "kernel_size", "stride", "dilation", "is_causal")
 FIELDS = ("name", "description", "source", *PATTERN_FIELDS, "heads", "head_dim")
+# rules other than NA: their pattern fields (instead of PATTERN_FIELDS[1:])
+RULE_FIELDS = {"sliding_tile": ("shape", "tile", "window")}
 
 
 class CatalogueError(ValueError):
@@ -175,7 +179,13 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
         raise CatalogueError(where, f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise CatalogueError(where, f"must hold a JSON object, got a {type(data).__name__}")
-    missing = [f for f in FIELDS if f not in data]
+    rule = data.get("rule", "na")
+    if rule != "na" and rule not in RULE_FIELDS:
+        raise CatalogueError(where, f"{_short(rule)} is not a known rule (na, "
+                             f"{', '.join(RULE_FIELDS)})", "rule")
+    needed = FIELDS if rule == "na" else ("name", "description", "source", *RULE_FIELDS[rule],
+                                          "heads", "head_dim")
+    missing = [f for f in needed if f not in data]
     if missing:
         raise CatalogueError(where, "missing", missing[0])
     name = _check_text(where, "name", data["name"])
@@ -184,18 +194,27 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
                              "agree", "name")
     description = _check_text(where, "description", data["description"])
     source = _check_text(where, "source", data["source"])
-    shape = _check_ints(where, "shape", data["shape"])
-    kernel, stride, dilation = (_check_ints(where, f, data[f]) for f in PATTERN_FIELDS[1:4])
-    causal = _check_bools(where, "is_causal", data["is_causal"])
     heads = _check_int(where, "heads", data["heads"])
     head_dim = _check_int(where, "head_dim", data["head_dim"])
+    fields = PATTERN_FIELDS if rule == "na" else RULE_FIELDS[rule]
+    values = {f: _check_bools(where, f, data[f]) if f == "is_causal" else _check_ints(where, f, data[f])
+              for f in fields}
     try:
-        pattern = NAPattern.create(shape, kernel, stride, dilation, causal)
+        pattern = _build_pattern(rule, values)
     except (ValueError, TypeError) as exc:
         first = re.match(r"\w+", str(exc))
-        field = first.group(0) if first and first.group(0) in PATTERN_FIELDS else "pattern"
+        field = first.group(0) if first and first.group(0) in fields else "pattern"
         raise CatalogueError(where, str(exc), field) from None
     return CatalogueEntry(name, description, source, pattern, heads, head_dim)
+
+
+def _build_pattern(rule: str, values: dict) -> NAPattern:
+    """The validated pattern of a rule from its checked fields."""
+    if rule == "sliding_tile":
+        from flexna.sliding_tile import sliding_tile_pattern
+
+        return sliding_tile_pattern(values["shape"], values["tile"], values["window"])
+    return NAPattern.create(*(values[f] for f in PATTERN_FIELDS))
 
 
 def check_name(name: str, folder: str | os.PathLike | None = None) -> Traversable:

@@ -348,9 +348,13 @@ def _pattern_lines(pattern, name: str, description: str | None) -> list[str]:
     lines = [f"{name}: {description}" if description else name]
     causal = ("none" if not any(pattern.is_causal)
               else " ".join(f"axis {a}" for a, c in enumerate(pattern.is_causal) if c))
-    lines.append(f"  layout {_fmt(pattern.shape)} ({pattern.ndim}-D, {pattern.num_tokens} tokens); "
-                 f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}, "
-                 f"dilation {_fmt(pattern.dilation)}, causal {causal}")
+    if type(pattern).__name__ != "NAPattern":  # another rule: its own parameters
+        lines.append(f"  {pattern} ({pattern.ndim}-D, {pattern.num_tokens} tokens); as GNA fields: "
+                     f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}")
+    else:
+        lines.append(f"  layout {_fmt(pattern.shape)} ({pattern.ndim}-D, {pattern.num_tokens} tokens); "
+                     f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}, "
+                     f"dilation {_fmt(pattern.dilation)}, causal {causal}")
     keys = ("every query attends" if not any(pattern.is_causal) else "at most")
     lines.append(f"  {keys} {pattern.keys_per_query} keys; density {pattern.density():.6g} "
                  f"({100 * pattern.density():.4g}% of query-key pairs); FLOP-wise limit "

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 import flexna
-from flexna.geometry import axis_window_bounds, tile_grid
+from flexna.blockmask import spec_block_mask
+from flexna.geometry import tile_grid
 from flexna.layout import as_tile
 from flexna.pattern import NAPattern
 from flexna.tools.blockmaps import block_maps
@@ -253,9 +254,8 @@ def axis_flags(pattern: NAPattern, axis: int, x: int) -> dict[str, np.ndarray]:
     ``query`` (y == x), ``group`` (same dilation group and stride group as x, i.e. the
     same window leader) and ``attended`` (x attends y on this axis).
     """
-    length, k, s, d = (pattern.shape[axis], pattern.kernel_size[axis], pattern.stride[axis],
-                       pattern.dilation[axis])
-    lo, hi = axis_window_bounds(length, k, s, d, pattern.is_causal[axis])
+    length, s, d = pattern.shape[axis], pattern.stride[axis], pattern.dilation[axis]
+    lo, hi = pattern.envelope_bounds(axis)  # the rule's window (a subclass's own, e.g. STA's)
     y = np.arange(length)
     same = y % d == x % d
     return {
@@ -465,9 +465,8 @@ def block_stats(
     """Full / partial / empty blocks of ``flexna.na_block_mask`` for the pattern (built on CPU)."""
     q_t = as_tile("q_tile", q_tile, pattern.shape)
     kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
-    bm = flexna.na_block_mask(pattern.shape, pattern.kernel_size, pattern.stride, pattern.dilation,
-                              pattern.is_causal, q_tile=q_t, kv_tile=kv_t, block_size=block_size,
-                              device="cpu")
+    spec = flexna.MaskSpec.create(pattern, q_tile=q_t, kv_tile=kv_t, block_size=block_size)
+    bm = spec_block_mask(spec, "cpu")
     partial, full = (m[0, 0] for m in block_maps(bm))
     cat = torch.where(full, 2, partial.to(torch.uint8))  # a block listed as both counts as full
     q_block, kv_block = bm.BLOCK_SIZE

@@ -1,7 +1,8 @@
 """``flexna verify``: fuzz-check flexna on your device against the brute-force reference.
 
 For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
-dilation, causal axes, token orders/tiles, block sizes), each check compares
+dilation, causal axes, token orders/tiles, block sizes; one in five a sliding tile
+attention (STA) configuration with text tokens instead), each check compares
 flexna (through its public ``flexna.na_mask_mod`` / ``flexna.na_block_mask``) with
 :mod:`flexna.reference` (an independent NumPy statement of the rule):
 
@@ -32,14 +33,14 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 import numpy as np
 import torch
 
 import flexna
-from flexna.reference import reference_attention, reference_mask
+from flexna.reference import reference_attention, reference_mask, reference_sliding_tile_mask
 from flexna.tools.blockmaps import block_maps
 
 HEADS = 2
@@ -60,12 +61,19 @@ class Config:
     q_tile: tuple[int, ...] | None
     kv_tile: tuple[int, ...] | None
     block_size: tuple[int, int] | None
+    rule: str = "na"  # or "sliding_tile": STA with sta_tile / window and text tokens
+    sta_tile: tuple[int, ...] | None = None
+    window: tuple[int, ...] | None = None
+    text: int = 0
 
     def pattern_args(self) -> tuple:
         return self.shape, self.kernel_size, self.stride, self.dilation, self.is_causal
 
     def call(self) -> str:
         """A line of Python that builds this configuration's BlockMask."""
+        if self.rule == "sliding_tile":
+            return (f"flexna.sta_block_mask({self.shape}, {self.sta_tile}, {self.window}, "
+                    f"text_length={self.text}, block_size={self.block_size})")
         return (f"flexna.na_block_mask({self.shape}, {self.kernel_size}, stride={self.stride}, "
                 f"dilation={self.dilation}, is_causal={self.is_causal}, q_tile={self.q_tile}, "
                 f"kv_tile={self.kv_tile}, block_size={self.block_size})")
@@ -121,8 +129,27 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
     else:
         block = tuple(_tile_tokens(t) * rng.choice((1, 2, 3, 4, 8, 16)) if t is not None
                       else rng.choice((16, 32, 48, 64, 128)) for t in (q_tile, kv_tile))
-    return Config(index, shape_t, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal),
-                  q_tile, kv_tile, block)  # type: ignore[arg-type]
+    cfg = Config(index, shape_t, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal),
+                 q_tile, kv_tile, block)  # type: ignore[arg-type]
+    if rng.random() < 0.2:  # drawn after the NA config, so NA configs stay those of earlier versions
+        return _sliding_tile_config(rng, cfg, cuda)
+    return cfg
+
+
+def _sliding_tile_config(rng: random.Random, cfg: Config, cuda: bool) -> Config:
+    """An STA configuration on ``cfg``'s layout: per axis a tile dividing the length (its token
+    count dividing the CUDA block on CUDA), a window of 1 to all tiles, 0 to 8 text tokens."""
+    tile = []
+    for length in cfg.shape:
+        divisors = [t for t in range(1, min(length, 16) + 1) if length % t == 0]
+        if cuda:
+            divisors = [t for t in divisors if CUDA_BLOCK % (t * math.prod(tile)) == 0] or [1]
+        tile.append(rng.choice(divisors))
+    window = tuple(rng.randint(1, length // t) for length, t in zip(cfg.shape, tile, strict=True))
+    block: tuple[int, ...] | None = (CUDA_BLOCK, CUDA_BLOCK) if cuda else (
+        None if rng.random() < 0.5 else (math.prod(tile) * rng.choice((1, 2, 3)),) * 2)
+    return replace(cfg, q_tile=tuple(tile), kv_tile=tuple(tile), block_size=block,  # type: ignore[arg-type]
+                   rule="sliding_tile", sta_tile=tuple(tile), window=window, text=rng.randint(0, 8))
 
 
 def token_order(shape: tuple[int, ...], tile: tuple[int, ...] | None) -> np.ndarray:
@@ -143,13 +170,20 @@ def token_order(shape: tuple[int, ...], tile: tuple[int, ...] | None) -> np.ndar
 
 
 def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The reference mask in the configuration's orders: ``[Nq, Nkv]`` bool, and both orders."""
-    ref = reference_mask(*cfg.pattern_args()).numpy()
+    """The reference mask in the configuration's orders: ``[Nq, Nkv]`` bool, and both orders
+    (extra/text positions marked -1 there too)."""
+    if cfg.rule == "sliding_tile":
+        ref = reference_sliding_tile_mask(cfg.shape, cfg.sta_tile, cfg.window).numpy()  # type: ignore[arg-type]
+    else:
+        ref = reference_mask(*cfg.pattern_args()).numpy()
     q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
-    out = np.zeros((q_ord.size, kv_ord.size), dtype=bool)
+    out = np.zeros((q_ord.size + cfg.text, kv_ord.size + cfg.text), dtype=bool)
     qv, kv = q_ord >= 0, kv_ord >= 0
-    out[np.ix_(qv, kv)] = ref[np.ix_(q_ord[qv], kv_ord[kv])]
-    return torch.from_numpy(out), q_ord, kv_ord
+    out[:q_ord.size, :kv_ord.size][np.ix_(qv, kv)] = ref[np.ix_(q_ord[qv], kv_ord[kv])]
+    out[:, kv_ord.size:] = True  # text keys: attended by every query
+    out[q_ord.size:, :kv_ord.size] = kv[None, :]  # text queries: every real key
+    extra = np.full(cfg.text, -1)
+    return torch.from_numpy(out), np.concatenate([q_ord, extra]), np.concatenate([kv_ord, extra])
 
 
 def _expand_blocks(blocks: torch.Tensor, qb: int, kb: int, nq: int, nkv: int) -> torch.Tensor:
@@ -195,12 +229,17 @@ class Check:
         want, q_ord, kv_ord = expected_mask(cfg)
         nq, nkv = want.shape
         kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
-        mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
+        if cfg.rule == "sliding_tile":
+            sta = (cfg.shape, cfg.sta_tile, cfg.window)
+            mask_mod = flexna.sta_mask_mod(*sta, text_length=cfg.text, device=dev)
+            bm = flexna.sta_block_mask(*sta, text_length=cfg.text, block_size=cfg.block_size, device=dev)
+        else:
+            mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
+            bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
         got = create_mask(mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
         if not torch.equal(got, want):
             self.failures.append("na_mask_mod: " + self._where(got, want, q_ord, kv_ord))
 
-        bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
         qb, kb = (int(b) for b in bm.BLOCK_SIZE)
         if tuple(bm.seq_lengths) != (nq, nkv):
             self.failures.append(f"na_block_mask: seq_lengths {tuple(bm.seq_lengths)}, "
