@@ -139,7 +139,7 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
 def _sliding_tile_config(rng: random.Random, cfg: Config, cuda: bool) -> Config:
     """An STA configuration on ``cfg``'s layout: per axis a tile dividing the length (its token
     count dividing the CUDA block on CUDA), a window of 1 to all tiles, 0 to 8 text tokens."""
-    tile = []
+    tile: list[int] = []
     for length in cfg.shape:
         divisors = [t for t in range(1, min(length, 16) + 1) if length % t == 0]
         if cuda:
@@ -230,6 +230,7 @@ class Check:
         nq, nkv = want.shape
         kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
         if cfg.rule == "sliding_tile":
+            assert cfg.sta_tile is not None and cfg.window is not None
             sta = (cfg.shape, cfg.sta_tile, cfg.window)
             mask_mod = flexna.sta_mask_mod(*sta, text_length=cfg.text, device=dev)
             bm = flexna.sta_block_mask(*sta, text_length=cfg.text, block_size=cfg.block_size, device=dev)
