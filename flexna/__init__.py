@@ -6,7 +6,7 @@ functional API (``na1d``/``na2d``/``na3d``/``neighborhood_attention``).
 The exact pattern is specified in ``docs/SEMANTICS.md``.
 """
 
-from flexna.analysis import analyze, choose_layout, choose_tiles, search_tiles
+from flexna.analysis import analyze, choose_layout, choose_tiles, compare_orders, search_tiles
 from flexna.blockmask import na_block_mask
 from flexna.cache import CacheInfo, cache_info, clear_cache, set_cache_limit
 from flexna.distributed import sharded_neighborhood_attention
@@ -21,7 +21,7 @@ from flexna.functional import (
     packed_neighborhood_attention,
     tiled_neighborhood_attention,
 )
-from flexna.layout import TokenLayout, tile_tokens, tiled_length, untile_tokens
+from flexna.layout import CurveOrder, TokenLayout, tile_tokens, tiled_length, untile_tokens
 from flexna.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from flexna.packing import (
     pack_tokens,
@@ -46,6 +46,7 @@ from flexna.tables import na_mask_mod
 __all__ = [
     "CacheInfo",
     "CacheWarning",
+    "CurveOrder",
     "EagerFallbackWarning",
     "MaskSpec",
     "NAPattern",
@@ -61,6 +62,7 @@ __all__ = [
     "choose_layout",
     "choose_tiles",
     "clear_cache",
+    "compare_orders",
     "compose_score_mods",
     "dense_flex_attention",
     "distance_decay_score_mod",

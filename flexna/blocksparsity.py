@@ -30,7 +30,7 @@ import numpy as np
 
 from flexna.cache import cached
 from flexna.geometry import Region, ravel, region_or_full, region_shape, tile_grid
-from flexna.layout import TokenLayout
+from flexna.layout import TokenLayout, TokenOrder
 from flexna.pattern import NAPattern
 from flexna.spec import MaskSpec
 
@@ -215,8 +215,8 @@ def _tile_maps(pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, 
 
 def order_block_maps(
     pattern: NAPattern,
-    q_order: TokenLayout,
-    kv_order: TokenLayout,
+    q_order: TokenLayout | TokenOrder,
+    kv_order: TokenLayout | TokenOrder,
     q_block: int,
     kv_block: int,
     q_region: Region | None = None,
@@ -228,6 +228,10 @@ def order_block_maps(
     (``kv_order``), an order over that region; by default the whole layout.
     """
     n = pattern.ndim
+    if not (isinstance(q_order, TokenLayout) and isinstance(kv_order, TokenLayout)):
+        if q_region is not None or kv_region is not None:
+            raise ValueError("regions need tiled token orders")
+        return token_block_maps(pattern, q_order, kv_order, q_block, kv_block)
     q_region = region_or_full(q_region, pattern.shape)
     kv_region = region_or_full(kv_region, pattern.shape)
     q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
@@ -313,6 +317,94 @@ def order_block_maps(
         reached[qi, ki] = some_any & ~every_all
         full[qi, ki] = every_all
     return reached, full
+
+
+def _residue_major(coord: np.ndarray, length: int, d: int) -> np.ndarray:
+    """Axis coordinate ``y`` -> ``(y % d) * ceil(L / d) + y // d``: each dilation group contiguous,
+    so a window (one group, step ``d``) is one interval. Keeps ``-1`` (padding)."""
+    if d == 1:
+        return coord
+    return np.where(coord >= 0, (coord % d) * -(-length // d) + coord // d, -1)
+
+
+def token_block_maps(pattern: NAPattern, q_order: TokenOrder, kv_order: TokenOrder,
+                     q_block: int, kv_block: int) -> Maps:
+    """Block maps for any pair of token orders, from per-token windows (exact for any dilation).
+
+    Coordinates are taken residue-major per axis (:func:`_residue_major`), where every
+    query's window is a box. Per query block, the union of its queries' envelope boxes is
+    painted by an n-D difference array over the block's bounding box and the key blocks
+    under it are *reached*; a key block is *full* when all its keys lie, on every axis,
+    inside the intersection of the block's core windows, ``[max lo, min hi]`` (a rule
+    separable per axis attends a pair iff every axis does), and neither block holds padding.
+    O(tokens + sum over query blocks of their bounding boxes + blocks^2 * n).
+    """
+    n = pattern.ndim
+    qc, kc = q_order.coords(), kv_order.coords()
+    nq_blocks, nk_blocks = -(-len(qc) // q_block), -(-len(kc) // kv_block)
+    ext = [d * -(-length // d) for length, d in zip(pattern.shape, pattern.dilation, strict=True)]
+    key_block = np.full(ext, -1, dtype=np.int64)  # residue-major layout -> the key's block
+    kr = np.stack([_residue_major(kc[:, a], pattern.shape[a], pattern.dilation[a]) for a in range(n)], 1)
+    real_k: np.ndarray = np.asarray((kc >= 0).all(1))
+    key_block[tuple(kr[real_k].T)] = np.arange(len(kc))[real_k] // kv_block
+    real_q: np.ndarray = np.asarray((qc >= 0).all(1))
+    bounds = []
+    for fn in (pattern.envelope_bounds, pattern.core_bounds):
+        lo_hi = []
+        for a in range(n):
+            lo, hi = fn(a)
+            x = np.maximum(qc[:, a], 0)
+            length, d = pattern.shape[a], pattern.dilation[a]
+            lo_hi.append((_residue_major(lo[x], length, d), _residue_major(hi[x], length, d)))
+        bounds.append(lo_hi)
+    e_lo = np.stack([b[0] for b in bounds[0]], 1)  # [Nq, n]
+    e_hi = np.stack([b[1] for b in bounds[0]], 1)
+    c_lo = np.stack([b[0] for b in bounds[1]], 1)
+    c_hi = np.stack([b[1] for b in bounds[1]], 1)
+    reached = np.zeros((nq_blocks, nk_blocks), dtype=bool)
+    corners = np.array(list(np.ndindex(*(2,) * n)), dtype=np.int64)  # [2^n, n]
+    signs = (-1) ** corners.sum(1)
+    for b in range(nq_blocks):
+        sel = np.arange(b * q_block, min((b + 1) * q_block, len(qc)))
+        sel = sel[real_q[sel] & (e_lo[sel] <= e_hi[sel]).all(1)]
+        if sel.size == 0:
+            continue
+        boxes = np.unique(np.concatenate([e_lo[sel], e_hi[sel]], 1), axis=0)
+        lo, hi = boxes[:, :n], boxes[:, n:]
+        origin, size = lo.min(0), hi.max(0) - lo.min(0) + 1
+        diff = np.zeros(size + 1, dtype=np.int32)
+        for corner, sign in zip(corners, signs, strict=True):
+            point = np.where(corner, hi + 1, lo) - origin
+            np.add.at(diff, tuple(point.T), sign)
+        for a in range(n):
+            diff = np.cumsum(diff, axis=a, dtype=np.int32)
+        covered = diff[tuple(slice(0, int(v)) for v in size)] > 0
+        window = key_block[tuple(slice(int(o), int(o + v)) for o, v in zip(origin, size, strict=True))]
+        hit = window[covered]
+        reached[b, hit[hit >= 0]] = True
+
+    def per_block(values: np.ndarray, real: np.ndarray, block: int, blocks: int, fill: int,
+                  reduce: np.ufunc) -> np.ndarray:
+        padded = np.full((blocks * block, n), fill, dtype=np.int64)
+        padded[:len(values)] = np.where(real[:, None], values, fill)
+        return reduce.reduce(padded.reshape(blocks, block, n), axis=1)
+
+    big = np.iinfo(np.int64).max // 4
+    i_lo = per_block(c_lo, real_q, q_block, nq_blocks, -big, np.maximum)
+    i_hi = per_block(c_hi, real_q, q_block, nq_blocks, big, np.minimum)
+    k_min = per_block(kr, real_k, kv_block, nk_blocks, big, np.minimum)
+    k_max = per_block(kr, real_k, kv_block, nk_blocks, -big, np.maximum)
+    q_complete = np.zeros(nq_blocks * q_block, dtype=bool)
+    q_complete[:len(qc)] = real_q
+    k_complete = np.zeros(nk_blocks * kv_block, dtype=bool)
+    k_complete[:len(kc)] = real_k
+    q_ok = np.asarray(q_complete.reshape(nq_blocks, q_block).all(1))
+    k_ok = np.asarray(k_complete.reshape(nk_blocks, kv_block).all(1))
+    full = np.ones((nq_blocks, nk_blocks), dtype=bool)
+    for a in range(n):
+        full &= (k_min[None, :, a] >= i_lo[:, None, a]) & (k_max[None, :, a] <= i_hi[:, None, a])
+    full &= q_ok[:, None] & k_ok[None, :] & reached
+    return reached & ~full, full
 
 
 def spec_maps(spec: MaskSpec, host: object | None = None) -> Maps:

@@ -477,6 +477,10 @@ def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser, pass
     print("BlockMask blocks:")
     for qt, kt, bs in orders:
         print(f"  {flexna.analyze(pattern, qt, kt, bs).summary()}")
+    if pattern.ndim > 1:
+        print("space-filling curve orders (flexna.CurveOrder, 128-token blocks):")
+        for curve in ("hilbert", "morton"):
+            print(f"  {flexna.analyze(pattern, curve=curve).summary()}")
     print(f"suggested tiles (flexna.search_tiles, best {args.top} by predicted cost):")
     for result in flexna.search_tiles(pattern, top=args.top):
         print(f"  {result.summary()}")

@@ -2,7 +2,8 @@
 
 For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
 dilation, causal axes, token orders/tiles, block sizes; one in five a sliding tile
-attention (STA) configuration with text tokens instead), each check compares
+attention (STA) configuration with text tokens instead, and of the 2-3 axis ones some in
+a Hilbert or Morton curve order), each check compares
 flexna (through its public ``flexna.na_mask_mod`` / ``flexna.na_block_mask``) with
 :mod:`flexna.reference` (an independent NumPy statement of the rule):
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 import flexna
+from flexna.curves import curve_order
 from flexna.reference import reference_attention, reference_mask, reference_sliding_tile_mask
 from flexna.tools.blockmaps import block_maps
 
@@ -65,6 +67,7 @@ class Config:
     sta_tile: tuple[int, ...] | None = None
     window: tuple[int, ...] | None = None
     text: int = 0
+    curve: str | None = None  # "hilbert" / "morton": both sides in that curve order
 
     def pattern_args(self) -> tuple:
         return self.shape, self.kernel_size, self.stride, self.dilation, self.is_causal
@@ -74,9 +77,11 @@ class Config:
         if self.rule == "sliding_tile":
             return (f"flexna.sta_block_mask({self.shape}, {self.sta_tile}, {self.window}, "
                     f"text_length={self.text}, block_size={self.block_size})")
+        order = (f"curve={self.curve!r}" if self.curve else
+                 f"q_tile={self.q_tile}, kv_tile={self.kv_tile}")
         return (f"flexna.na_block_mask({self.shape}, {self.kernel_size}, stride={self.stride}, "
-                f"dilation={self.dilation}, is_causal={self.is_causal}, q_tile={self.q_tile}, "
-                f"kv_tile={self.kv_tile}, block_size={self.block_size})")
+                f"dilation={self.dilation}, is_causal={self.is_causal}, {order}, "
+                f"block_size={self.block_size})")
 
 
 def _tile_tokens(tile: tuple[int, ...] | None) -> int:
@@ -131,8 +136,14 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
                       else rng.choice((16, 32, 48, 64, 128)) for t in (q_tile, kv_tile))
     cfg = Config(index, shape_t, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal),
                  q_tile, kv_tile, block)  # type: ignore[arg-type]
-    if rng.random() < 0.2:  # drawn after the NA config, so NA configs stay those of earlier versions
+    kind = rng.random()  # drawn after the NA config, so NA configs stay those of earlier versions
+    if kind < 0.2:
         return _sliding_tile_config(rng, cfg, cuda)
+    if kind < 0.35 and n > 1:  # a space-filling curve order instead of the tiles
+        curve_block = block if cuda else (None if rng.random() < 0.5 else
+                                          (rng.choice((16, 32, 64, 128)),) * 2)
+        return replace(cfg, q_tile=None, kv_tile=None, block_size=curve_block,  # type: ignore[arg-type]
+                       curve=rng.choice(("hilbert", "morton")))
     return cfg
 
 
@@ -176,7 +187,10 @@ def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         ref = reference_sliding_tile_mask(cfg.shape, cfg.sta_tile, cfg.window).numpy()  # type: ignore[arg-type]
     else:
         ref = reference_mask(*cfg.pattern_args()).numpy()
-    q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
+    if cfg.curve is not None:  # the curve itself is tested on its own (tests/test_curves.py)
+        q_ord = kv_ord = np.array(curve_order(cfg.shape, cfg.curve))
+    else:
+        q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
     out = np.zeros((q_ord.size + cfg.text, kv_ord.size + cfg.text), dtype=bool)
     qv, kv = q_ord >= 0, kv_ord >= 0
     out[:q_ord.size, :kv_ord.size][np.ix_(qv, kv)] = ref[np.ix_(q_ord[qv], kv_ord[kv])]
@@ -228,7 +242,8 @@ class Check:
         cfg, dev = self.cfg, self.device
         want, q_ord, kv_ord = expected_mask(cfg)
         nq, nkv = want.shape
-        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
+        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev,
+                                  "curve": cfg.curve}
         if cfg.rule == "sliding_tile":
             assert cfg.sta_tile is not None and cfg.window is not None
             sta = (cfg.shape, cfg.sta_tile, cfg.window)
