@@ -105,7 +105,7 @@ def analyze(
     one_box = [block_as_tile(pattern.shape, t if pattern.ndim > 1 else (b,), b // math.prod(t) if
                              pattern.ndim > 1 else 1)
                for t, b in ((spec.q_tile, spec.q_block), (spec.kv_tile, spec.kv_block))]
-    if one_box[0] is not None and one_box[1] is not None:  # counts factorise over axes: no maps
+    if one_box[0] is not None and one_box[1] is not None and pattern.separable:  # counts factorise
         some, full, total = _factorised_counts(pattern, one_box[0], one_box[1], {})
         return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block, full,
                         some - full, total)

@@ -19,7 +19,10 @@ Method. A block of the tiled order is a union of at most ``2n - 1`` boxes
 Both are found by walking the boxes in runs contiguous in the key order, so the cost is
 O(runs + pairs reached), never O(N^2). With dilation the unions are not boxes; the bounding
 boxes then give candidates and an exact per-axis test over box pairs (per dilation
-residue) decides.
+residue) decides. A rule that is not separable per axis takes that path too: its envelope
+gives the candidates and its own box test (:meth:`~flexna.pattern.NAPattern.box_pairs`)
+decides, exactly when the rule provides one. Orders whose blocks are not unions of boxes
+(space-filling curves) go through :func:`token_block_maps`, per token.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def _range_extreme(table: np.ndarray, a: np.ndarray, b: np.ndarray, d: int, lowe
     return table[np.maximum(b[..., None] - off, a[..., None])].max(axis=-1)
 
 
-def _exact_pairs(qa: np.ndarray, qb: np.ndarray, ka: np.ndarray, kb: np.ndarray, lo: np.ndarray,
+def exact_pairs(qa: np.ndarray, qb: np.ndarray, ka: np.ndarray, kb: np.ndarray, lo: np.ndarray,
                  hi: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-axis (some pair attends, every pair attends) for query/key intervals."""
     if d == 1:
@@ -183,8 +186,8 @@ def axis_tile_tables(
     qa, qb = tq[:, None], np.minimum(tq + q_tile, q1)[:, None] - 1
     ka, kb = tk[None, :], np.minimum(tk + kv_tile, k1)[None, :] - 1
     d = pattern.dilation[axis]
-    some, _ = _exact_pairs(qa, qb, ka, kb, *pattern.envelope_bounds(axis), d)
-    _, every = _exact_pairs(qa, qb, ka, kb, *pattern.core_bounds(axis), d)
+    some, _ = exact_pairs(qa, qb, ka, kb, *pattern.envelope_bounds(axis), d)
+    _, every = exact_pairs(qa, qb, ka, kb, *pattern.core_bounds(axis), d)
     every = every & (tq + q_tile <= q1)[:, None] & (tk + kv_tile <= k1)[None, :]
     return some, every
 
@@ -242,10 +245,11 @@ def order_block_maps(
     kv_tiles = kv_block // math.prod(kv_tile)
     q_as_tile = block_as_tile(q_shape, q_tile, q_tiles)
     kv_as_tile = block_as_tile(kv_shape, kv_tile, kv_tiles)
-    if q_as_tile is not None and kv_as_tile is not None:
+    exact_boxes = pattern.separable and all(d == 1 for d in pattern.dilation)
+    if q_as_tile is not None and kv_as_tile is not None and pattern.separable:
         return _tile_maps(pattern, q_as_tile, kv_as_tile, q_region, kv_region)
     q_boxes = q_order.block_boxes(q_block)
-    kv_boxes = kv_order.block_boxes(kv_block) if any(d > 1 for d in pattern.dilation) else ()
+    kv_boxes = kv_order.block_boxes(kv_block) if not exact_boxes else ()
     if q_boxes is None or kv_boxes is None:
         raise ValueError(f"block sizes ({q_block}, {kv_block}) must hold whole tiles of {q_order.tile} "
                          f"/ {kv_order.tile}")
@@ -278,7 +282,7 @@ def order_block_maps(
     reached = _fill_runs(num_q, num_kv, run_owner, start // kv_tiles, end // kv_tiles)
 
     q_complete = qcount == q_block
-    if all(d == 1 for d in dil):
+    if exact_boxes:
         big = np.iinfo(np.int64).max
         i_lo = np.stack([np.where(q_real, core[a][0][qb[..., a]], -1).max(1) for a in range(n)], -1)
         i_hi = np.stack([np.where(q_real, core[a][1][qa[..., a]], big).min(1) for a in range(n)], -1)
@@ -301,15 +305,10 @@ def order_block_maps(
     chunk = max(1, 2**22 // (slots * slots * n * max(dil)))
     for c0 in range(0, cand_q.size, chunk):
         qi, ki = cand_q[c0:c0 + chunk], cand_kv[c0:c0 + chunk]
-        some = np.ones((qi.size, slots, slots), dtype=bool)
-        every = np.ones_like(some)
-        for a in range(n):
-            qa_ = qa[qi, :, a][:, :, None]
-            qb_ = qb[qi, :, a][:, :, None]
-            ka_ = np.clip(klo[ki, :, a], 0, pattern.shape[a] - 1)[:, None, :]
-            kb_ = np.clip(khi[ki, :, a], 0, pattern.shape[a] - 1)[:, None, :]
-            some &= _exact_pairs(qa_, qb_, ka_, kb_, *envelope[a], dil[a])[0]
-            every &= _exact_pairs(qa_, qb_, ka_, kb_, *core[a], dil[a])[1]
+        last = np.array(pattern.shape) - 1
+        some, every = pattern.box_pairs(qa[qi][:, :, None, :], qb[qi][:, :, None, :],
+                                        np.clip(klo[ki], 0, last)[:, None, :, :],
+                                        np.clip(khi[ki], 0, last)[:, None, :, :])
         pair_ok = q_real[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
         some_any = (some & pair_ok).reshape(qi.size, -1).any(1)
         every_all = ((every | ~pair_ok).reshape(qi.size, -1).all(1) & some_any

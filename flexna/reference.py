@@ -109,3 +109,39 @@ def reference_sliding_tile_mask(
         key_tile = (coords[:, a] // t)[None, :]
         allowed &= (centre - before <= key_tile) & (key_tile <= centre + after)
     return torch.from_numpy(allowed)
+
+
+def reference_radial_mask(num_frames: int, tokens_per_frame: int, model: str = "hunyuan",
+                          decay_factor: float = 1.0, block_size: int = 128) -> torch.Tensor:
+    """Dense ``[N, N]`` token-level mask of radial attention (row-major: frame, then token).
+
+    Restates the authors' construction (``gen_log_mask_shrinked`` before its block shrinking)
+    literally, one frame pair at a time: ``get_window_width`` (float widths) and
+    ``get_diagonal_split_mask`` (threshold 128), the sink on frame 0 for ``"wan"``.
+    """
+    t = tokens_per_frame
+    rows = np.arange(t)[:, None]
+    cols = np.arange(t)[None, :]
+    out = np.zeros((num_frames * t, num_frames * t), dtype=bool)
+    for i in range(num_frames):
+        for j in range(num_frames):
+            dist = abs(i - j)
+            group = dist.bit_length()
+            if j == 0 and model == "wan":
+                local = np.ones((t, t), dtype=bool)
+            else:
+                if model == "wan" and dist < 1:
+                    width: float = t
+                elif model == "wan" and dist == 1:
+                    width = t // 2
+                elif model == "hunyuan" and dist <= 1:
+                    width = t
+                else:
+                    decay = 2 ** t.bit_length() / 2**group * decay_factor
+                    width = decay if decay >= block_size else block_size
+                local = np.abs(cols - rows) <= width
+                split_decay = 2 ** t.bit_length() / 2**group
+                if split_decay < 128 and dist % int(128 / split_decay) != 0:
+                    local = np.zeros((t, t), dtype=bool)
+            out[i * t:(i + 1) * t, j * t:(j + 1) * t] = local
+    return torch.from_numpy(out)

@@ -168,6 +168,9 @@ class MaskSpec:
         rules = [p for g in groups for p in g if not p.separable]
         if rules and len({p for g in groups for p in g}) > 1:
             raise ValueError("a non-separable rule needs one pattern for all heads and samples")
+        if rules and (q_curve is not None or kv_curve is not None):
+            raise ValueError(f"{rules[0].__class__.__name__} is not separable per axis: it runs in "
+                             "row-major or tiled orders, not along a curve (q_curve/kv_curve)")
         if packed and (q_region is not None or kv_region is not None):
             raise ValueError("q_region/kv_region select part of one layout; they cannot be "
                              "combined with packed samples")
