@@ -145,3 +145,28 @@ def reference_radial_mask(num_frames: int, tokens_per_frame: int, model: str = "
                     local = np.zeros((t, t), dtype=bool)
             out[i * t:(i + 1) * t, j * t:(j + 1) * t] = local
     return torch.from_numpy(out)
+
+
+def reference_radial_window_mask(shape: Sequence[int], radius: Sequence[int], min_radius: Sequence[int],
+                                 dense_frames: int = 1, sink: bool = False) -> torch.Tensor:
+    """Dense ``[N, N]`` mask of the 3-D-window radial variant (row-major over ``(frames, *spatial)``).
+
+    Per frame pair at distance ``d``: the spatial half-widths are ``radius`` halved once per
+    doubling of ``d`` past ``dense_frames`` (``max(radius >> max(0, bitlen(d) - bitlen(dense)),
+    min_radius)``); ``sink``: frame 0 is attended whole.
+    """
+    frames, *spatial = (int(v) for v in shape)
+    per_frame = int(np.prod(spatial))
+    coords = np.stack(np.unravel_index(np.arange(per_frame), spatial), axis=1)
+    out = np.zeros((frames * per_frame, frames * per_frame), dtype=bool)
+    for i in range(frames):
+        for j in range(frames):
+            halvings = max(0, abs(i - j).bit_length() - int(dense_frames).bit_length())
+            local = np.ones((per_frame, per_frame), dtype=bool)
+            for a, (r, low) in enumerate(zip(radius, min_radius, strict=True)):
+                width = max(int(r) >> halvings, int(low))
+                local &= np.abs(coords[:, None, a] - coords[None, :, a]) <= width
+            if sink and j == 0:
+                local[:] = True
+            out[i * per_frame:(i + 1) * per_frame, j * per_frame:(j + 1) * per_frame] = local
+    return torch.from_numpy(out)

@@ -135,3 +135,43 @@ def test_radial_bad_input(call, match) -> None:
 def test_radial_refuses_curve_orders() -> None:
     with pytest.raises(ValueError, match="not separable per axis"):
         flexna.MaskSpec.create(radial_pattern(4, 16), q_curve="hilbert")
+
+
+def test_reference_window_mask_agrees_with_the_test_brute_force() -> None:
+    from flexna.reference import reference_radial_window_mask
+
+    for cfg in [((5, 4, 6), (2, 3), (0, 1), 1, False), ((9, 7), (5,), (1,), 0, True),
+                ((4, 3, 3), (0, 2), (0, 0), 3, True)]:
+        assert torch.equal(reference_radial_window_mask(*cfg), window_brute(*cfg))
+
+
+def test_radial_catalogue_entries_and_pictures(tmp_path) -> None:
+    import json
+
+    from flexna.tools.catalogue import CatalogueError, load_entry
+    from flexna.tools.render import neighborhood_categories
+
+    entry = load_entry("wan-radial")
+    assert entry.pattern.sink and entry.pattern.shape == (21, 1560)
+    window = load_entry("video-radial-window").pattern
+    cat = neighborhood_categories(window, (8, 16, 16))
+    want = reference_radial_window_mask_row(window, (8, 16, 16))
+    assert np.array_equal(cat >= 1, want) and cat[8, 16, 16] == 3  # attended keys, the query
+    base = {"name": "x", "description": "d", "source": "s", "rule": "radial", "shape": [4, 16],
+            "model": "wan", "decay_factor": 1.0, "block_size": 8, "heads": 1, "head_dim": 8}
+    for change, field in (({"model": 3}, "model"), ({"decay_factor": "1"}, "decay_factor"),
+                          ({"shape": [4, 4, 4]}, "shape"), ({"model": "cog"}, "model")):
+        (tmp_path / "x.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(CatalogueError) as err:
+            load_entry("x", tmp_path)
+        assert err.value.field == field, err.value
+
+
+def reference_radial_window_mask_row(pattern, query) -> np.ndarray:
+    from flexna.reference import reference_radial_window_mask
+
+    radius = pattern.radius[0]
+    low = pattern.radius[-1]
+    mask = reference_radial_window_mask(pattern.shape, radius, low, 1, pattern.sink)
+    row = int(np.ravel_multi_index(query, pattern.shape))
+    return mask[row].numpy().reshape(pattern.shape)

@@ -6,7 +6,10 @@ folder). Each ``NAME.json`` holds ``name`` (equal to ``NAME``), ``description``,
 ``source``, the pattern and the model's ``heads`` and ``head_dim``. The pattern is
 neighborhood attention (``shape``, ``kernel_size``, ``stride``, ``dilation``,
 ``is_causal``) unless ``"rule"`` names another one with its own fields:
-``"sliding_tile"`` (STA: ``shape``, ``tile``, ``window``).
+``"sliding_tile"`` (STA: ``shape``, ``tile``, ``window``), ``"radial"`` (radial attention:
+``shape`` = frames and tokens per frame, ``model``, ``decay_factor``, ``block_size``) and
+``"radial_window"`` (its 3-D-window variant: ``shape``, ``radius``, ``min_radius``,
+``dense_frames``, ``sink``).
 
 Another folder can stand in for it: pass ``folder=`` (the command line's
 ``--catalogue DIR``) or set ``FLEXNA_MASKS``. Names are plain file stems checked
@@ -40,7 +43,12 @@ MAX_TEXT = 2000
 PATTERN_FIELDS = ("shape", "kernel_size", "stride", "dilation", "is_causal")
 FIELDS = ("name", "description", "source", *PATTERN_FIELDS, "heads", "head_dim")
 # rules other than NA: their pattern fields (instead of PATTERN_FIELDS[1:])
-RULE_FIELDS = {"sliding_tile": ("shape", "tile", "window")}
+RULE_FIELDS = {"sliding_tile": ("shape", "tile", "window"),
+               "radial": ("shape", "model", "decay_factor", "block_size"),
+               "radial_window": ("shape", "radius", "min_radius", "dense_frames", "sink")}
+_TEXT_FIELDS = {"model"}
+_NUMBER_FIELDS = {"decay_factor"}
+_ZERO_OK = {"radius", "min_radius", "dense_frames"}
 
 
 class CatalogueError(ValueError):
@@ -197,8 +205,7 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
     heads = _check_int(where, "heads", data["heads"])
     head_dim = _check_int(where, "head_dim", data["head_dim"])
     fields = PATTERN_FIELDS if rule == "na" else RULE_FIELDS[rule]
-    values = {f: _check_bools(where, f, data[f]) if f == "is_causal" else _check_ints(where, f, data[f])
-              for f in fields}
+    values = {f: _check_field(where, f, data[f]) for f in fields}
     try:
         pattern = _build_pattern(rule, values)
     except (ValueError, TypeError) as exc:
@@ -208,12 +215,47 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
     return CatalogueEntry(name, description, source, pattern, heads, head_dim)
 
 
+def _check_field(where: str, field: str, value: object) -> object:
+    """A pattern field checked for its kind (bools, text, a number, ints >= 1 or >= 0)."""
+    if field in ("is_causal", "sink"):
+        return _check_bools(where, field, value)
+    if field in _TEXT_FIELDS:
+        return _check_text(where, field, value)
+    if field in _NUMBER_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CatalogueError(where, f"must be a number, got {_short(value)}", field)
+        return value
+    if field in _ZERO_OK:  # ints >= 0 (one, or one per axis)
+        items = value if isinstance(value, list) and 1 <= len(value) <= 3 else [value]
+        for i, v in enumerate(items):
+            if type(v) is not int or not 0 <= v <= MAX_INT:
+                at = f"{field}[{i}]" if isinstance(value, list) else field
+                raise CatalogueError(where, f"must be an integer in 0..{MAX_INT}, got {_short(v)}", at)
+        return tuple(items) if isinstance(value, list) else value
+    return _check_ints(where, field, value)
+
+
 def _build_pattern(rule: str, values: dict) -> NAPattern:
     """The validated pattern of a rule from its checked fields."""
     if rule == "sliding_tile":
         from flexna.sliding_tile import sliding_tile_pattern
 
         return sliding_tile_pattern(values["shape"], values["tile"], values["window"])
+    if rule == "radial":
+        from flexna.radial import radial_pattern
+
+        shape = values["shape"]
+        if not isinstance(shape, tuple) or len(shape) != 2:
+            raise ValueError(f"shape must be [frames, tokens_per_frame], got {shape!r}")
+        return radial_pattern(shape[0], shape[1], model=values["model"],
+                              decay_factor=values["decay_factor"], block_size=values["block_size"])
+    if rule == "radial_window":
+        from flexna.radial import radial_window_pattern
+
+        sink = values["sink"]
+        return radial_window_pattern(values["shape"], values["radius"], min_radius=values["min_radius"],
+                                     dense_frames=values["dense_frames"],
+                                     sink=sink if isinstance(sink, bool) else bool(sink[0]))
     return NAPattern.create(*(values[f] for f in PATTERN_FIELDS))
 
 

@@ -356,6 +356,8 @@ def _pattern_lines(pattern, name: str, description: str | None) -> list[str]:
                      f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}, "
                      f"dilation {_fmt(pattern.dilation)}, causal {causal}")
     keys = ("every query attends" if not any(pattern.is_causal) else "at most")
+    if not pattern.separable:
+        keys = "on average a query attends"
     lines.append(f"  {keys} {pattern.keys_per_query} keys; density {pattern.density():.6g} "
                  f"({100 * pattern.density():.4g}% of query-key pairs); FLOP-wise limit "
                  f"{pattern.flop_limit():.2f}x over dense attention")
@@ -458,8 +460,10 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
 
 
 def _count_keys(pattern, query: Sequence[int]) -> int:
-    from flexna.tools.render import axis_flags
+    from flexna.tools.render import axis_flags, neighborhood_categories
 
+    if not pattern.separable:
+        return int((neighborhood_categories(pattern, query) % 2).sum())  # attended 1, query 3
     return math.prod(int(axis_flags(pattern, a, query[a])["attended"].sum())
                      for a in range(pattern.ndim))
 

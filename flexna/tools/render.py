@@ -276,6 +276,8 @@ def neighborhood_categories(
     """
     n = pattern.ndim
     factors = factors or (1,) * n
+    if not pattern.separable:
+        return _rule_categories(pattern, query, factors, crop)
     pooled = []
     for a in range(n):
         flags = axis_flags(pattern, a, query[a])
@@ -294,6 +296,31 @@ def neighborhood_categories(
     cat = np.where(product("attended"), 1, 0)
     cat = np.where(product("group"), 2, cat)
     return np.where(product("query"), 3, cat).astype(np.intp)
+
+
+def _rule_categories(pattern: NAPattern, query: Sequence[int], factors: Sequence[int],
+                     crop: Sequence[tuple[int, int]] | None) -> np.ndarray:
+    """:func:`neighborhood_categories` of a non-separable rule: its element check against every
+    token (query 3, attended 1; no stride group), cropped, pooled to the most important."""
+    n = pattern.ndim
+    coords = np.indices(pattern.shape).reshape(n, -1)
+    inside = np.ones(coords.shape[1], dtype=bool)
+    for a in range(n):
+        lo, hi = pattern.envelope_bounds(a)
+        inside &= (lo[query[a]] <= coords[a]) & (coords[a] <= hi[query[a]])
+    q = tuple(np.full(coords.shape[1], c) for c in query)
+    attended = inside & np.asarray(pattern.element_check(q, tuple(coords)), dtype=bool)
+    cat = np.where(attended, 1, 0).reshape(pattern.shape)
+    cat[tuple(query)] = 3
+    if crop is not None:
+        cat = cat[tuple(slice(lo, hi) for lo, hi in crop)]
+    for a, f in enumerate(factors):
+        if f > 1:
+            pad = [(0, 0)] * n
+            pad[a] = (0, -cat.shape[a] % f)
+            cat = np.pad(cat, pad)
+            cat = cat.reshape(*cat.shape[:a], -1, f, *cat.shape[a + 1:]).max(axis=a + 1)
+    return cat.astype(np.intp)
 
 
 @dataclass

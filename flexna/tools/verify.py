@@ -3,7 +3,8 @@
 For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
 dilation, causal axes, token orders/tiles, block sizes; one in five a sliding tile
 attention (STA) configuration with text tokens instead, and of the 2-3 axis ones some in
-a Hilbert or Morton curve order), each check compares
+a Hilbert or Morton curve order, or a radial rule: the authors' on 2 axes, the 3-D-window
+variant on 3), each check compares
 flexna (through its public ``flexna.na_mask_mod`` / ``flexna.na_block_mask``) with
 :mod:`flexna.reference` (an independent NumPy statement of the rule):
 
@@ -41,8 +42,16 @@ import numpy as np
 import torch
 
 import flexna
+from flexna.blockmask import spec_block_mask
 from flexna.curves import curve_order
-from flexna.reference import reference_attention, reference_mask, reference_sliding_tile_mask
+from flexna.reference import (
+    reference_attention,
+    reference_mask,
+    reference_radial_mask,
+    reference_radial_window_mask,
+    reference_sliding_tile_mask,
+)
+from flexna.tables import build_tables
 from flexna.tools.blockmaps import block_maps
 
 HEADS = 2
@@ -68,12 +77,28 @@ class Config:
     window: tuple[int, ...] | None = None
     text: int = 0
     curve: str | None = None  # "hilbert" / "morton": both sides in that curve order
+    # rule "radial": (model, decay, threshold); "radial_window": (radius, min_radius, dense, sink)
+    radial: tuple | None = None
+
+    def pattern(self) -> flexna.NAPattern:
+        """The pattern of a radial configuration."""
+        from flexna.radial import radial_pattern, radial_window_pattern
+
+        assert self.radial is not None
+        if self.rule == "radial":
+            model, decay, threshold = self.radial
+            return radial_pattern(self.shape[0], self.shape[1], model=model, decay_factor=decay,
+                                  block_size=threshold)
+        radius, low, dense, sink = self.radial
+        return radial_window_pattern(self.shape, radius, min_radius=low, dense_frames=dense, sink=sink)
 
     def pattern_args(self) -> tuple:
         return self.shape, self.kernel_size, self.stride, self.dilation, self.is_causal
 
     def call(self) -> str:
         """A line of Python that builds this configuration's BlockMask."""
+        if self.rule in ("radial", "radial_window"):
+            return f"flexna.MaskSpec.create({self.pattern()!r}, block_size={self.block_size})"
         if self.rule == "sliding_tile":
             return (f"flexna.sta_block_mask({self.shape}, {self.sta_tile}, {self.window}, "
                     f"text_length={self.text}, block_size={self.block_size})")
@@ -139,7 +164,16 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
     kind = rng.random()  # drawn after the NA config, so NA configs stay those of earlier versions
     if kind < 0.2:
         return _sliding_tile_config(rng, cfg, cuda)
-    if kind < 0.35 and n > 1:  # a space-filling curve order instead of the tiles
+    if kind < 0.45 and n > 1:  # a radial rule (not separable per axis) on this layout
+        if n == 2:
+            radial: tuple = (rng.choice(("hunyuan", "wan")), rng.choice((0.5, 1.0, 2.0)),
+                             rng.choice((1, 2, 4, 8, 128)))
+        else:
+            radius = tuple(rng.randint(0, length) for length in shape_t[1:])
+            radial = (radius, tuple(rng.randint(0, r) for r in radius), rng.randint(0, 3),
+                      rng.random() < 0.3)
+        return replace(cfg, rule="radial" if n == 2 else "radial_window", radial=radial)
+    if kind < 0.55 and n > 1:  # a space-filling curve order instead of the tiles
         curve_block = block if cuda else (None if rng.random() < 0.5 else
                                           (rng.choice((16, 32, 64, 128)),) * 2)
         return replace(cfg, q_tile=None, kv_tile=None, block_size=curve_block,  # type: ignore[arg-type]
@@ -185,6 +219,12 @@ def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     (extra/text positions marked -1 there too)."""
     if cfg.rule == "sliding_tile":
         ref = reference_sliding_tile_mask(cfg.shape, cfg.sta_tile, cfg.window).numpy()  # type: ignore[arg-type]
+    elif cfg.rule == "radial":
+        model, decay, threshold = cfg.radial  # type: ignore[misc]
+        ref = reference_radial_mask(cfg.shape[0], cfg.shape[1], model, decay, threshold).numpy()
+    elif cfg.rule == "radial_window":
+        radius, low, dense, sink = cfg.radial  # type: ignore[misc]
+        ref = reference_radial_window_mask(cfg.shape, radius, low, dense, sink).numpy()
     else:
         ref = reference_mask(*cfg.pattern_args()).numpy()
     if cfg.curve is not None:  # the curve itself is tested on its own (tests/test_curves.py)
@@ -249,6 +289,11 @@ class Check:
             sta = (cfg.shape, cfg.sta_tile, cfg.window)
             mask_mod = flexna.sta_mask_mod(*sta, text_length=cfg.text, device=dev)
             bm = flexna.sta_block_mask(*sta, text_length=cfg.text, block_size=cfg.block_size, device=dev)
+        elif cfg.radial is not None:
+            spec = flexna.MaskSpec.create(cfg.pattern(), q_tile=cfg.q_tile, kv_tile=cfg.kv_tile,
+                                          block_size=cfg.block_size)
+            mask_mod = build_tables(spec, dev).mask_mod()
+            bm = spec_block_mask(spec, dev)
         else:
             mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
             bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
