@@ -6,6 +6,7 @@ functional API (``na1d``/``na2d``/``na3d``/``neighborhood_attention``).
 The exact pattern is specified in ``docs/SEMANTICS.md``.
 """
 
+from flexna.adaptive import adaptive_block_mask, select_blocks
 from flexna.analysis import analyze, choose_layout, choose_tiles, compare_orders, search_tiles
 from flexna.blockmask import na_block_mask
 from flexna.cache import CacheInfo, cache_info, clear_cache, set_cache_limit
@@ -57,6 +58,7 @@ __all__ = [
     "RecompileLimitError",
     "SlidingTilePattern",
     "TokenLayout",
+    "adaptive_block_mask",
     "analyze",
     "cache_info",
     "choose_layout",
@@ -83,6 +85,7 @@ __all__ = [
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
     "search_tiles",
+    "select_blocks",
     "set_cache_limit",
     "sharded_neighborhood_attention",
     "sliding_tile_pattern",
