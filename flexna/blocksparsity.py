@@ -474,7 +474,8 @@ def _with_extra_tokens(spec: MaskSpec, some: np.ndarray, full: np.ndarray,
     only_extra_k = k_extra & ~k_mixed
     # extra queries attend real keys only: their blocks are full where the key block has no padding
     host = build_host_tables(spec) if host_tables is None else host_tables
-    kv_real = (host.pos[:, :, :lk] >= 0).all(0)  # every axis real (padding is -1 on its own axis)  # type: ignore[attr-defined]
+    # a key is real when every axis is: padding is -1 on the axis it pads only
+    kv_real = (host.pos[:, :, :lk] >= 0).all(0)  # type: ignore[attr-defined]
     kv_block_real = _block_all(kv_real, kb, spec.num_kv_blocks)
     full = full | (complete & only_extra_k[None, :])[None]
     full = full | (complete[None] & only_extra_q[None, :, None] & (kv_block_real | k_extra)[:, None, :]
