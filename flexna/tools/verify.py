@@ -4,7 +4,7 @@ For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
 dilation, causal axes, token orders/tiles, block sizes; one in five a sliding tile
 attention (STA) configuration with text tokens instead, and of the 2-3 axis ones some in
 a Hilbert or Morton curve order, or a radial rule: the authors' on 2 axes, the 3-D-window
-variant on 3), each check compares
+variant on 3; some NA ones also check adaptive blocks on their window), each check compares
 flexna (through its public ``flexna.na_mask_mod`` / ``flexna.na_block_mask``) with
 :mod:`flexna.reference` (an independent NumPy statement of the rule):
 
@@ -79,6 +79,7 @@ class Config:
     curve: str | None = None  # "hilbert" / "morton": both sides in that curve order
     # rule "radial": (model, decay, threshold); "radial_window": (radius, min_radius, dense, sink)
     radial: tuple | None = None
+    adaptive: tuple | None = None  # ("threshold", p) or ("top_k", k): adaptive blocks on the window
 
     def pattern(self) -> flexna.NAPattern:
         """The pattern of a radial configuration."""
@@ -104,9 +105,11 @@ class Config:
                     f"text_length={self.text}, block_size={self.block_size})")
         order = (f"curve={self.curve!r}" if self.curve else
                  f"q_tile={self.q_tile}, kv_tile={self.kv_tile}")
+        extra = "" if self.adaptive is None else (
+            f"  # with flexna.adaptive_block_mask(q, k, spec, {self.adaptive[0]}={self.adaptive[1]})")
         return (f"flexna.na_block_mask({self.shape}, {self.kernel_size}, stride={self.stride}, "
                 f"dilation={self.dilation}, is_causal={self.is_causal}, {order}, "
-                f"block_size={self.block_size})")
+                f"block_size={self.block_size}){extra}")
 
 
 def _tile_tokens(tile: tuple[int, ...] | None) -> int:
@@ -178,6 +181,10 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
                                           (rng.choice((16, 32, 64, 128)),) * 2)
         return replace(cfg, q_tile=None, kv_tile=None, block_size=curve_block,  # type: ignore[arg-type]
                        curve=rng.choice(("hilbert", "morton")))
+    if kind < 0.7:  # adaptive blocks united with this NA window
+        if rng.random() < 0.5:
+            return replace(cfg, adaptive=("threshold", rng.choice((0.5, 0.8, 0.95))))
+        return replace(cfg, adaptive=("top_k", rng.randint(1, 4)))
     return cfg
 
 
@@ -332,6 +339,8 @@ class Check:
                     f"na_block_mask: {what} blocks differ from create_block_mask's: "
                     f"{int((mine & ~theirs).sum())} extra, {int((theirs & ~mine).sum())} missing")
 
+        if cfg.adaptive is not None:
+            self._check_adaptive(want, q_ord, kv_ord, (qb, kb))
         if self.attention:
             gen = torch.Generator().manual_seed(1000 + cfg.index)
             q = torch.randn(1, HEADS, nq, HEAD_DIM, generator=gen)
@@ -343,6 +352,67 @@ class Check:
             if not (torch.isfinite(out).all() and self.error <= self.tol):
                 self.failures.append(f"flex_attention: max |out - reference| = {self.error:.3g} "
                                      f"> tolerance {self.tol:g}")
+
+
+    def _check_adaptive(self, window: torch.Tensor, q_ord: np.ndarray, kv_ord: np.ndarray,
+                        blocks: tuple[int, int]) -> None:
+        """``adaptive_block_mask`` == the window OR the blocks a NumPy restatement of the
+        selection picks (pooled means of real tokens, softmax, ascending cumulative sum / top-k),
+        on every pair of every (batch, head), and its block lists cover exactly that."""
+        from torch.nn.attention.flex_attention import create_mask
+
+        cfg, dev = self.cfg, self.device
+        assert cfg.adaptive is not None
+        mode, value = cfg.adaptive
+        gen = torch.Generator().manual_seed(2000 + cfg.index)
+        nq, nkv = window.shape
+        q = torch.randn(1, HEADS, nq, HEAD_DIM, generator=gen, dtype=torch.float64)
+        k = torch.randn(1, HEADS, nkv, HEAD_DIM, generator=gen, dtype=torch.float64)
+        spec = flexna.MaskSpec.create(flexna.NAPattern.create(*cfg.pattern_args()), q_tile=cfg.q_tile,
+                                      kv_tile=cfg.kv_tile, block_size=cfg.block_size)
+        bm = flexna.adaptive_block_mask(q.to(dev), k.to(dev), spec, **{mode: value})
+        qb, kb = blocks
+        rows, cols = -(-nq // qb), -(-nkv // kb)
+        q_real, kv_real = q_ord >= 0, kv_ord >= 0
+
+        def pooled(x: np.ndarray, real: np.ndarray, block: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+            out, has = np.zeros((count, x.shape[-1])), np.zeros(count, dtype=bool)
+            for r in range(count):
+                idx = np.arange(r * block, min(len(real), (r + 1) * block))
+                idx = idx[real[idx]]
+                has[r] = idx.size > 0
+                out[r] = x[idx].mean(0) if idx.size else 0
+            return out, has
+
+        want = window.clone()[None].repeat(HEADS, 1, 1)
+        for h in range(HEADS):
+            pq, q_has = pooled(q[0, h].numpy(), q_real, qb, rows)
+            pk, k_has = pooled(k[0, h].numpy(), kv_real, kb, cols)
+            scores = np.where(k_has[None, :], pq @ pk.T / math.sqrt(HEAD_DIM), -np.inf)
+            sel = np.zeros((rows, cols), dtype=bool)
+            for r in np.flatnonzero(q_has):
+                if mode == "top_k":
+                    sel[r, np.argsort(-scores[r], kind="stable")[:value]] = True
+                else:
+                    p = np.exp(scores[r] - scores[r].max())
+                    p /= p.sum()
+                    asc = np.argsort(p, kind="stable")
+                    sel[r, asc[np.cumsum(p[asc]) >= 1 - value]] = True
+            sel &= k_has[None, :]
+            tokens = torch.from_numpy(sel).repeat_interleave(qb, 0).repeat_interleave(kb, 1)[:nq, :nkv]
+            want[h] |= tokens & torch.from_numpy(q_real[:, None] & kv_real[None, :])
+        got = create_mask(bm.mask_mod, 1, HEADS, nq, nkv, device=dev)[0].cpu()
+        if not torch.equal(got, want):
+            self.failures.append(f"adaptive_block_mask ({mode}={value}): mask_mod differs from the "
+                                 f"brute force on {int((got != want).sum())} pairs")
+            return
+        partial, full = (m[0].cpu() for m in block_maps(bm))
+        for h in range(HEADS):
+            cover = _expand_blocks(full[h], qb, kb, nq, nkv) | (_expand_blocks(partial[h], qb, kb, nq, nkv)
+                                                                 & want[h])
+            if not torch.equal(cover, want[h]):
+                self.failures.append(f"adaptive_block_mask ({mode}={value}): head {h}'s blocks do not "
+                                     f"cover the brute force ({int((cover != want[h]).sum())} pairs differ)")
 
 
 class _Progress:
