@@ -167,7 +167,9 @@ def search_tiles(
     perfectly block-sparse arrangement (0 partial blocks) is found whenever
     one exists among the candidates at minimal cost. Padding is accounted for:
     tiles that pad the layout add blocks. ``same_tile``: only pairs with one
-    tile for queries and keys (one token order for a whole model).
+    tile for queries and keys (one token order for a whole model). A rule that is not
+    separable per axis has no per-axis counts: its candidates are one tile for both sides,
+    each counted exactly from its block maps (seconds on video-sized layouts).
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top = {top!r} is out of range: need an int >= 1")
@@ -176,7 +178,10 @@ def search_tiles(
     for qn, kn in itertools.product(q_tokens, kv_tokens):
         for q_tile in _tile_shapes(pattern.shape, qn):
             for kv_tile in _tile_shapes(pattern.shape, kn):
-                if same_tile and kv_tile != q_tile:
+                if (same_tile or not pattern.separable) and kv_tile != q_tile:
+                    continue
+                if not pattern.separable:
+                    results.append(analyze(pattern, q_tile, kv_tile))
                     continue
                 some, full, total = _factorised_counts(pattern, q_tile, kv_tile, memo)
                 results.append(Analysis(pattern, q_tile, kv_tile, qn, kn, full, some - full, total))

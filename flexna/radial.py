@@ -126,32 +126,57 @@ class RadialPattern(NAPattern):
     def box_pairs(self, q_lo: np.ndarray, q_hi: np.ndarray, k_lo: np.ndarray,
                   k_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact (some pair attends, every pair attends) for boxes of query and key coordinates
-        (``[..., n]`` inclusive corners, broadcast): frame pairs are walked one by one, and for a
-        frame pair the bands are per-axis interval tests."""
+        (``[..., n]`` inclusive corners, broadcast).
+
+        Two frame intervals realise every distance in ``[dmin, dmax]``, so per spatial axis a
+        range-minimum table of the kept half-widths decides *every* (each realised distance
+        must cover the boxes' spread), and a range-maximum table decides *some* with one
+        spatial axis, or with several when the widths never grow with the distance (then the
+        nearest distance is the best); other rules walk the distances.
+        """
         keep, rad = self._distance_tables()
+        f = self.shape[0]
         shape = np.broadcast_shapes(q_lo.shape[:-1], k_lo.shape[:-1])
-        some = np.zeros(shape, dtype=bool)
+        i0, i1 = np.broadcast_to(q_lo[..., 0], shape), np.broadcast_to(q_hi[..., 0], shape)
+        j0, j1 = np.broadcast_to(k_lo[..., 0], shape), np.broadcast_to(k_hi[..., 0], shape)
+        lo_max, hi_min = _range_tables(np.where(keep[:, None], rad, -1))
+        gaps, spreads = [], []
+        for a in range(1, self.ndim):
+            qa, qb, ka, kb = q_lo[..., a], q_hi[..., a], k_lo[..., a], k_hi[..., a]
+            gaps.append(np.broadcast_to(np.maximum(np.maximum(ka - qb, qa - kb), 0), shape))
+            spreads.append(np.broadcast_to(np.maximum(kb - qa, qb - ka), shape))
+
+        def distances(k_first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            dmin = np.maximum(np.maximum(k_first - i1, i0 - j1), 0)
+            dmax = np.maximum(i1 - k_first, j1 - i0).clip(0, f - 1)
+            return dmin.clip(0, f - 1), np.maximum(dmax, dmin.clip(0, f - 1))
+
+        # every: the key frames other than a sink frame must satisfy every realised distance
+        k_first = np.maximum(j0, 1) if self.sink else j0
+        dmin, dmax = distances(k_first)
         every = np.ones(shape, dtype=bool)
-        q_span = int((q_hi[..., 0] - q_lo[..., 0]).max(initial=0)) + 1
-        k_span = int((k_hi[..., 0] - k_lo[..., 0]).max(initial=0)) + 1
-        for di in range(q_span):
-            i = q_lo[..., 0] + di
-            for dj in range(k_span):
-                j = k_lo[..., 0] + dj
-                valid = (i <= q_hi[..., 0]) & (j <= k_hi[..., 0])
-                d = np.abs(i - j).clip(0, self.shape[0] - 1)
-                pair_some = keep[d]
-                pair_every = keep[d]
-                for a in range(1, self.ndim):
-                    r = rad[d, a - 1]
-                    qa, qb, ka, kb = q_lo[..., a], q_hi[..., a], k_lo[..., a], k_hi[..., a]
-                    pair_some = pair_some & (ka <= qb + r) & (kb >= qa - r)
-                    pair_every = pair_every & (kb - qa <= r) & (qb - ka <= r)
-                if self.sink:
-                    pair_some = pair_some | (j == 0)
-                    pair_every = pair_every | (j == 0)
-                some |= valid & pair_some
-                every &= ~valid | pair_every
+        for a in range(self.ndim - 1):
+            every &= hi_min[a][dmin, dmax] >= spreads[a]
+        if self.sink:
+            every |= j1 < 1  # only frame 0: the sink
+        dmin, dmax = distances(j0)
+        monotone = bool((np.diff(np.where(keep[:, None], rad, -1), axis=0) <= 0).all())
+        if self.ndim == 2:
+            some = lo_max[0][dmin, dmax] >= gaps[0]
+        elif monotone:
+            some = np.ones(shape, dtype=bool)
+            for a in range(self.ndim - 1):
+                some &= rad[dmin, a] >= gaps[a]
+            some &= keep[dmin]
+        else:
+            some = np.zeros(shape, dtype=bool)
+            for d in range(f):
+                inside = (dmin <= d) & (d <= dmax) & keep[d]
+                for a in range(self.ndim - 1):
+                    inside &= rad[d, a] >= gaps[a]
+                some |= inside
+        if self.sink:
+            some |= j0 == 0
         return some, every
 
     def density(self) -> float:
@@ -180,6 +205,22 @@ class RadialPattern(NAPattern):
                 f"{'/'.join(fmt_dims(r) for r in self.radius)}"
                 + (f", split {'/'.join(map(str, self.split))}" if any(s > 1 for s in self.split) else "")
                 + (", sink on frame 0" if self.sink else ""))
+
+
+def _range_tables(values: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per column of ``values`` ``[F, m]``: ``[F, F]`` tables of the maximum and the minimum over
+    every index range ``[lo, hi]`` (``lo <= hi``; other entries unused)."""
+    f, m = values.shape
+    maxima, minima = [], []
+    for a in range(m):
+        hi_ = np.full((f, f), -1, dtype=np.int64)
+        lo_ = np.full((f, f), -1, dtype=np.int64)
+        for start in range(f):
+            hi_[start, start:] = np.maximum.accumulate(values[start:, a])
+            lo_[start, start:] = np.minimum.accumulate(values[start:, a])
+        maxima.append(hi_)
+        minima.append(lo_)
+    return maxima, minima
 
 
 def _band_pairs(length: int, r: int) -> int:

@@ -175,3 +175,26 @@ def reference_radial_window_mask_row(pattern, query) -> np.ndarray:
     mask = reference_radial_window_mask(pattern.shape, radius, low, 1, pattern.sink)
     row = int(np.ravel_multi_index(query, pattern.shape))
     return mask[row].numpy().reshape(pattern.shape)
+
+
+def test_hand_built_radial_rule_with_growing_widths() -> None:
+    """A RadialPattern built by hand whose widths grow with the distance on two spatial axes
+    (the box test's general branch): mask_mod and BlockMask against the element rule."""
+    from flexna.radial import RadialPattern
+
+    base = flexna.NAPattern.create((6, 5, 7), (6, 5, 7))
+    p = RadialPattern(base.shape, base.kernel_size, base.stride, base.dilation, base.is_causal,
+                      radius=((0, 1), (2, 0), (1, 3), (4, 6)), split=(1, 1, 2, 3), sink=True)
+    coords = np.stack(np.unravel_index(np.arange(210), p.shape), axis=1)
+    d = np.abs(coords[:, None, 0] - coords[None, :, 0])
+    group = np.vectorize(lambda v: int(v).bit_length())(d)
+    rad = np.array(p.radius)[group]
+    keep = d % np.array(p.split)[group] == 0
+    want = keep & (np.abs(coords[:, None, 1:] - coords[None, :, 1:]) <= rad).all(-1)
+    want = torch.from_numpy(want | (coords[None, :, 0] == 0))
+    for tile, block in ((None, 8), ((2, 2, 2), 16), ((1, 5, 7), 35)):
+        spec = flexna.MaskSpec.create(p, q_tile=tile, kv_tile=tile, block_size=block)
+        ordered = permuted_mask(want, p.shape, tile, tile)
+        assert torch.equal(dense_mask(build_tables(spec, "cpu").mask_mod(), *ordered.shape), ordered)
+        assert_block_masks_equal(spec_block_mask(spec, "cpu"), expected_block_mask(ordered, (block, block)),
+                                 str(tile))

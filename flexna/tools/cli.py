@@ -152,6 +152,8 @@ def _add_pattern_args(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("token order and blocks")
     b.add_argument("--q-tile", type=int, nargs="+", metavar="T", help="query tile per axis")
     b.add_argument("--kv-tile", type=int, nargs="+", metavar="T", help="key/value tile per axis")
+    b.add_argument("--curve", choices=("hilbert", "morton"),
+                   help="both sides in a space-filling curve order instead of tiles (2-3 axes)")
     b.add_argument("--block-size", type=int, nargs="+", metavar="B",
                    help="BlockMask block size in tokens: one value or q kv (default: 128 "
                    "row-major, one tile when tiled)")
@@ -335,6 +337,10 @@ def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, patte
         block_size = None if block is None else _one_or_all(block)
         ones = (1,) * pattern.ndim
         resolve_block_sizes(block_size, q_tile or ones, kv_tile or ones)
+        if args.curve is not None:  # checked as the spec checks it (axes, tiles, rule)
+            from flexna.spec import MaskSpec
+
+            MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_curve=args.curve, kv_curve=args.curve)
     except ValueError as exc:
         _fail(parser, exc, passed)
     return q_tile, kv_tile, block_size
@@ -444,8 +450,10 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
         file_name += f"-qt{'x'.join(map(str, q_tile or ones))}-kvt{'x'.join(map(str, kv_tile or ones))}"
     if block_size is not None:
         file_name += f"-b{'x'.join(map(str, args.block_size))}"
+    if args.curve is not None:
+        file_name += f"-{args.curve}"
     out = _output_path(args.out, file_name, args.force)
-    stats = block_stats(pattern, q_tile, kv_tile, block_size)
+    stats = block_stats(pattern, q_tile, kv_tile, block_size, args.curve)
     rendering = render_pattern(pattern, query, title=name, stats=stats)
     data = encode_png(rendering.image)
     _write_file(out, data, args.force)
@@ -475,13 +483,13 @@ def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser, pass
     q_tile, kv_tile, block_size = _order_args(args, parser, pattern, passed)
     for line in _pattern_lines(pattern, name, description):
         print(line)
-    orders = [(None, None, None)]
-    if q_tile is not None or kv_tile is not None or block_size is not None:
-        orders.append((q_tile, kv_tile, block_size))
+    orders = [(None, None, None, None)]
+    if q_tile is not None or kv_tile is not None or block_size is not None or args.curve is not None:
+        orders.append((q_tile, kv_tile, block_size, args.curve))
     print("BlockMask blocks:")
-    for qt, kt, bs in orders:
-        print(f"  {flexna.analyze(pattern, qt, kt, bs).summary()}")
-    if pattern.ndim > 1:
+    for qt, kt, bs, curve in orders:
+        print(f"  {flexna.analyze(pattern, qt, kt, bs, curve=curve).summary()}")
+    if pattern.ndim > 1 and pattern.separable:
         print("space-filling curve orders (flexna.CurveOrder, 128-token blocks):")
         for curve in ("hilbert", "morton"):
             print(f"  {flexna.analyze(pattern, curve=curve).summary()}")

@@ -447,6 +447,7 @@ class BlockStats:
     kv_block: int
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
+    curve: str | None = None  # both sides in a space-filling curve order
 
     @property
     def full(self) -> int:
@@ -472,6 +473,8 @@ class BlockStats:
     def describe(self) -> str:
         order = ("row-major" if math.prod(self.q_tile) == math.prod(self.kv_tile) == 1
                  else f"tiles q {_fmt(self.q_tile)} / kv {_fmt(self.kv_tile)}")
+        if self.curve is not None:
+            order = f"{self.curve} order"
         q_blocks, kv_blocks = self.categories.shape
         return (f"{order}, blocks {self.q_block}x{self.kv_block} tokens: {q_blocks} q by {kv_blocks} "
                 f"kv = {self.total}; full {self.full}, partial {self.partial}, empty {self.empty} "
@@ -488,16 +491,19 @@ def block_stats(
     q_tile: Sequence[int] | None = None,
     kv_tile: Sequence[int] | None = None,
     block_size: int | Sequence[int] | None = None,
+    curve: str | None = None,
 ) -> BlockStats:
-    """Full / partial / empty blocks of ``flexna.na_block_mask`` for the pattern (built on CPU)."""
+    """Full / partial / empty blocks of the pattern's analytic BlockMask (built on CPU), in the
+    tiled orders or (``curve``) a Hilbert / Morton order on both sides."""
     q_t = as_tile("q_tile", q_tile, pattern.shape)
     kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
-    spec = flexna.MaskSpec.create(pattern, q_tile=q_t, kv_tile=kv_t, block_size=block_size)
+    spec = flexna.MaskSpec.create(pattern, q_tile=q_tile and q_t, kv_tile=kv_tile and kv_t,
+                                  block_size=block_size, q_curve=curve, kv_curve=curve)
     bm = spec_block_mask(spec, "cpu")
     partial, full = (m[0, 0] for m in block_maps(bm))
     cat = torch.where(full, 2, partial.to(torch.uint8))  # a block listed as both counts as full
     q_block, kv_block = bm.BLOCK_SIZE
-    return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t)
+    return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t, curve)
 
 
 def token_position(coord: Sequence[int], shape: Sequence[int], tile: Sequence[int]) -> int:
@@ -556,7 +562,14 @@ def render_pattern(
     if stats is None:
         stats = block_stats(pattern, q_tile, kv_tile, block_size)
     hood = neighborhood_panel(pattern, query)
-    row = token_position(query, pattern.shape, stats.q_tile) // stats.q_block
+    if stats.curve is not None:  # the query's position along the curve
+        from flexna.curves import curve_order
+
+        flat = int(np.ravel_multi_index(tuple(query), pattern.shape))
+        position = int(np.flatnonzero(curve_order(pattern.shape, stats.curve) == flat)[0])
+    else:
+        position = token_position(query, pattern.shape, stats.q_tile)
+    row = position // stats.q_block
     blocks = block_panel(stats, row)
     hood_img = vstack([hood.image, legend([(QUERY, f"query {tuple(query)}"),
                                            (GROUP, "its stride group"),
