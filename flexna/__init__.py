@@ -33,6 +33,7 @@ from flexna.packing import (
     unpack_tokens,
 )
 from flexna.pattern import NAPattern, PerHead
+from flexna.radial import RadialPattern, radial_pattern, radial_window_pattern
 from flexna.scores import (
     compose_score_mods,
     distance_decay_score_mod,
@@ -55,6 +56,7 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "PerHead",
+    "RadialPattern",
     "RecompileLimitError",
     "SlidingTilePattern",
     "TokenLayout",
@@ -82,6 +84,8 @@ __all__ = [
     "packed_mask_mod",
     "packed_neighborhood_attention",
     "packed_rel_pos_bias_score_mod",
+    "radial_pattern",
+    "radial_window_pattern",
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
     "search_tiles",
