@@ -156,3 +156,21 @@ def test_extra_query_blocks_over_keys_padded_on_a_later_axis() -> None:
     mm = build_tables(spec, "cpu").mask_mod()
     want = create_block_mask(mm, None, None, spec.q_len, spec.kv_len, device="cpu", BLOCK_SIZE=4)
     assert_block_masks_equal(spec_block_mask(spec, "cpu"), want)
+
+
+def test_new_selections_do_not_recompile() -> None:
+    """Each call makes a new BlockMask and mask_mod; compiled Flex takes them without a new graph
+    (the selection is a tensor of the same shape)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    spec = flexna.MaskSpec.create(flexna.NAPattern.create((16, 16), 5), q_tile=(4, 4), kv_tile=(4, 4))
+    flex = torch.compile(flex_attention)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i in range(3):
+            q, k, v = (torch.randn(1, 2, spec.q_len, 16, generator=g) for _ in range(3))
+            flex(q, k, v, block_mask=flexna.adaptive_block_mask(q, k, spec, top_k=2 + i))
+            if i == 0:
+                before = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == before
