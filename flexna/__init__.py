@@ -8,7 +8,7 @@ The exact pattern is specified in ``docs/SEMANTICS.md``.
 
 from flexna.adaptive import adaptive_block_mask, select_blocks
 from flexna.analysis import analyze, choose_layout, choose_tiles, compare_orders, search_tiles
-from flexna.blockmask import na_block_mask
+from flexna.blockmask import na_block_mask, spec_block_mask
 from flexna.cache import CacheInfo, cache_info, clear_cache, set_cache_limit
 from flexna.distributed import sharded_neighborhood_attention
 from flexna.errors import CacheWarning, EagerFallbackWarning, RecompileLimitError
@@ -43,7 +43,7 @@ from flexna.scores import (
 )
 from flexna.sliding_tile import SlidingTilePattern, sliding_tile_pattern, sta_block_mask, sta_mask_mod, sta_spec
 from flexna.spec import MaskSpec
-from flexna.tables import na_mask_mod
+from flexna.tables import na_mask_mod, spec_mask_mod
 
 __all__ = [
     "CacheInfo",
@@ -94,6 +94,8 @@ __all__ = [
     "sharded_neighborhood_attention",
     "sliding_tile_pattern",
     "softcap_score_mod",
+    "spec_block_mask",
+    "spec_mask_mod",
     "sta_block_mask",
     "sta_mask_mod",
     "sta_spec",

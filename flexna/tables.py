@@ -306,6 +306,11 @@ def _meta_tables(spec: MaskSpec, fused: bool, dtype: torch.dtype) -> MaskTables:
                       tuple(empty(spec.kv_len) for _ in range(n)), fused_t)
 
 
+def spec_mask_mod(spec: MaskSpec, device: torch.device | str | None = None) -> MaskMod:
+    """The FlexAttention ``mask_mod`` of a :class:`~flexna.MaskSpec` (its tables on ``device``)."""
+    return build_tables(spec, device).mask_mod()
+
+
 def na_mask_mod(
     shape: IntOrTuple,
     kernel_size: IntOrTuple,

@@ -238,11 +238,11 @@ def _check_field(where: str, field: str, value: object) -> object:
 def _build_pattern(rule: str, values: dict) -> NAPattern:
     """The validated pattern of a rule from its checked fields."""
     if rule == "sliding_tile":
-        from flexna.sliding_tile import sliding_tile_pattern
+        from flexna import sliding_tile_pattern
 
         return sliding_tile_pattern(values["shape"], values["tile"], values["window"])
     if rule == "radial":
-        from flexna.radial import radial_pattern
+        from flexna import radial_pattern
 
         shape = values["shape"]
         if not isinstance(shape, tuple) or len(shape) != 2:
@@ -250,7 +250,7 @@ def _build_pattern(rule: str, values: dict) -> NAPattern:
         return radial_pattern(shape[0], shape[1], model=values["model"],
                               decay_factor=values["decay_factor"], block_size=values["block_size"])
     if rule == "radial_window":
-        from flexna.radial import radial_window_pattern
+        from flexna import radial_window_pattern
 
         sink = values["sink"]
         return radial_window_pattern(values["shape"], values["radius"], min_radius=values["min_radius"],

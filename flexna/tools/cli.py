@@ -338,9 +338,10 @@ def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, patte
         ones = (1,) * pattern.ndim
         resolve_block_sizes(block_size, q_tile or ones, kv_tile or ones)
         if args.curve is not None:  # checked as the spec checks it (axes, tiles, rule)
-            from flexna.spec import MaskSpec
+            import flexna
 
-            MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_curve=args.curve, kv_curve=args.curve)
+            flexna.MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_curve=args.curve,
+                                   kv_curve=args.curve)
     except ValueError as exc:
         _fail(parser, exc, passed)
     return q_tile, kv_tile, block_size

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 import flexna
-from flexna.blockmask import spec_block_mask
 from flexna.geometry import tile_grid
 from flexna.layout import as_tile
 from flexna.pattern import NAPattern
@@ -499,7 +498,7 @@ def block_stats(
     kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
     spec = flexna.MaskSpec.create(pattern, q_tile=q_tile and q_t, kv_tile=kv_tile and kv_t,
                                   block_size=block_size, q_curve=curve, kv_curve=curve)
-    bm = spec_block_mask(spec, "cpu")
+    bm = flexna.spec_block_mask(spec, "cpu")
     partial, full = (m[0, 0] for m in block_maps(bm))
     cat = torch.where(full, 2, partial.to(torch.uint8))  # a block listed as both counts as full
     q_block, kv_block = bm.BLOCK_SIZE
@@ -563,10 +562,9 @@ def render_pattern(
         stats = block_stats(pattern, q_tile, kv_tile, block_size)
     hood = neighborhood_panel(pattern, query)
     if stats.curve is not None:  # the query's position along the curve
-        from flexna.curves import curve_order
-
         flat = int(np.ravel_multi_index(tuple(query), pattern.shape))
-        position = int(np.flatnonzero(curve_order(pattern.shape, stats.curve) == flat)[0])
+        order = flexna.CurveOrder.create(pattern.shape, stats.curve).order()
+        position = int(np.flatnonzero(order == flat)[0])
     else:
         position = token_position(query, pattern.shape, stats.q_tile)
     row = position // stats.q_block

@@ -42,8 +42,6 @@ import numpy as np
 import torch
 
 import flexna
-from flexna.blockmask import spec_block_mask
-from flexna.curves import curve_order
 from flexna.reference import (
     reference_attention,
     reference_mask,
@@ -51,7 +49,6 @@ from flexna.reference import (
     reference_radial_window_mask,
     reference_sliding_tile_mask,
 )
-from flexna.tables import build_tables
 from flexna.tools.blockmaps import block_maps
 
 HEADS = 2
@@ -83,15 +80,13 @@ class Config:
 
     def pattern(self) -> flexna.NAPattern:
         """The pattern of a radial configuration."""
-        from flexna.radial import radial_pattern, radial_window_pattern
-
         assert self.radial is not None
         if self.rule == "radial":
             model, decay, threshold = self.radial
-            return radial_pattern(self.shape[0], self.shape[1], model=model, decay_factor=decay,
+            return flexna.radial_pattern(self.shape[0], self.shape[1], model=model, decay_factor=decay,
                                   block_size=threshold)
         radius, low, dense, sink = self.radial
-        return radial_window_pattern(self.shape, radius, min_radius=low, dense_frames=dense, sink=sink)
+        return flexna.radial_window_pattern(self.shape, radius, min_radius=low, dense_frames=dense, sink=sink)
 
     def pattern_args(self) -> tuple:
         return self.shape, self.kernel_size, self.stride, self.dilation, self.is_causal
@@ -235,7 +230,7 @@ def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     else:
         ref = reference_mask(*cfg.pattern_args()).numpy()
     if cfg.curve is not None:  # the curve itself is tested on its own (tests/test_curves.py)
-        q_ord = kv_ord = np.array(curve_order(cfg.shape, cfg.curve))
+        q_ord = kv_ord = np.array(flexna.CurveOrder.create(cfg.shape, cfg.curve).order())
     else:
         q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
     out = np.zeros((q_ord.size + cfg.text, kv_ord.size + cfg.text), dtype=bool)
@@ -299,8 +294,8 @@ class Check:
         elif cfg.radial is not None:
             spec = flexna.MaskSpec.create(cfg.pattern(), q_tile=cfg.q_tile, kv_tile=cfg.kv_tile,
                                           block_size=cfg.block_size)
-            mask_mod = build_tables(spec, dev).mask_mod()
-            bm = spec_block_mask(spec, dev)
+            mask_mod = flexna.spec_mask_mod(spec, dev)
+            bm = flexna.spec_block_mask(spec, dev)
         else:
             mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
             bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
