@@ -6,9 +6,10 @@ functional API (``na1d``/``na2d``/``na3d``/``neighborhood_attention``).
 The exact pattern is specified in ``docs/SEMANTICS.md``.
 """
 
-from flexna.analysis import analyze, choose_layout, choose_tiles, search_tiles
+from flexna.adaptive import adaptive_block_mask, select_blocks
+from flexna.analysis import analyze, choose_layout, choose_tiles, compare_orders, search_tiles
 from flexna.backends import BackendError, flash_unavailable, kernel_options
-from flexna.blockmask import na_block_mask
+from flexna.blockmask import na_block_mask, spec_block_mask
 from flexna.cache import CacheInfo, cache_info, clear_cache, set_cache_limit
 from flexna.distributed import sharded_neighborhood_attention
 from flexna.errors import CacheWarning, EagerFallbackWarning, RecompileLimitError
@@ -22,7 +23,7 @@ from flexna.functional import (
     packed_neighborhood_attention,
     tiled_neighborhood_attention,
 )
-from flexna.layout import TokenLayout, tile_tokens, tiled_length, untile_tokens
+from flexna.layout import CurveOrder, TokenLayout, tile_tokens, tiled_length, untile_tokens
 from flexna.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from flexna.packing import (
     pack_tokens,
@@ -33,6 +34,7 @@ from flexna.packing import (
     unpack_tokens,
 )
 from flexna.pattern import NAPattern, PerHead
+from flexna.radial import RadialPattern, radial_pattern, radial_window_pattern
 from flexna.scores import (
     compose_score_mods,
     distance_decay_score_mod,
@@ -40,13 +42,15 @@ from flexna.scores import (
     rpb_table_shape,
     softcap_score_mod,
 )
+from flexna.sliding_tile import SlidingTilePattern, sliding_tile_pattern, sta_block_mask, sta_mask_mod, sta_spec
 from flexna.spec import MaskSpec, mask_limit, set_mask_limit
-from flexna.tables import na_mask_mod
+from flexna.tables import na_mask_mod, spec_mask_mod
 
 __all__ = [
     "BackendError",
     "CacheInfo",
     "CacheWarning",
+    "CurveOrder",
     "EagerFallbackWarning",
     "MaskSpec",
     "NAPattern",
@@ -54,13 +58,17 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "PerHead",
+    "RadialPattern",
     "RecompileLimitError",
+    "SlidingTilePattern",
     "TokenLayout",
+    "adaptive_block_mask",
     "analyze",
     "cache_info",
     "choose_layout",
     "choose_tiles",
     "clear_cache",
+    "compare_orders",
     "compose_score_mods",
     "dense_flex_attention",
     "distance_decay_score_mod",
@@ -81,13 +89,22 @@ __all__ = [
     "packed_mask_mod",
     "packed_neighborhood_attention",
     "packed_rel_pos_bias_score_mod",
+    "radial_pattern",
+    "radial_window_pattern",
     "rel_pos_bias_score_mod",
     "rpb_table_shape",
     "search_tiles",
+    "select_blocks",
     "set_cache_limit",
     "set_mask_limit",
     "sharded_neighborhood_attention",
+    "sliding_tile_pattern",
     "softcap_score_mod",
+    "spec_block_mask",
+    "spec_mask_mod",
+    "sta_block_mask",
+    "sta_mask_mod",
+    "sta_spec",
     "tile_tokens",
     "tiled_length",
     "tiled_neighborhood_attention",

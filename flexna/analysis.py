@@ -48,6 +48,7 @@ class Analysis:
     full_blocks: int
     partial_blocks: int
     total_blocks: int
+    curve: str | None = None  # a space-filling curve order (both sides) instead of tiles
 
     @property
     def density(self) -> float:
@@ -76,6 +77,8 @@ class Analysis:
     def summary(self) -> str:
         tiles = ("row-major" if math.prod(self.q_tile) == 1 and math.prod(self.kv_tile) == 1
                  else f"q tile {fmt_dims(self.q_tile)}, kv tile {fmt_dims(self.kv_tile)}")
+        if self.curve is not None:
+            tiles = f"{self.curve} order"
         return (f"{tiles}, blocks {self.q_block}x{self.kv_block}: {self.full_blocks} full, "
                 f"{self.partial_blocks} partial, {self.empty_blocks} empty; predicted "
                 f"{self.predicted_speedup:.2f}x over dense Flex (FLOP-wise limit "
@@ -87,19 +90,39 @@ def analyze(
     q_tile: int | Sequence[int] | None = None,
     kv_tile: int | Sequence[int] | None = None,
     block_size: int | Sequence[int] | None = None,
+    curve: str | None = None,
 ) -> Analysis:
-    """Density, FLOP-wise limit, block counts and predicted speed-up of ``pattern``."""
-    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, block_size=block_size)
+    """Density, FLOP-wise limit, block counts and predicted speed-up of ``pattern``.
+
+    ``curve``: ``"hilbert"`` or ``"morton"`` order on both sides instead of tiles (the same
+    cost model; block counts from the per-token block maps)."""
+    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, block_size=block_size,
+                           q_curve=curve, kv_curve=curve)
+    if curve is not None:
+        partial, full_map = spec_maps(spec)
+        return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block,
+                        int(full_map.sum()), int(partial.sum()), partial[0].size, curve)
     one_box = [block_as_tile(pattern.shape, t if pattern.ndim > 1 else (b,), b // math.prod(t) if
                              pattern.ndim > 1 else 1)
                for t, b in ((spec.q_tile, spec.q_block), (spec.kv_tile, spec.kv_block))]
-    if one_box[0] is not None and one_box[1] is not None:  # counts factorise over axes: no maps
+    if one_box[0] is not None and one_box[1] is not None and pattern.separable:  # counts factorise
         some, full, total = _factorised_counts(pattern, one_box[0], one_box[1], {})
         return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block, full,
                         some - full, total)
     partial, full_map = spec_maps(spec)  # cached: the functional API's mask reuses them
     return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block,
                     int(full_map.sum()), int(partial.sum()), partial[0].size)
+
+
+def compare_orders(pattern: NAPattern, block_size: int = DEFAULT_BLOCK) -> list[Analysis]:
+    """Block counts and predicted cost of ``pattern`` in each token order, at one block size:
+    row-major, the best tiled order of :func:`search_tiles` (one tile per block), and, for
+    2-3 axes, the Hilbert and Morton curves."""
+    out = [analyze(pattern, block_size=block_size)]
+    if pattern.ndim > 1:
+        out += search_tiles(pattern, q_tokens=(block_size,), kv_tokens=(block_size,), top=1)
+        out += [analyze(pattern, block_size=block_size, curve=c) for c in ("hilbert", "morton")]
+    return out
 
 
 def _factorised_counts(pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, ...],
@@ -149,7 +172,9 @@ def search_tiles(
     one exists among the candidates at minimal cost. Padding is accounted for:
     tiles that pad the layout add blocks. ``same_tile``: only pairs with one
     tile for queries and keys (one token order for a whole model). ``padding=False``: only
-    tiles that divide the layout (the tiled sequence is as long as the row-major one).
+    tiles that divide the layout (the tiled sequence is as long as the row-major one). A rule
+    that is not separable per axis has no per-axis counts: its candidates are one tile for both
+    sides, each counted exactly from its block maps (seconds on video-sized layouts).
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top = {top!r} is out of range: need an int >= 1")
@@ -160,7 +185,10 @@ def search_tiles(
     for qn, kn in itertools.product(q_tokens, kv_tokens):
         for q_tile in _tile_shapes(pattern.shape, qn, padding):
             for kv_tile in _tile_shapes(pattern.shape, kn, padding):
-                if same_tile and kv_tile != q_tile:
+                if (same_tile or not pattern.separable) and kv_tile != q_tile:
+                    continue
+                if not pattern.separable:
+                    results.append(analyze(pattern, q_tile, kv_tile))
                     continue
                 some, full, total = _factorised_counts(pattern, q_tile, kv_tile, memo)
                 results.append(Analysis(pattern, q_tile, kv_tile, qn, kn, full, some - full, total))
@@ -214,6 +242,14 @@ def choose_layout(shape: Sequence[int], kernel_size: int | Sequence[int], stride
     return TokenLayout.create(pattern.shape, None if tiles is None else tiles[0])
 
 
-__all__ = ["Analysis", "analyze", "best_tiles", "choose_layout", "choose_tiles", "partial_cost",
-           "search_tiles"]
+__all__ = [
+    "Analysis",
+    "analyze",
+    "best_tiles",
+    "choose_layout",
+    "choose_tiles",
+    "compare_orders",
+    "partial_cost",
+    "search_tiles",
+]
 

@@ -141,6 +141,7 @@ def na_block_mask(
     device: torch.device | str | None = None,
     q_region: Sequence[Sequence[int]] | None = None,
     kv_region: Sequence[Sequence[int]] | None = None,
+    curve: str | None = None,
 ) -> BlockMask:
     """Analytic FlexAttention ``BlockMask`` of neighborhood attention.
 
@@ -158,7 +159,8 @@ def na_block_mask(
     a sub-box of the layout whose tokens are the queries / keys (in that box's
     own order, tiled by ``q_tile`` / ``kv_tile``), with the pattern of the whole
     layout: e.g. one shard's queries against its keys plus halo. Default: the
-    whole layout.
+    whole layout. ``curve``: ``"hilbert"`` or ``"morton"`` token order on both sides
+    (see :func:`flexna.na_mask_mod`; block maps built per token, 128-token blocks by default).
 
     Example::
 
@@ -167,5 +169,5 @@ def na_block_mask(
     """
     pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
     spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, block_size=block_size,
-                           q_region=q_region, kv_region=kv_region)
+                           q_region=q_region, kv_region=kv_region, q_curve=curve, kv_curve=curve)
     return build_block_mask(spec, resolve_device(device))

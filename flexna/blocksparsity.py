@@ -19,7 +19,10 @@ Method. A block of the tiled order is a union of at most ``2n - 1`` boxes
 Both are found by walking the boxes in runs contiguous in the key order, so the cost is
 O(runs + pairs reached), never O(N^2). With dilation the unions are not boxes; the bounding
 boxes then give candidates and an exact per-axis test over box pairs (per dilation
-residue) decides.
+residue) decides. A rule that is not separable per axis takes that path too: its envelope
+gives the candidates and its own box test (:meth:`~flexna.pattern.NAPattern.box_pairs`)
+decides, exactly when the rule provides one. Orders whose blocks are not unions of boxes
+(space-filling curves) go through :func:`token_block_maps`, per token.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 
 from flexna.cache import cached
 from flexna.geometry import Region, ravel, region_or_full, region_shape, tile_grid
-from flexna.layout import TokenLayout
+from flexna.layout import TokenLayout, TokenOrder
 from flexna.pattern import NAPattern
 from flexna.spec import MaskSpec
 
@@ -143,7 +146,7 @@ def _range_extreme(table: np.ndarray, a: np.ndarray, b: np.ndarray, d: int, lowe
     return table[np.maximum(b[..., None] - off, a[..., None])].max(axis=-1)
 
 
-def _exact_pairs(qa: np.ndarray, qb: np.ndarray, ka: np.ndarray, kb: np.ndarray, lo: np.ndarray,
+def exact_pairs(qa: np.ndarray, qb: np.ndarray, ka: np.ndarray, kb: np.ndarray, lo: np.ndarray,
                  hi: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-axis (some pair attends, every pair attends) for query/key intervals."""
     if d == 1:
@@ -183,8 +186,8 @@ def axis_tile_tables(
     qa, qb = tq[:, None], np.minimum(tq + q_tile, q1)[:, None] - 1
     ka, kb = tk[None, :], np.minimum(tk + kv_tile, k1)[None, :] - 1
     d = pattern.dilation[axis]
-    some, _ = _exact_pairs(qa, qb, ka, kb, *pattern.envelope_bounds(axis), d)
-    _, every = _exact_pairs(qa, qb, ka, kb, *pattern.core_bounds(axis), d)
+    some, _ = exact_pairs(qa, qb, ka, kb, *pattern.envelope_bounds(axis), d)
+    _, every = exact_pairs(qa, qb, ka, kb, *pattern.core_bounds(axis), d)
     every = every & (tq + q_tile <= q1)[:, None] & (tk + kv_tile <= k1)[None, :]
     return some, every
 
@@ -215,8 +218,8 @@ def _tile_maps(pattern: NAPattern, q_tile: tuple[int, ...], kv_tile: tuple[int, 
 
 def order_block_maps(
     pattern: NAPattern,
-    q_order: TokenLayout,
-    kv_order: TokenLayout,
+    q_order: TokenLayout | TokenOrder,
+    kv_order: TokenLayout | TokenOrder,
     q_block: int,
     kv_block: int,
     q_region: Region | None = None,
@@ -228,6 +231,10 @@ def order_block_maps(
     (``kv_order``), an order over that region; by default the whole layout.
     """
     n = pattern.ndim
+    if not (isinstance(q_order, TokenLayout) and isinstance(kv_order, TokenLayout)):
+        if q_region is not None or kv_region is not None:
+            raise ValueError("regions need tiled token orders")
+        return token_block_maps(pattern, q_order, kv_order, q_block, kv_block)
     q_region = region_or_full(q_region, pattern.shape)
     kv_region = region_or_full(kv_region, pattern.shape)
     q_shape, kv_shape = region_shape(q_region), region_shape(kv_region)
@@ -238,10 +245,11 @@ def order_block_maps(
     kv_tiles = kv_block // math.prod(kv_tile)
     q_as_tile = block_as_tile(q_shape, q_tile, q_tiles)
     kv_as_tile = block_as_tile(kv_shape, kv_tile, kv_tiles)
-    if q_as_tile is not None and kv_as_tile is not None:
+    exact_boxes = pattern.separable and all(d == 1 for d in pattern.dilation)
+    if q_as_tile is not None and kv_as_tile is not None and pattern.separable:
         return _tile_maps(pattern, q_as_tile, kv_as_tile, q_region, kv_region)
     q_boxes = q_order.block_boxes(q_block)
-    kv_boxes = kv_order.block_boxes(kv_block) if any(d > 1 for d in pattern.dilation) else ()
+    kv_boxes = kv_order.block_boxes(kv_block) if not exact_boxes else ()
     if q_boxes is None or kv_boxes is None:
         raise ValueError(f"block sizes ({q_block}, {kv_block}) must hold whole tiles of {q_order.tile} "
                          f"/ {kv_order.tile}")
@@ -274,7 +282,7 @@ def order_block_maps(
     reached = _fill_runs(num_q, num_kv, run_owner, start // kv_tiles, end // kv_tiles)
 
     q_complete = qcount == q_block
-    if all(d == 1 for d in dil):
+    if exact_boxes:
         big = np.iinfo(np.int64).max
         i_lo = np.stack([np.where(q_real, core[a][0][qb[..., a]], -1).max(1) for a in range(n)], -1)
         i_hi = np.stack([np.where(q_real, core[a][1][qa[..., a]], big).min(1) for a in range(n)], -1)
@@ -297,15 +305,10 @@ def order_block_maps(
     chunk = max(1, 2**22 // (slots * slots * n * max(dil)))
     for c0 in range(0, cand_q.size, chunk):
         qi, ki = cand_q[c0:c0 + chunk], cand_kv[c0:c0 + chunk]
-        some = np.ones((qi.size, slots, slots), dtype=bool)
-        every = np.ones_like(some)
-        for a in range(n):
-            qa_ = qa[qi, :, a][:, :, None]
-            qb_ = qb[qi, :, a][:, :, None]
-            ka_ = np.clip(klo[ki, :, a], 0, pattern.shape[a] - 1)[:, None, :]
-            kb_ = np.clip(khi[ki, :, a], 0, pattern.shape[a] - 1)[:, None, :]
-            some &= _exact_pairs(qa_, qb_, ka_, kb_, *envelope[a], dil[a])[0]
-            every &= _exact_pairs(qa_, qb_, ka_, kb_, *core[a], dil[a])[1]
+        last = np.array(pattern.shape) - 1
+        some, every = pattern.box_pairs(qa[qi][:, :, None, :], qb[qi][:, :, None, :],
+                                        np.clip(klo[ki], 0, last)[:, None, :, :],
+                                        np.clip(khi[ki], 0, last)[:, None, :, :])
         pair_ok = q_real[qi][:, :, None] & (klo[ki, :, 0] <= khi[ki, :, 0])[:, None, :]
         some_any = (some & pair_ok).reshape(qi.size, -1).any(1)
         every_all = ((every | ~pair_ok).reshape(qi.size, -1).all(1) & some_any
@@ -313,6 +316,94 @@ def order_block_maps(
         reached[qi, ki] = some_any & ~every_all
         full[qi, ki] = every_all
     return reached, full
+
+
+def _residue_major(coord: np.ndarray, length: int, d: int) -> np.ndarray:
+    """Axis coordinate ``y`` -> ``(y % d) * ceil(L / d) + y // d``: each dilation group contiguous,
+    so a window (one group, step ``d``) is one interval. Keeps ``-1`` (padding)."""
+    if d == 1:
+        return coord
+    return np.where(coord >= 0, (coord % d) * -(-length // d) + coord // d, -1)
+
+
+def token_block_maps(pattern: NAPattern, q_order: TokenOrder, kv_order: TokenOrder,
+                     q_block: int, kv_block: int) -> Maps:
+    """Block maps for any pair of token orders, from per-token windows (exact for any dilation).
+
+    Coordinates are taken residue-major per axis (:func:`_residue_major`), where every
+    query's window is a box. Per query block, the union of its queries' envelope boxes is
+    painted by an n-D difference array over the block's bounding box and the key blocks
+    under it are *reached*; a key block is *full* when all its keys lie, on every axis,
+    inside the intersection of the block's core windows, ``[max lo, min hi]`` (a rule
+    separable per axis attends a pair iff every axis does), and neither block holds padding.
+    O(tokens + sum over query blocks of their bounding boxes + blocks^2 * n).
+    """
+    n = pattern.ndim
+    qc, kc = q_order.coords(), kv_order.coords()
+    nq_blocks, nk_blocks = -(-len(qc) // q_block), -(-len(kc) // kv_block)
+    ext = [d * -(-length // d) for length, d in zip(pattern.shape, pattern.dilation, strict=True)]
+    key_block = np.full(ext, -1, dtype=np.int64)  # residue-major layout -> the key's block
+    kr = np.stack([_residue_major(kc[:, a], pattern.shape[a], pattern.dilation[a]) for a in range(n)], 1)
+    real_k: np.ndarray = np.asarray((kc >= 0).all(1))
+    key_block[tuple(kr[real_k].T)] = np.arange(len(kc))[real_k] // kv_block
+    real_q: np.ndarray = np.asarray((qc >= 0).all(1))
+    bounds = []
+    for fn in (pattern.envelope_bounds, pattern.core_bounds):
+        lo_hi = []
+        for a in range(n):
+            lo, hi = fn(a)
+            x = np.maximum(qc[:, a], 0)
+            length, d = pattern.shape[a], pattern.dilation[a]
+            lo_hi.append((_residue_major(lo[x], length, d), _residue_major(hi[x], length, d)))
+        bounds.append(lo_hi)
+    e_lo = np.stack([b[0] for b in bounds[0]], 1)  # [Nq, n]
+    e_hi = np.stack([b[1] for b in bounds[0]], 1)
+    c_lo = np.stack([b[0] for b in bounds[1]], 1)
+    c_hi = np.stack([b[1] for b in bounds[1]], 1)
+    reached = np.zeros((nq_blocks, nk_blocks), dtype=bool)
+    corners = np.array(list(np.ndindex(*(2,) * n)), dtype=np.int64)  # [2^n, n]
+    signs = (-1) ** corners.sum(1)
+    for b in range(nq_blocks):
+        sel = np.arange(b * q_block, min((b + 1) * q_block, len(qc)))
+        sel = sel[real_q[sel] & (e_lo[sel] <= e_hi[sel]).all(1)]
+        if sel.size == 0:
+            continue
+        boxes = np.unique(np.concatenate([e_lo[sel], e_hi[sel]], 1), axis=0)
+        lo, hi = boxes[:, :n], boxes[:, n:]
+        origin, size = lo.min(0), hi.max(0) - lo.min(0) + 1
+        diff = np.zeros(size + 1, dtype=np.int32)
+        for corner, sign in zip(corners, signs, strict=True):
+            point = np.where(corner, hi + 1, lo) - origin
+            np.add.at(diff, tuple(point.T), sign)
+        for a in range(n):
+            diff = np.cumsum(diff, axis=a, dtype=np.int32)
+        covered = diff[tuple(slice(0, int(v)) for v in size)] > 0
+        window = key_block[tuple(slice(int(o), int(o + v)) for o, v in zip(origin, size, strict=True))]
+        hit = window[covered]
+        reached[b, hit[hit >= 0]] = True
+
+    def per_block(values: np.ndarray, real: np.ndarray, block: int, blocks: int, fill: int,
+                  reduce: np.ufunc) -> np.ndarray:
+        padded = np.full((blocks * block, n), fill, dtype=np.int64)
+        padded[:len(values)] = np.where(real[:, None], values, fill)
+        return reduce.reduce(padded.reshape(blocks, block, n), axis=1)
+
+    big = np.iinfo(np.int64).max // 4
+    i_lo = per_block(c_lo, real_q, q_block, nq_blocks, -big, np.maximum)
+    i_hi = per_block(c_hi, real_q, q_block, nq_blocks, big, np.minimum)
+    k_min = per_block(kr, real_k, kv_block, nk_blocks, big, np.minimum)
+    k_max = per_block(kr, real_k, kv_block, nk_blocks, -big, np.maximum)
+    q_complete = np.zeros(nq_blocks * q_block, dtype=bool)
+    q_complete[:len(qc)] = real_q
+    k_complete = np.zeros(nk_blocks * kv_block, dtype=bool)
+    k_complete[:len(kc)] = real_k
+    q_ok = np.asarray(q_complete.reshape(nq_blocks, q_block).all(1))
+    k_ok = np.asarray(k_complete.reshape(nk_blocks, kv_block).all(1))
+    full = np.ones((nq_blocks, nk_blocks), dtype=bool)
+    for a in range(n):
+        full &= (k_min[None, :, a] >= i_lo[:, None, a]) & (k_max[None, :, a] <= i_hi[:, None, a])
+    full &= q_ok[:, None] & k_ok[None, :] & reached
+    return reached & ~full, full
 
 
 def spec_maps(spec: MaskSpec, host: object | None = None) -> Maps:
@@ -383,7 +474,8 @@ def _with_extra_tokens(spec: MaskSpec, some: np.ndarray, full: np.ndarray,
     only_extra_k = k_extra & ~k_mixed
     # extra queries attend real keys only: their blocks are full where the key block has no padding
     host = build_host_tables(spec) if host_tables is None else host_tables
-    kv_real = (host.pos[0, :, :lk] >= 0)  # type: ignore[attr-defined]
+    # a key is real when every axis is: padding is -1 on the axis it pads only
+    kv_real = (host.pos[:, :, :lk] >= 0).all(0)  # type: ignore[attr-defined]
     kv_block_real = _block_all(kv_real, kb, spec.num_kv_blocks)
     full = full | (complete & only_extra_k[None, :])[None]
     full = full | (complete[None] & only_extra_q[None, :, None] & (kv_block_real | k_extra)[:, None, :]

@@ -203,3 +203,28 @@ def block_boxes(shape: tuple[int, ...], tile: tuple[int, ...],
     hi = np.where(nonempty[..., None], hi, 0)
     count = np.where(nonempty, np.maximum(hi - lo + 1, 0).prod(axis=-1), 0).sum(axis=1)
     return lo, hi, count
+
+
+def tile_window_bounds(length: int, tile: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query key window on one axis of sliding tile attention (STA), ``(lo, hi)``.
+
+    The axis is cut into ``G = length // tile`` tiles (``length`` a multiple of ``tile``);
+    query ``x`` lies in tile ``X = x // tile``, whose window is the ``window`` whole tiles
+    ``[C - left, C + right]`` with ``left = window // 2``, ``right = window - 1 - left`` and
+    the centre tile ``C = clamp(X, left, G - 1 - right)`` (windows slide inward at the
+    borders). In tokens: ``lo = (C - left) * tile``, ``hi = (C + right + 1) * tile - 1``.
+    Read-only int64 arrays of ``length``, cached.
+    """
+    return _tile_window_bounds(int(length), int(tile), int(window))
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_window_bounds(length: int, tile: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    tiles = length // tile
+    left = window // 2
+    right = window - 1 - left
+    centre = np.clip(np.arange(length, dtype=np.int64) // tile, left, tiles - 1 - right)
+    lo, hi = (centre - left) * tile, (centre + right + 1) * tile - 1
+    lo.flags.writeable = False
+    hi.flags.writeable = False
+    return lo, hi

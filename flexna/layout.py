@@ -4,7 +4,7 @@ A token order says where each token of a layout sits in the sequence attention r
 on (:meth:`TokenOrder.coords`) and which boxes of the layout a block of consecutive
 positions covers (:meth:`TokenOrder.block_boxes`); the table and block-map builders
 need nothing else from it. :class:`TokenLayout` (row-major or tiled) is the one
-implementation today; a space-filling curve (Hilbert, Morton) is one more class.
+implementation of boxes of tiles; :class:`CurveOrder` (Hilbert, Morton) is the other.
 
 Tiled order makes every tile of shape ``tile`` (one int per layout axis)
 contiguous: tiles follow each other in row-major order over the tile grid and
@@ -23,7 +23,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from flexna.geometry import Region, block_boxes, padded_shape, tile_grid, tiled_coords
+from flexna.curves import CURVES, curve_order
+from flexna.geometry import Region, block_boxes, padded_shape, tile_grid, tiled_coords, unravel
 from flexna.pattern import MAX_TOKENS, as_int_tuple, as_shape
 
 
@@ -38,6 +39,12 @@ class TokenOrder(Protocol):
     @property
     def length(self) -> int:
         """Sequence length, padding included."""
+        ...
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        """Per-axis extent of the coordinates a table column holds (the layout padded to whole
+        tiles; the layout itself for an order without padding)."""
         ...
 
     def coords(self) -> np.ndarray:
@@ -233,6 +240,10 @@ class TokenLayout:
         """Sequence length in this order (the layout padded to whole tiles)."""
         return math.prod(padded_shape(self.shape, self.tile))
 
+    @property
+    def padded(self) -> tuple[int, ...]:
+        return padded_shape(self.shape, self.tile)
+
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *shape, *rest]`` -> ``[B, length, *rest]`` in this order."""
         if self.is_row_major:
@@ -318,3 +329,84 @@ def gather_from_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     """``[B, length, heads, dim]`` in ``order`` -> ``[B, prod(shape), heads, dim]`` row-major (one
     row gather; padding dropped)."""
     return x.index_select(1, order_index(order, x.device)[1])
+
+
+def as_curve(name: str, curve: object) -> str | None:
+    """Validate a curve name (``None``: no curve)."""
+    if curve is None:
+        return None
+    if not isinstance(curve, str) or curve not in CURVES:
+        raise ValueError(f"{name} = {curve!r} is not a known curve: use one of {', '.join(CURVES)}")
+    return curve
+
+
+@dataclass(frozen=True)
+class CurveOrder:
+    """Tokens ordered along a space-filling curve: ``"hilbert"`` or ``"morton"`` (Z-order).
+
+    Any shape of 2 or 3 axes: the tokens follow the curve of the smallest power-of-two cube
+    holding the layout, cells outside the layout skipped (:mod:`flexna.curves`), so the
+    sequence holds exactly the layout's tokens, without padding. A block of consecutive
+    positions is then a compact region but not one box; the block-map builder works per
+    token for it (:func:`flexna.blocksparsity.token_block_maps`).
+    """
+
+    shape: tuple[int, ...]
+    curve: str
+
+    @classmethod
+    def create(cls, shape: Sequence[int], curve: str) -> CurveOrder:
+        shape_t = as_shape("shape", shape)
+        curve_t = as_curve("curve", curve)
+        if len(shape_t) < 2:
+            raise ValueError(f"curve = {curve!r} needs a layout of 2 or 3 axes, got shape {shape_t} "
+                             "(a 1-D layout is its own curve: use row-major order)")
+        return cls(shape_t, curve_t)  # type: ignore[arg-type]
+
+    @property
+    def length(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def padded(self) -> tuple[int, ...]:
+        return self.shape
+
+    def order(self) -> np.ndarray:
+        """Row-major token index at each position (a permutation)."""
+        return curve_order(self.shape, self.curve)
+
+    def coords(self) -> np.ndarray:
+        return unravel(self.order(), self.shape)
+
+    def block_boxes(self, block: int) -> None:
+        return None
+
+    def token_table(self, columns: list[tuple[int, np.ndarray]],
+                    out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        coords = self.coords()
+        rows = out if out is not None else [np.empty(self.length, dtype=np.int64) for _ in columns]
+        for (axis, values), dest in zip(columns, rows, strict=True):
+            dest[...] = values[coords[:, axis]]
+        return rows
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, *shape, *rest]`` -> ``[B, length, *rest]`` in curve order (one gather)."""
+        _check_spatial(x, 1, self.shape, "CurveOrder.to_tokens")
+        flat = x.reshape(x.shape[0], self.length, *x.shape[1 + len(self.shape):])
+        return flat.index_select(1, order_index(self, x.device)[0])
+
+    def from_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, length, *rest]`` in curve order -> ``[B, *shape, *rest]``."""
+        if x.dim() < 2 or x.shape[1] != self.length:
+            raise ValueError(f"x must be shaped [batch, {self.length}, ...] (layout {self.shape}), "
+                             f"got {tuple(x.shape)}")
+        return gather_from_order(x, self).reshape(x.shape[0], *self.shape, *x.shape[2:])
+
+    def heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, *shape, heads, dim]`` -> ``[B, heads, length, dim]`` in curve order (one row
+        gather; a heads-first view of heads-last memory, as :meth:`TokenLayout.heads_first`)."""
+        return gather_to_order(x, self)
+
+    def from_heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, length, dim]`` -> ``[B, *shape, heads, dim]``."""
+        return self.from_tokens(x.transpose(1, 2))

@@ -198,6 +198,25 @@ class NAPattern:
         (one NumPy array or torch tensor per axis, broadcast), inside the envelope windows."""
         raise NotImplementedError("a separable rule has no element-wise check")
 
+    def box_pairs(self, q_lo: np.ndarray, q_hi: np.ndarray, k_lo: np.ndarray,
+                  k_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For boxes of query and key coordinates (``[..., n]`` inclusive corners inside the
+        layout, broadcast): (some pair attends, every pair attends), bool ``[...]``.
+
+        The block-map builder decides the blocks of a non-separable rule with it. This default
+        is exact for a separable rule (per-axis tests of the windows); for a non-separable one
+        it is the envelope (some) and core (every) bound, so such a rule overrides it to get
+        exact full and partial blocks.
+        """
+        from flexna.blocksparsity import exact_pairs
+
+        some = every = np.ones(np.broadcast_shapes(q_lo.shape[:-1], k_lo.shape[:-1]), dtype=bool)
+        for a in range(self.ndim):
+            box = (q_lo[..., a], q_hi[..., a], k_lo[..., a], k_hi[..., a])
+            some = some & exact_pairs(*box, *self.envelope_bounds(a), self.dilation[a])[0]
+            every = every & exact_pairs(*box, *self.core_bounds(a), self.dilation[a])[1]
+        return some, every
+
     def __str__(self) -> str:
         parts = [f"layout {fmt_dims(self.shape)}", f"kernel {fmt_dims(self.kernel_size)}"]
         if any(s != 1 for s in self.stride):

@@ -83,3 +83,90 @@ def reference_attention(
     probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
     probs = probs.masked_fill(~mask, 0.0)
     return probs @ v, lse
+
+
+def reference_sliding_tile_mask(
+    shape: int | Sequence[int],
+    tile: int | Sequence[int],
+    window: int | Sequence[int],
+) -> torch.Tensor:
+    """Dense ``[N, N]`` mask of sliding tile attention (STA) in row-major token order.
+
+    Restates STA literally: per axis the query's tile ``X = x // t`` picks the centre tile
+    ``clamp(X, w // 2, G - 1 - (w - 1 - w // 2))`` (``G = L // t`` tiles, ``w`` window tiles)
+    and the key's tile must lie within ``w // 2`` tiles before and ``w - 1 - w // 2`` after it.
+    """
+    shape = [shape] if isinstance(shape, (int, np.integer)) else list(shape)
+    n = len(shape)
+    ts, ws = _per_axis(tile, n), _per_axis(window, n)
+    total = int(np.prod(shape))
+    coords = np.stack(np.unravel_index(np.arange(total), shape), axis=1)
+    allowed = np.ones((total, total), dtype=bool)
+    for a in range(n):
+        t, w, tiles = ts[a], ws[a], shape[a] // ts[a]
+        before, after = w // 2, w - 1 - w // 2
+        centre = np.clip(coords[:, a] // t, before, tiles - 1 - after)[:, None]
+        key_tile = (coords[:, a] // t)[None, :]
+        allowed &= (centre - before <= key_tile) & (key_tile <= centre + after)
+    return torch.from_numpy(allowed)
+
+
+def reference_radial_mask(num_frames: int, tokens_per_frame: int, model: str = "hunyuan",
+                          decay_factor: float = 1.0, block_size: int = 128) -> torch.Tensor:
+    """Dense ``[N, N]`` token-level mask of radial attention (row-major: frame, then token).
+
+    Restates the authors' construction (``gen_log_mask_shrinked`` before its block shrinking)
+    literally, one frame pair at a time: ``get_window_width`` (float widths) and
+    ``get_diagonal_split_mask`` (threshold 128), the sink on frame 0 for ``"wan"``.
+    """
+    t = tokens_per_frame
+    rows = np.arange(t)[:, None]
+    cols = np.arange(t)[None, :]
+    out = np.zeros((num_frames * t, num_frames * t), dtype=bool)
+    for i in range(num_frames):
+        for j in range(num_frames):
+            dist = abs(i - j)
+            group = dist.bit_length()
+            if j == 0 and model == "wan":
+                local = np.ones((t, t), dtype=bool)
+            else:
+                if model == "wan" and dist < 1:
+                    width: float = t
+                elif model == "wan" and dist == 1:
+                    width = t // 2
+                elif model == "hunyuan" and dist <= 1:
+                    width = t
+                else:
+                    decay = 2 ** t.bit_length() / 2**group * decay_factor
+                    width = decay if decay >= block_size else block_size
+                local = np.abs(cols - rows) <= width
+                split_decay = 2 ** t.bit_length() / 2**group
+                if split_decay < 128 and dist % int(128 / split_decay) != 0:
+                    local = np.zeros((t, t), dtype=bool)
+            out[i * t:(i + 1) * t, j * t:(j + 1) * t] = local
+    return torch.from_numpy(out)
+
+
+def reference_radial_window_mask(shape: Sequence[int], radius: Sequence[int], min_radius: Sequence[int],
+                                 dense_frames: int = 1, sink: bool = False) -> torch.Tensor:
+    """Dense ``[N, N]`` mask of the 3-D-window radial variant (row-major over ``(frames, *spatial)``).
+
+    Per frame pair at distance ``d``: the spatial half-widths are ``radius`` halved once per
+    doubling of ``d`` past ``dense_frames`` (``max(radius >> max(0, bitlen(d) - bitlen(dense)),
+    min_radius)``); ``sink``: frame 0 is attended whole.
+    """
+    frames, *spatial = (int(v) for v in shape)
+    per_frame = int(np.prod(spatial))
+    coords = np.stack(np.unravel_index(np.arange(per_frame), spatial), axis=1)
+    out = np.zeros((frames * per_frame, frames * per_frame), dtype=bool)
+    for i in range(frames):
+        for j in range(frames):
+            halvings = max(0, abs(i - j).bit_length() - int(dense_frames).bit_length())
+            local = np.ones((per_frame, per_frame), dtype=bool)
+            for a, (r, low) in enumerate(zip(radius, min_radius, strict=True)):
+                width = max(int(r) >> halvings, int(low))
+                local &= np.abs(coords[:, None, a] - coords[None, :, a]) <= width
+            if sink and j == 0:
+                local[:] = True
+            out[i * per_frame:(i + 1) * per_frame, j * per_frame:(j + 1) * per_frame] = local
+    return torch.from_numpy(out)

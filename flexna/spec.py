@@ -7,7 +7,8 @@ the BlockMask and its cache key). It holds
   one per query head (:class:`~flexna.pattern.PerHead`);
 * **packed samples** (variable resolution): several layouts one after another in one
   sequence, each padded to a whole number of blocks, attending only within themselves;
-* the **token orders** of queries and keys (row-major, or tiled by ``q_tile``/``kv_tile``);
+* the **token orders** of queries and keys (row-major, tiled by ``q_tile``/``kv_tile``, or
+  along a space-filling curve, ``q_curve``/``kv_curve``: ``"hilbert"`` or ``"morton"``);
 * the **regions** of the layout the queries and keys come from (one shard against its keys
   plus halo), each in its own order;
 * **extra tokens**: ``num_extra_kv`` keys every query attends and ``num_extra_q`` queries
@@ -28,7 +29,7 @@ from functools import cached_property
 import torch
 
 from flexna.geometry import Region, region_shape
-from flexna.layout import TokenLayout, as_region, as_tile
+from flexna.layout import CurveOrder, TokenLayout, as_curve, as_region, as_tile
 from flexna.pattern import MAX_TOKENS, NAPattern, as_int_tuple
 
 # Tokens per BlockMask block when a side is row-major (FlexAttention's default block).
@@ -157,6 +158,8 @@ class MaskSpec:
     num_extra_q: int = 0
     num_extra_kv: int = 0
     pad_samples: bool = False  # each sample padded to whole blocks (packed sequences)
+    q_curve: str | None = None  # a space-filling curve order instead of the tiled one
+    kv_curve: str | None = None
 
     @classmethod
     def create(
@@ -171,13 +174,17 @@ class MaskSpec:
         kv_region: Sequence[Sequence[int]] | None = None,
         num_extra_q: int = 0,
         num_extra_kv: int = 0,
+        q_curve: str | None = None,
+        kv_curve: str | None = None,
     ) -> MaskSpec:
         """Validate a spec: ``ValueError`` naming the argument, its value and the allowed range.
 
         ``patterns``: one pattern, or one per query head (all on one layout). ``samples``
         (instead of ``patterns``): packed sequences, each entry the patterns of one sample
         (same axis count and head count for all); each sample is padded to whole blocks and
-        ``block_size`` must then be one size for both sides.
+        ``block_size`` must then be one size for both sides. ``q_curve`` / ``kv_curve``:
+        ``"hilbert"`` or ``"morton"`` order on that side (2-3 axes; not with a tile, a region
+        or packed samples).
         """
         packed = samples is not None
         if packed:
@@ -202,12 +209,24 @@ class MaskSpec:
         rules = [p for g in groups for p in g if not p.separable]
         if rules and len({p for g in groups for p in g}) > 1:
             raise ValueError("a non-separable rule needs one pattern for all heads and samples")
+        if rules and (q_curve is not None or kv_curve is not None):
+            raise ValueError(f"{rules[0].__class__.__name__} is not separable per axis: it runs in "
+                             "row-major or tiled orders, not along a curve (q_curve/kv_curve)")
         if packed and (q_region is not None or kv_region is not None):
             raise ValueError("q_region/kv_region select part of one layout; they cannot be "
                              "combined with packed samples")
         if packed and (num_extra_q or num_extra_kv):
             raise ValueError("extra tokens (num_extra_q/num_extra_kv) cannot be combined with "
                              "packed samples: every sample would attend them")
+        curves = (as_curve("q_curve", q_curve), as_curve("kv_curve", kv_curve))
+        for side, curve, tile in (("q", curves[0], q_tile), ("kv", curves[1], kv_tile)):
+            if curve is None:
+                continue
+            if len(shape) < 2:
+                raise ValueError(f"{side}_curve = {curve!r} needs a layout of 2 or 3 axes, got {shape}")
+            if tile is not None or packed or q_region is not None or kv_region is not None:
+                raise ValueError(f"{side}_curve = {curve!r} orders the whole layout: it cannot be "
+                                 f"combined with {side}_tile, regions or packed samples")
         q_reg = as_region("q_region", q_region, shape)
         kv_reg = as_region("kv_region", kv_region, shape)
         q_t = as_tile("q_tile", q_tile, region_shape(q_reg) if q_reg else shape)
@@ -218,7 +237,7 @@ class MaskSpec:
                              "blocks, so queries and keys need one block size")
         spec = cls(groups, q_t, kv_t, q_block, kv_block, q_reg, kv_reg,
                    as_count("num_extra_q", num_extra_q), as_count("num_extra_kv", num_extra_kv),
-                   packed)
+                   packed, *curves)
         spec._check_lengths()
         return spec
 
@@ -256,13 +275,17 @@ class MaskSpec:
             raise ValueError("this mask has several samples or per-head patterns")
         return self.samples[0][0]
 
-    def q_order(self, sample: int = 0) -> TokenLayout:
+    def q_order(self, sample: int = 0) -> TokenLayout | CurveOrder:
         """The query token order of ``sample`` (over its region when one is given)."""
         p = self.samples[sample][0]
+        if self.q_curve is not None:
+            return CurveOrder(p.shape, self.q_curve)
         return TokenLayout(region_shape(self.q_region) if self.q_region else p.shape, self.q_tile)
 
-    def kv_order(self, sample: int = 0) -> TokenLayout:
+    def kv_order(self, sample: int = 0) -> TokenLayout | CurveOrder:
         p = self.samples[sample][0]
+        if self.kv_curve is not None:
+            return CurveOrder(p.shape, self.kv_curve)
         return TokenLayout(region_shape(self.kv_region) if self.kv_region else p.shape, self.kv_tile)
 
     def _segment(self, length: int, block: int) -> int:

@@ -141,9 +141,7 @@ def _coordinates(spec: MaskSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _padded_lengths(order: object) -> tuple[int, ...]:
-    from flexna.geometry import padded_shape
-
-    return padded_shape(order.shape, order.tile)  # type: ignore[attr-defined]
+    return order.padded  # type: ignore[attr-defined]
 
 
 def _padded(values: np.ndarray, size: int, pad: int) -> np.ndarray:
@@ -310,6 +308,11 @@ def _meta_tables(spec: MaskSpec, fused: bool, dtype: torch.dtype) -> MaskTables:
                       tuple(empty(spec.kv_len) for _ in range(n)), fused_t)
 
 
+def spec_mask_mod(spec: MaskSpec, device: torch.device | str | None = None) -> MaskMod:
+    """The FlexAttention ``mask_mod`` of a :class:`~flexna.MaskSpec` (its tables on ``device``)."""
+    return build_tables(spec, device).mask_mod()
+
+
 def na_mask_mod(
     shape: IntOrTuple,
     kernel_size: IntOrTuple,
@@ -320,6 +323,7 @@ def na_mask_mod(
     q_tile: int | Sequence[int] | None = None,
     kv_tile: int | Sequence[int] | None = None,
     device: torch.device | str | None = None,
+    curve: str | None = None,
 ) -> MaskMod:
     """FlexAttention ``mask_mod`` of neighborhood attention over a token layout.
 
@@ -330,6 +334,8 @@ def na_mask_mod(
         q_tile, kv_tile: token order of queries / keys. ``None`` is row-major;
             a tile (one int per axis) is the tiled order of
             :func:`flexna.tile_tokens`, whose padded positions never attend.
+        curve: ``"hilbert"`` or ``"morton"``: queries and keys in that space-filling curve
+            order instead (2-3 axes, no tiles; :class:`flexna.CurveOrder` moves tensors).
         device: where the lookup tables live; must be the device of the
             tensors you run attention on (default: torch's default device).
 
@@ -343,5 +349,5 @@ def na_mask_mod(
         mask = torch.nn.attention.flex_attention.create_mask(mask_mod, None, None, 1024, 1024)
     """
     pattern = NAPattern.create(shape, kernel_size, stride, dilation, is_causal)
-    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile)
+    spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_curve=curve, kv_curve=curve)
     return build_tables(spec, device).mask_mod()

@@ -35,7 +35,7 @@ ALLOWED = {
     aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
     aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
     aten.where.self, aten.index.Tensor, aten.scalar_tensor.default, aten.zeros_like.default,
-    aten._to_copy.default,
+    aten._to_copy.default, aten.remainder.Scalar, aten.remainder.Tensor,
 }
 
 
@@ -68,7 +68,20 @@ SPECS = {
     "extra": MaskSpec.create(P2, num_extra_q=3, num_extra_kv=5),
     "packed": MaskSpec.create((), samples=[(P2,), (NAPattern.create((10, 12), 5),)], block_size=128),
     "regions": MaskSpec.create(P2, q_region=((0, 8), (0, 16)), kv_region=((0, 12), (0, 16))),
+    "sta-text": flexna.sta_spec((6, 16, 16), (2, 8, 8), (1, 2, 2), text_length=5),
+    "sta-even": flexna.sta_spec((16, 16), (4, 4), (2, 2)),
+    "hilbert": MaskSpec.create(P2, q_curve="hilbert", kv_curve="morton"),
 }
+
+
+def _radial_specs() -> dict[str, MaskSpec]:
+    from flexna.radial import radial_pattern, radial_window_pattern
+
+    return {"radial": MaskSpec.create(radial_pattern(8, 64, model="wan", block_size=64), num_extra_kv=4),
+            "radial-window": MaskSpec.create(radial_window_pattern((6, 8, 8), 3))}
+
+
+SPECS.update(_radial_specs())
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-axis"])

@@ -458,7 +458,8 @@ CORE_NAMES = {  # what flexna.tools may import from the core (kept through refac
     "flexna.pattern": {"NAPattern", "as_int_tuple", "as_bool_tuple", "as_shape"},
     "flexna.geometry": {"axis_window_bounds", "tile_grid", "padded_shape"},
     "flexna.layout": {"as_tile", "TokenLayout"},
-    "flexna.reference": {"reference_mask", "reference_attention"},
+    "flexna.reference": {"reference_mask", "reference_attention", "reference_sliding_tile_mask",
+                         "reference_radial_mask", "reference_radial_window_mask"},
     "flexna.blockmask": {"resolve_block_sizes"},
     "flexna.integrations.config": {"SparsityConfig"},  # catalogue entries' model_config
 }

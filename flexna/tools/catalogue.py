@@ -3,8 +3,14 @@
 The catalogue ships inside the package as data (``flexna.tools.masks``, read with
 :mod:`importlib.resources`; in a source checkout it is the top-level ``masks/``
 folder). Each ``NAME.json`` holds ``name`` (equal to ``NAME``), ``description``,
-``source``, the pattern (``shape``, ``kernel_size``, ``stride``, ``dilation``,
-``is_causal``) and the model's ``heads`` and ``head_dim``. An optional ``model_config`` holds
+``source``, the pattern and the model's ``heads`` and ``head_dim``. The pattern is
+neighborhood attention (``shape``, ``kernel_size``, ``stride``, ``dilation``,
+``is_causal``) unless ``"rule"`` names another one with its own fields:
+``"sliding_tile"`` (STA: ``shape``, ``tile``, ``window``), ``"radial"`` (radial attention:
+``shape`` = frames and tokens per frame, ``model``, ``decay_factor``, ``block_size``) and
+``"radial_window"`` (its 3-D-window variant: ``shape``, ``radius``, ``min_radius``,
+``dense_frames``, ``sink``).
+An optional ``model_config`` holds
 how a whole model runs it, in the format of
 :meth:`flexna.integrations.config.SparsityConfig.create` (``pattern`` or ``layers`` in the
 NATTEN / Cosmos format, ``dense_layers``, ``dense_steps``); it must fit the entry's ``shape``.
@@ -43,6 +49,13 @@ MAX_INT = 2**31 - 1  # every integer of an entry fits int32 (as FlexAttention's 
 MAX_TEXT = 2000
 PATTERN_FIELDS = ("shape", "kernel_size", "stride", "dilation", "is_causal")
 FIELDS = ("name", "description", "source", *PATTERN_FIELDS, "heads", "head_dim")
+# rules other than NA: their pattern fields (instead of PATTERN_FIELDS[1:])
+RULE_FIELDS = {"sliding_tile": ("shape", "tile", "window"),
+               "radial": ("shape", "model", "decay_factor", "block_size"),
+               "radial_window": ("shape", "radius", "min_radius", "dense_frames", "sink")}
+_TEXT_FIELDS = {"model"}
+_NUMBER_FIELDS = {"decay_factor"}
+_ZERO_OK = {"radius", "min_radius", "dense_frames"}
 
 
 class CatalogueError(ValueError):
@@ -192,7 +205,13 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
         raise CatalogueError(where, f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise CatalogueError(where, f"must hold a JSON object, got a {type(data).__name__}")
-    missing = [f for f in FIELDS if f not in data]
+    rule = data.get("rule", "na")
+    if rule != "na" and rule not in RULE_FIELDS:
+        raise CatalogueError(where, f"{_short(rule)} is not a known rule (na, "
+                             f"{', '.join(RULE_FIELDS)})", "rule")
+    needed = FIELDS if rule == "na" else ("name", "description", "source", *RULE_FIELDS[rule],
+                                          "heads", "head_dim")
+    missing = [f for f in needed if f not in data]
     if missing:
         raise CatalogueError(where, "missing", missing[0])
     name = _check_text(where, "name", data["name"])
@@ -201,16 +220,15 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
                              "agree", "name")
     description = _check_text(where, "description", data["description"])
     source = _check_text(where, "source", data["source"])
-    shape = _check_ints(where, "shape", data["shape"])
-    kernel, stride, dilation = (_check_ints(where, f, data[f]) for f in PATTERN_FIELDS[1:4])
-    causal = _check_bools(where, "is_causal", data["is_causal"])
     heads = _check_int(where, "heads", data["heads"])
     head_dim = _check_int(where, "head_dim", data["head_dim"])
+    fields = PATTERN_FIELDS if rule == "na" else RULE_FIELDS[rule]
+    values = {f: _check_field(where, f, data[f]) for f in fields}
     try:
-        pattern = NAPattern.create(shape, kernel, stride, dilation, causal)
+        pattern = _build_pattern(rule, values)
     except (ValueError, TypeError) as exc:
         first = re.match(r"\w+", str(exc))
-        field = first.group(0) if first and first.group(0) in PATTERN_FIELDS else "pattern"
+        field = first.group(0) if first and first.group(0) in fields else "pattern"
         raise CatalogueError(where, str(exc), field) from None
     model_config = data.get("model_config")
     if model_config is not None:
@@ -231,6 +249,50 @@ def _check_model_config(where: str, config: object, shape: tuple[int, ...]) -> N
                 layer.resolve(shape)
     except (ValueError, TypeError) as exc:
         raise CatalogueError(where, str(exc), "model_config") from None
+
+
+def _check_field(where: str, field: str, value: object) -> object:
+    """A pattern field checked for its kind (bools, text, a number, ints >= 1 or >= 0)."""
+    if field in ("is_causal", "sink"):
+        return _check_bools(where, field, value)
+    if field in _TEXT_FIELDS:
+        return _check_text(where, field, value)
+    if field in _NUMBER_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CatalogueError(where, f"must be a number, got {_short(value)}", field)
+        return value
+    if field in _ZERO_OK:  # ints >= 0 (one, or one per axis)
+        items = value if isinstance(value, list) and 1 <= len(value) <= 3 else [value]
+        for i, v in enumerate(items):
+            if type(v) is not int or not 0 <= v <= MAX_INT:
+                at = f"{field}[{i}]" if isinstance(value, list) else field
+                raise CatalogueError(where, f"must be an integer in 0..{MAX_INT}, got {_short(v)}", at)
+        return tuple(items) if isinstance(value, list) else value
+    return _check_ints(where, field, value)
+
+
+def _build_pattern(rule: str, values: dict) -> NAPattern:
+    """The validated pattern of a rule from its checked fields."""
+    if rule == "sliding_tile":
+        from flexna import sliding_tile_pattern
+
+        return sliding_tile_pattern(values["shape"], values["tile"], values["window"])
+    if rule == "radial":
+        from flexna import radial_pattern
+
+        shape = values["shape"]
+        if not isinstance(shape, tuple) or len(shape) != 2:
+            raise ValueError(f"shape must be [frames, tokens_per_frame], got {shape!r}")
+        return radial_pattern(shape[0], shape[1], model=values["model"],
+                              decay_factor=values["decay_factor"], block_size=values["block_size"])
+    if rule == "radial_window":
+        from flexna import radial_window_pattern
+
+        sink = values["sink"]
+        return radial_window_pattern(values["shape"], values["radius"], min_radius=values["min_radius"],
+                                     dense_frames=values["dense_frames"],
+                                     sink=sink if isinstance(sink, bool) else bool(sink[0]))
+    return NAPattern.create(*(values[f] for f in PATTERN_FIELDS))
 
 
 def check_name(name: str, folder: str | os.PathLike | None = None) -> Traversable:

@@ -152,6 +152,8 @@ def _add_pattern_args(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("token order and blocks")
     b.add_argument("--q-tile", type=int, nargs="+", metavar="T", help="query tile per axis")
     b.add_argument("--kv-tile", type=int, nargs="+", metavar="T", help="key/value tile per axis")
+    b.add_argument("--curve", choices=("hilbert", "morton"),
+                   help="both sides in a space-filling curve order instead of tiles (2-3 axes)")
     b.add_argument("--block-size", type=int, nargs="+", metavar="B",
                    help="BlockMask block size in tokens: one value or q kv (default: 128 "
                    "row-major, one tile when tiled)")
@@ -335,6 +337,11 @@ def _order_args(args: argparse.Namespace, parser: argparse.ArgumentParser, patte
         block_size = None if block is None else _one_or_all(block)
         ones = (1,) * pattern.ndim
         resolve_block_sizes(block_size, q_tile or ones, kv_tile or ones)
+        if args.curve is not None:  # checked as the spec checks it (axes, tiles, rule)
+            import flexna
+
+            flexna.MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, q_curve=args.curve,
+                                   kv_curve=args.curve)
     except ValueError as exc:
         _fail(parser, exc, passed)
     return q_tile, kv_tile, block_size
@@ -348,10 +355,16 @@ def _pattern_lines(pattern, name: str, description: str | None) -> list[str]:
     lines = [f"{name}: {description}" if description else name]
     causal = ("none" if not any(pattern.is_causal)
               else " ".join(f"axis {a}" for a, c in enumerate(pattern.is_causal) if c))
-    lines.append(f"  layout {_fmt(pattern.shape)} ({pattern.ndim}-D, {pattern.num_tokens} tokens); "
-                 f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}, "
-                 f"dilation {_fmt(pattern.dilation)}, causal {causal}")
+    if type(pattern).__name__ != "NAPattern":  # another rule: its own parameters
+        lines.append(f"  {pattern} ({pattern.ndim}-D, {pattern.num_tokens} tokens); as GNA fields: "
+                     f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}")
+    else:
+        lines.append(f"  layout {_fmt(pattern.shape)} ({pattern.ndim}-D, {pattern.num_tokens} tokens); "
+                     f"kernel {_fmt(pattern.kernel_size)}, stride {_fmt(pattern.stride)}, "
+                     f"dilation {_fmt(pattern.dilation)}, causal {causal}")
     keys = ("every query attends" if not any(pattern.is_causal) else "at most")
+    if not pattern.separable:
+        keys = "on average a query attends"
     lines.append(f"  {keys} {pattern.keys_per_query} keys; density {pattern.density():.6g} "
                  f"({100 * pattern.density():.4g}% of query-key pairs); FLOP-wise limit "
                  f"{pattern.flop_limit():.2f}x over dense attention")
@@ -438,8 +451,10 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
         file_name += f"-qt{'x'.join(map(str, q_tile or ones))}-kvt{'x'.join(map(str, kv_tile or ones))}"
     if block_size is not None:
         file_name += f"-b{'x'.join(map(str, args.block_size))}"
+    if args.curve is not None:
+        file_name += f"-{args.curve}"
     out = _output_path(args.out, file_name, args.force)
-    stats = block_stats(pattern, q_tile, kv_tile, block_size)
+    stats = block_stats(pattern, q_tile, kv_tile, block_size, args.curve)
     rendering = render_pattern(pattern, query, title=name, stats=stats)
     data = encode_png(rendering.image)
     _write_file(out, data, args.force)
@@ -454,8 +469,10 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
 
 
 def _count_keys(pattern, query: Sequence[int]) -> int:
-    from flexna.tools.render import axis_flags
+    from flexna.tools.render import axis_flags, neighborhood_categories
 
+    if not pattern.separable:
+        return int((neighborhood_categories(pattern, query) % 2).sum())  # attended 1, query 3
     return math.prod(int(axis_flags(pattern, a, query[a])["attended"].sum())
                      for a in range(pattern.ndim))
 
@@ -467,12 +484,16 @@ def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser, pass
     q_tile, kv_tile, block_size = _order_args(args, parser, pattern, passed)
     for line in _pattern_lines(pattern, name, description):
         print(line)
-    orders = [(None, None, None)]
-    if q_tile is not None or kv_tile is not None or block_size is not None:
-        orders.append((q_tile, kv_tile, block_size))
+    orders = [(None, None, None, None)]
+    if q_tile is not None or kv_tile is not None or block_size is not None or args.curve is not None:
+        orders.append((q_tile, kv_tile, block_size, args.curve))
     print("BlockMask blocks:")
-    for qt, kt, bs in orders:
-        print(f"  {flexna.analyze(pattern, qt, kt, bs).summary()}")
+    for qt, kt, bs, curve in orders:
+        print(f"  {flexna.analyze(pattern, qt, kt, bs, curve=curve).summary()}")
+    if pattern.ndim > 1 and pattern.separable:
+        print("space-filling curve orders (flexna.CurveOrder, 128-token blocks):")
+        for curve in ("hilbert", "morton"):
+            print(f"  {flexna.analyze(pattern, curve=curve).summary()}")
     print(f"suggested tiles (flexna.search_tiles, best {args.top} by predicted cost):")
     for result in flexna.search_tiles(pattern, top=args.top):
         print(f"  {result.summary()}")

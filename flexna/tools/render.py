@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import flexna
-from flexna.geometry import axis_window_bounds, tile_grid
+from flexna.geometry import tile_grid
 from flexna.layout import as_tile
 from flexna.pattern import NAPattern
 from flexna.tools.blockmaps import block_maps
@@ -253,9 +253,8 @@ def axis_flags(pattern: NAPattern, axis: int, x: int) -> dict[str, np.ndarray]:
     ``query`` (y == x), ``group`` (same dilation group and stride group as x, i.e. the
     same window leader) and ``attended`` (x attends y on this axis).
     """
-    length, k, s, d = (pattern.shape[axis], pattern.kernel_size[axis], pattern.stride[axis],
-                       pattern.dilation[axis])
-    lo, hi = axis_window_bounds(length, k, s, d, pattern.is_causal[axis])
+    length, s, d = pattern.shape[axis], pattern.stride[axis], pattern.dilation[axis]
+    lo, hi = pattern.envelope_bounds(axis)  # the rule's window (a subclass's own, e.g. STA's)
     y = np.arange(length)
     same = y % d == x % d
     return {
@@ -276,6 +275,8 @@ def neighborhood_categories(
     """
     n = pattern.ndim
     factors = factors or (1,) * n
+    if not pattern.separable:
+        return _rule_categories(pattern, query, factors, crop)
     pooled = []
     for a in range(n):
         flags = axis_flags(pattern, a, query[a])
@@ -294,6 +295,31 @@ def neighborhood_categories(
     cat = np.where(product("attended"), 1, 0)
     cat = np.where(product("group"), 2, cat)
     return np.where(product("query"), 3, cat).astype(np.intp)
+
+
+def _rule_categories(pattern: NAPattern, query: Sequence[int], factors: Sequence[int],
+                     crop: Sequence[tuple[int, int]] | None) -> np.ndarray:
+    """:func:`neighborhood_categories` of a non-separable rule: its element check against every
+    token (query 3, attended 1; no stride group), cropped, pooled to the most important."""
+    n = pattern.ndim
+    coords = np.indices(pattern.shape).reshape(n, -1)
+    inside = np.ones(coords.shape[1], dtype=bool)
+    for a in range(n):
+        lo, hi = pattern.envelope_bounds(a)
+        inside &= (lo[query[a]] <= coords[a]) & (coords[a] <= hi[query[a]])
+    q = tuple(np.full(coords.shape[1], c) for c in query)
+    attended = inside & np.asarray(pattern.element_check(q, tuple(coords)), dtype=bool)
+    cat = np.where(attended, 1, 0).reshape(pattern.shape)
+    cat[tuple(query)] = 3
+    if crop is not None:
+        cat = cat[tuple(slice(lo, hi) for lo, hi in crop)]
+    for a, f in enumerate(factors):
+        if f > 1:
+            pad = [(0, 0)] * n
+            pad[a] = (0, -cat.shape[a] % f)
+            cat = np.pad(cat, pad)
+            cat = cat.reshape(*cat.shape[:a], -1, f, *cat.shape[a + 1:]).max(axis=a + 1)
+    return cat.astype(np.intp)
 
 
 @dataclass
@@ -420,6 +446,7 @@ class BlockStats:
     kv_block: int
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
+    curve: str | None = None  # both sides in a space-filling curve order
 
     @property
     def full(self) -> int:
@@ -445,6 +472,8 @@ class BlockStats:
     def describe(self) -> str:
         order = ("row-major" if math.prod(self.q_tile) == math.prod(self.kv_tile) == 1
                  else f"tiles q {_fmt(self.q_tile)} / kv {_fmt(self.kv_tile)}")
+        if self.curve is not None:
+            order = f"{self.curve} order"
         q_blocks, kv_blocks = self.categories.shape
         return (f"{order}, blocks {self.q_block}x{self.kv_block} tokens: {q_blocks} q by {kv_blocks} "
                 f"kv = {self.total}; full {self.full}, partial {self.partial}, empty {self.empty} "
@@ -461,17 +490,19 @@ def block_stats(
     q_tile: Sequence[int] | None = None,
     kv_tile: Sequence[int] | None = None,
     block_size: int | Sequence[int] | None = None,
+    curve: str | None = None,
 ) -> BlockStats:
-    """Full / partial / empty blocks of ``flexna.na_block_mask`` for the pattern (built on CPU)."""
+    """Full / partial / empty blocks of the pattern's analytic BlockMask (built on CPU), in the
+    tiled orders or (``curve``) a Hilbert / Morton order on both sides."""
     q_t = as_tile("q_tile", q_tile, pattern.shape)
     kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
-    bm = flexna.na_block_mask(pattern.shape, pattern.kernel_size, pattern.stride, pattern.dilation,
-                              pattern.is_causal, q_tile=q_t, kv_tile=kv_t, block_size=block_size,
-                              device="cpu")
+    spec = flexna.MaskSpec.create(pattern, q_tile=q_tile and q_t, kv_tile=kv_tile and kv_t,
+                                  block_size=block_size, q_curve=curve, kv_curve=curve)
+    bm = flexna.spec_block_mask(spec, "cpu")
     partial, full = (m[0, 0] for m in block_maps(bm))
     cat = torch.where(full, 2, partial.to(torch.uint8))  # a block listed as both counts as full
     q_block, kv_block = bm.BLOCK_SIZE
-    return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t)
+    return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t, curve)
 
 
 def token_position(coord: Sequence[int], shape: Sequence[int], tile: Sequence[int]) -> int:
@@ -530,7 +561,13 @@ def render_pattern(
     if stats is None:
         stats = block_stats(pattern, q_tile, kv_tile, block_size)
     hood = neighborhood_panel(pattern, query)
-    row = token_position(query, pattern.shape, stats.q_tile) // stats.q_block
+    if stats.curve is not None:  # the query's position along the curve
+        flat = int(np.ravel_multi_index(tuple(query), pattern.shape))
+        order = flexna.CurveOrder.create(pattern.shape, stats.curve).order()
+        position = int(np.flatnonzero(order == flat)[0])
+    else:
+        position = token_position(query, pattern.shape, stats.q_tile)
+    row = position // stats.q_block
     blocks = block_panel(stats, row)
     hood_img = vstack([hood.image, legend([(QUERY, f"query {tuple(query)}"),
                                            (GROUP, "its stride group"),

@@ -1,7 +1,10 @@
 """``flexna verify``: fuzz-check flexna on your device against the brute-force reference.
 
 For ``n`` random configurations drawn from a seed (1 to 3 axes, kernel, stride,
-dilation, causal axes, token orders/tiles, block sizes), each check compares
+dilation, causal axes, token orders/tiles, block sizes; one in five a sliding tile
+attention (STA) configuration with text tokens instead, and of the 2-3 axis ones some in
+a Hilbert or Morton curve order, or a radial rule: the authors' on 2 axes, the 3-D-window
+variant on 3; some NA ones also check adaptive blocks on their window), each check compares
 flexna (through its public ``flexna.na_mask_mod`` / ``flexna.na_block_mask``) with
 :mod:`flexna.reference` (an independent NumPy statement of the rule):
 
@@ -32,14 +35,20 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 import numpy as np
 import torch
 
 import flexna
-from flexna.reference import reference_attention, reference_mask
+from flexna.reference import (
+    reference_attention,
+    reference_mask,
+    reference_radial_mask,
+    reference_radial_window_mask,
+    reference_sliding_tile_mask,
+)
 from flexna.tools.blockmaps import block_maps
 
 HEADS = 2
@@ -62,15 +71,42 @@ class Config:
     q_tile: tuple[int, ...] | None
     kv_tile: tuple[int, ...] | None
     block_size: tuple[int, int] | None
+    rule: str = "na"  # or "sliding_tile": STA with sta_tile / window and text tokens
+    sta_tile: tuple[int, ...] | None = None
+    window: tuple[int, ...] | None = None
+    text: int = 0
+    curve: str | None = None  # "hilbert" / "morton": both sides in that curve order
+    # rule "radial": (model, decay, threshold); "radial_window": (radius, min_radius, dense, sink)
+    radial: tuple | None = None
+    adaptive: tuple | None = None  # ("threshold", p) or ("top_k", k): adaptive blocks on the window
+
+    def pattern(self) -> flexna.NAPattern:
+        """The pattern of a radial configuration."""
+        assert self.radial is not None
+        if self.rule == "radial":
+            model, decay, threshold = self.radial
+            return flexna.radial_pattern(self.shape[0], self.shape[1], model=model, decay_factor=decay,
+                                  block_size=threshold)
+        radius, low, dense, sink = self.radial
+        return flexna.radial_window_pattern(self.shape, radius, min_radius=low, dense_frames=dense, sink=sink)
 
     def pattern_args(self) -> tuple:
         return self.shape, self.kernel_size, self.stride, self.dilation, self.is_causal
 
     def call(self) -> str:
         """A line of Python that builds this configuration's BlockMask."""
+        if self.rule in ("radial", "radial_window"):
+            return f"flexna.MaskSpec.create({self.pattern()!r}, block_size={self.block_size})"
+        if self.rule == "sliding_tile":
+            return (f"flexna.sta_block_mask({self.shape}, {self.sta_tile}, {self.window}, "
+                    f"text_length={self.text}, block_size={self.block_size})")
+        order = (f"curve={self.curve!r}" if self.curve else
+                 f"q_tile={self.q_tile}, kv_tile={self.kv_tile}")
+        extra = "" if self.adaptive is None else (
+            f"  # with flexna.adaptive_block_mask(q, k, spec, {self.adaptive[0]}={self.adaptive[1]})")
         return (f"flexna.na_block_mask({self.shape}, {self.kernel_size}, stride={self.stride}, "
-                f"dilation={self.dilation}, is_causal={self.is_causal}, q_tile={self.q_tile}, "
-                f"kv_tile={self.kv_tile}, block_size={self.block_size})")
+                f"dilation={self.dilation}, is_causal={self.is_causal}, {order}, "
+                f"block_size={self.block_size}){extra}")
 
 
 def _tile_tokens(tile: tuple[int, ...] | None) -> int:
@@ -123,8 +159,46 @@ def random_config(rng: random.Random, index: int, max_tokens: int, cuda: bool) -
     else:
         block = tuple(_tile_tokens(t) * rng.choice((1, 2, 3, 4, 8, 16)) if t is not None
                       else rng.choice((16, 32, 48, 64, 128)) for t in (q_tile, kv_tile))
-    return Config(index, shape_t, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal),
-                  q_tile, kv_tile, block)  # type: ignore[arg-type]
+    cfg = Config(index, shape_t, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal),
+                 q_tile, kv_tile, block)  # type: ignore[arg-type]
+    kind = rng.random()  # drawn after the NA config, so NA configs stay those of earlier versions
+    if kind < 0.2:
+        return _sliding_tile_config(rng, cfg, cuda)
+    if kind < 0.45 and n > 1:  # a radial rule (not separable per axis) on this layout
+        if n == 2:
+            radial: tuple = (rng.choice(("hunyuan", "wan")), rng.choice((0.5, 1.0, 2.0)),
+                             rng.choice((1, 2, 4, 8, 128)))
+        else:
+            radius = tuple(rng.randint(0, length) for length in shape_t[1:])
+            radial = (radius, tuple(rng.randint(0, r) for r in radius), rng.randint(0, 3),
+                      rng.random() < 0.3)
+        return replace(cfg, rule="radial" if n == 2 else "radial_window", radial=radial)
+    if kind < 0.55 and n > 1:  # a space-filling curve order instead of the tiles
+        curve_block = block if cuda else (None if rng.random() < 0.5 else
+                                          (rng.choice((16, 32, 64, 128)),) * 2)
+        return replace(cfg, q_tile=None, kv_tile=None, block_size=curve_block,  # type: ignore[arg-type]
+                       curve=rng.choice(("hilbert", "morton")))
+    if kind < 0.7:  # adaptive blocks united with this NA window
+        if rng.random() < 0.5:
+            return replace(cfg, adaptive=("threshold", rng.choice((0.5, 0.8, 0.95))))
+        return replace(cfg, adaptive=("top_k", rng.randint(1, 4)))
+    return cfg
+
+
+def _sliding_tile_config(rng: random.Random, cfg: Config, cuda: bool) -> Config:
+    """An STA configuration on ``cfg``'s layout: per axis a tile dividing the length (its token
+    count dividing the CUDA block on CUDA), a window of 1 to all tiles, 0 to 8 text tokens."""
+    tile: list[int] = []
+    for length in cfg.shape:
+        divisors = [t for t in range(1, min(length, 16) + 1) if length % t == 0]
+        if cuda:
+            divisors = [t for t in divisors if CUDA_BLOCK % (t * math.prod(tile)) == 0] or [1]
+        tile.append(rng.choice(divisors))
+    window = tuple(rng.randint(1, length // t) for length, t in zip(cfg.shape, tile, strict=True))
+    block: tuple[int, ...] | None = (CUDA_BLOCK, CUDA_BLOCK) if cuda else (
+        None if rng.random() < 0.5 else (math.prod(tile) * rng.choice((1, 2, 3)),) * 2)
+    return replace(cfg, q_tile=tuple(tile), kv_tile=tuple(tile), block_size=block,  # type: ignore[arg-type]
+                   rule="sliding_tile", sta_tile=tuple(tile), window=window, text=rng.randint(0, 8))
 
 
 def token_order(shape: tuple[int, ...], tile: tuple[int, ...] | None) -> np.ndarray:
@@ -145,13 +219,29 @@ def token_order(shape: tuple[int, ...], tile: tuple[int, ...] | None) -> np.ndar
 
 
 def expected_mask(cfg: Config) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The reference mask in the configuration's orders: ``[Nq, Nkv]`` bool, and both orders."""
-    ref = reference_mask(*cfg.pattern_args()).numpy()
-    q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
-    out = np.zeros((q_ord.size, kv_ord.size), dtype=bool)
+    """The reference mask in the configuration's orders: ``[Nq, Nkv]`` bool, and both orders
+    (extra/text positions marked -1 there too)."""
+    if cfg.rule == "sliding_tile":
+        ref = reference_sliding_tile_mask(cfg.shape, cfg.sta_tile, cfg.window).numpy()  # type: ignore[arg-type]
+    elif cfg.rule == "radial":
+        model, decay, threshold = cfg.radial  # type: ignore[misc]
+        ref = reference_radial_mask(cfg.shape[0], cfg.shape[1], model, decay, threshold).numpy()
+    elif cfg.rule == "radial_window":
+        radius, low, dense, sink = cfg.radial  # type: ignore[misc]
+        ref = reference_radial_window_mask(cfg.shape, radius, low, dense, sink).numpy()
+    else:
+        ref = reference_mask(*cfg.pattern_args()).numpy()
+    if cfg.curve is not None:  # the curve itself is tested on its own (tests/test_curves.py)
+        q_ord = kv_ord = np.array(flexna.CurveOrder.create(cfg.shape, cfg.curve).order())
+    else:
+        q_ord, kv_ord = token_order(cfg.shape, cfg.q_tile), token_order(cfg.shape, cfg.kv_tile)
+    out = np.zeros((q_ord.size + cfg.text, kv_ord.size + cfg.text), dtype=bool)
     qv, kv = q_ord >= 0, kv_ord >= 0
-    out[np.ix_(qv, kv)] = ref[np.ix_(q_ord[qv], kv_ord[kv])]
-    return torch.from_numpy(out), q_ord, kv_ord
+    out[:q_ord.size, :kv_ord.size][np.ix_(qv, kv)] = ref[np.ix_(q_ord[qv], kv_ord[kv])]
+    out[:, kv_ord.size:] = True  # text keys: attended by every query
+    out[q_ord.size:, :kv_ord.size] = kv[None, :]  # text queries: every real key
+    extra = np.full(cfg.text, -1)
+    return torch.from_numpy(out), np.concatenate([q_ord, extra]), np.concatenate([kv_ord, extra])
 
 
 def _expand_blocks(blocks: torch.Tensor, qb: int, kb: int, nq: int, nkv: int) -> torch.Tensor:
@@ -198,13 +288,25 @@ class Check:
         cfg, dev = self.cfg, self.device
         want, q_ord, kv_ord = expected_mask(cfg)
         nq, nkv = want.shape
-        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev}
-        mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
+        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev,
+                                  "curve": cfg.curve}
+        if cfg.rule == "sliding_tile":
+            assert cfg.sta_tile is not None and cfg.window is not None
+            sta = (cfg.shape, cfg.sta_tile, cfg.window)
+            mask_mod = flexna.sta_mask_mod(*sta, text_length=cfg.text, device=dev)
+            bm = flexna.sta_block_mask(*sta, text_length=cfg.text, block_size=cfg.block_size, device=dev)
+        elif cfg.radial is not None:
+            spec = flexna.MaskSpec.create(cfg.pattern(), q_tile=cfg.q_tile, kv_tile=cfg.kv_tile,
+                                          block_size=cfg.block_size)
+            mask_mod = flexna.spec_mask_mod(spec, dev)
+            bm = flexna.spec_block_mask(spec, dev)
+        else:
+            mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
+            bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
         got = create_mask(mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
         if not torch.equal(got, want):
             self.failures.append("na_mask_mod: " + self._where(got, want, q_ord, kv_ord))
 
-        bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
         qb, kb = (int(b) for b in bm.BLOCK_SIZE)
         if tuple(bm.seq_lengths) != (nq, nkv):
             self.failures.append(f"na_block_mask: seq_lengths {tuple(bm.seq_lengths)}, "
@@ -236,6 +338,8 @@ class Check:
                     f"na_block_mask: {what} blocks differ from create_block_mask's: "
                     f"{int((mine & ~theirs).sum())} extra, {int((theirs & ~mine).sum())} missing")
 
+        if cfg.adaptive is not None:
+            self._check_adaptive(want, q_ord, kv_ord, (qb, kb))
         if self.attention:
             gen = torch.Generator().manual_seed(1000 + cfg.index)
             q = torch.randn(1, HEADS, nq, HEAD_DIM, generator=gen)
@@ -278,6 +382,67 @@ class Check:
         if diff > FLASH_TOL:
             self.failures.append(f"FLASH vs Triton (fp16): max difference {diff:.3g} > {FLASH_TOL:g}")
         self.flash_checked = True
+
+
+    def _check_adaptive(self, window: torch.Tensor, q_ord: np.ndarray, kv_ord: np.ndarray,
+                        blocks: tuple[int, int]) -> None:
+        """``adaptive_block_mask`` == the window OR the blocks a NumPy restatement of the
+        selection picks (pooled means of real tokens, softmax, ascending cumulative sum / top-k),
+        on every pair of every (batch, head), and its block lists cover exactly that."""
+        from torch.nn.attention.flex_attention import create_mask
+
+        cfg, dev = self.cfg, self.device
+        assert cfg.adaptive is not None
+        mode, value = cfg.adaptive
+        gen = torch.Generator().manual_seed(2000 + cfg.index)
+        nq, nkv = window.shape
+        q = torch.randn(1, HEADS, nq, HEAD_DIM, generator=gen, dtype=torch.float64)
+        k = torch.randn(1, HEADS, nkv, HEAD_DIM, generator=gen, dtype=torch.float64)
+        spec = flexna.MaskSpec.create(flexna.NAPattern.create(*cfg.pattern_args()), q_tile=cfg.q_tile,
+                                      kv_tile=cfg.kv_tile, block_size=cfg.block_size)
+        bm = flexna.adaptive_block_mask(q.to(dev), k.to(dev), spec, **{mode: value})
+        qb, kb = blocks
+        rows, cols = -(-nq // qb), -(-nkv // kb)
+        q_real, kv_real = q_ord >= 0, kv_ord >= 0
+
+        def pooled(x: np.ndarray, real: np.ndarray, block: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+            out, has = np.zeros((count, x.shape[-1])), np.zeros(count, dtype=bool)
+            for r in range(count):
+                idx = np.arange(r * block, min(len(real), (r + 1) * block))
+                idx = idx[real[idx]]
+                has[r] = idx.size > 0
+                out[r] = x[idx].mean(0) if idx.size else 0
+            return out, has
+
+        want = window.clone()[None].repeat(HEADS, 1, 1)
+        for h in range(HEADS):
+            pq, q_has = pooled(q[0, h].numpy(), q_real, qb, rows)
+            pk, k_has = pooled(k[0, h].numpy(), kv_real, kb, cols)
+            scores = np.where(k_has[None, :], pq @ pk.T / math.sqrt(HEAD_DIM), -np.inf)
+            sel = np.zeros((rows, cols), dtype=bool)
+            for r in np.flatnonzero(q_has):
+                if mode == "top_k":
+                    sel[r, np.argsort(-scores[r], kind="stable")[:value]] = True
+                else:
+                    p = np.exp(scores[r] - scores[r].max())
+                    p /= p.sum()
+                    asc = np.argsort(p, kind="stable")
+                    sel[r, asc[np.cumsum(p[asc]) >= 1 - value]] = True
+            sel &= k_has[None, :]
+            tokens = torch.from_numpy(sel).repeat_interleave(qb, 0).repeat_interleave(kb, 1)[:nq, :nkv]
+            want[h] |= tokens & torch.from_numpy(q_real[:, None] & kv_real[None, :])
+        got = create_mask(bm.mask_mod, 1, HEADS, nq, nkv, device=dev)[0].cpu()
+        if not torch.equal(got, want):
+            self.failures.append(f"adaptive_block_mask ({mode}={value}): mask_mod differs from the "
+                                 f"brute force on {int((got != want).sum())} pairs")
+            return
+        partial, full = (m[0].cpu() for m in block_maps(bm))
+        for h in range(HEADS):
+            cover = _expand_blocks(full[h], qb, kb, nq, nkv) | (_expand_blocks(partial[h], qb, kb, nq, nkv)
+                                                                 & want[h])
+            if not torch.equal(cover, want[h]):
+                self.failures.append(f"adaptive_block_mask ({mode}={value}): head {h}'s blocks do not "
+                                     f"cover the brute force ({int((cover != want[h]).sum())} pairs differ)")
 
 
 class _Progress:
