@@ -4,7 +4,10 @@
   :func:`na3d` take the same arguments in the same order. flexna always runs FlexAttention
   (compiled by flexna, or inside your ``torch.compile``), so NATTEN's kernel-selection
   keywords are accepted where they mean "the default" and rejected with a message otherwise:
-  ``backend`` None / ``"flex-fna"``; ``q_tile_shape`` / ``kv_tile_shape`` become flexna's
+  ``backend`` None / ``"flex-fna"`` (flexna's ``backend="auto"``), ``"hopper-fna"`` /
+  ``"blackwell-fna"`` (NATTEN's hand-written Hopper / Blackwell kernels: flexna's
+  ``backend="flash"``, flash-attn-4's CuTe kernels through Flex), ``"cutlass-fna"`` rejected;
+  ``q_tile_shape`` / ``kv_tile_shape`` become flexna's
   ``tiles=`` (128-token tiles); ``torch_compile`` either value (flexna compiles regardless);
   ``attention_kwargs`` None or empty; the backward tiling keywords at their defaults.
   The modules of NATTEN >= 0.20 have flexna's own signature: use ``flexna.NeighborhoodAttention*D``.
@@ -29,7 +32,8 @@ from flexna.modules import NeighborhoodAttentionGeneric
 __all__ = ["LegacyNeighborhoodAttention1D", "LegacyNeighborhoodAttention2D", "LegacyNeighborhoodAttention3D",
            "na1d", "na2d", "na3d"]
 
-_FLEX_BACKENDS = (None, "flex-fna", "flex")
+# NATTEN's backend names -> flexna's kernel backend
+_BACKENDS = {None: "auto", "flex-fna": "auto", "flex": "auto", "hopper-fna": "flash", "blackwell-fna": "flash"}
 
 
 def _natten_call(ndim: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: Any,
@@ -37,9 +41,10 @@ def _natten_call(ndim: int, query: torch.Tensor, key: torch.Tensor, value: torch
                  additional_keys: torch.Tensor | None, additional_values: torch.Tensor | None,
                  attention_kwargs: dict | None, backend: str | None, q_tile_shape: Any, kv_tile_shape: Any,
                  return_lse: bool, torch_compile: bool, **backward: Any) -> Any:
-    if backend not in _FLEX_BACKENDS:
-        raise ValueError(f"backend = {backend!r}: flexna runs FlexAttention only (its analytic BlockMask "
-                         f"on Flex's kernels); pass backend=None or 'flex-fna'")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend = {backend!r}: flexna runs FlexAttention only (its analytic BlockMask on "
+                         "Flex's Triton or FLASH kernels); pass backend=None or 'flex-fna' (auto), or "
+                         "'hopper-fna' / 'blackwell-fna' (flexna's FLASH backend)")
     if attention_kwargs:
         raise ValueError(f"attention_kwargs = {attention_kwargs!r}: flexna takes no attention kwargs; pass "
                          "scale= / return_lse= directly, a score_mod through flexna.neighborhood_attention")
@@ -58,7 +63,8 @@ def _natten_call(ndim: int, query: torch.Tensor, key: torch.Tensor, value: torch
     tiles: Any = "auto" if q_tile_shape is None else (tuple(q_tile_shape), tuple(kv_tile_shape))
     return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                                   return_lse, additional_keys=additional_keys,
-                                  additional_values=additional_values, tiles=tiles, _ndim=ndim)
+                                  additional_values=additional_values, tiles=tiles,
+                                  backend=_BACKENDS[backend], _ndim=ndim)
 
 
 def _natten_na(ndim: int, layout: str) -> Callable[..., Any]:

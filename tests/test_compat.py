@@ -33,6 +33,8 @@ def test_natten_020_keywords_accepted_or_explained() -> None:
         tiled = compat.na2d(q, q, q, 5, dilation=2, q_tile_shape=(8, 16), kv_tile_shape=(8, 16))
         torch.testing.assert_close(tiled, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="FlexAttention only"):
+        compat.na2d(q, q, q, 5, backend="cutlass-fna")
+    with pytest.raises(flexna.BackendError, match="CUDA GPUs only"):  # NATTEN's Hopper kernels -> FLASH
         compat.na2d(q, q, q, 5, backend="hopper-fna")
     with pytest.raises(ValueError, match="attention_kwargs"):
         compat.na2d(q, q, q, 5, attention_kwargs={"foo": 1})
