@@ -461,6 +461,7 @@ CORE_NAMES = {  # what flexna.tools may import from the core (kept through refac
     "flexna.reference": {"reference_mask", "reference_attention", "reference_sliding_tile_mask",
                          "reference_radial_mask", "reference_radial_window_mask"},
     "flexna.blockmask": {"resolve_block_sizes"},
+    "flexna.backends": {"block_sizes"},  # the FLASH differential builds masks in its block sizes
     "flexna.integrations.config": {"SparsityConfig"},  # catalogue entries' model_config
 }
 

@@ -531,7 +531,7 @@ def run_verify(
     flex = torch.compile(flex_attention) if use_compile else flex_attention
     tol = 2e-4 if cuda else 1e-4
     name = torch.cuda.get_device_name(dev) if cuda else "CPU"
-    from flexna.backends import flash_unavailable
+    from flexna import flash_unavailable
 
     no_flash = flash_unavailable(dev) if attention and use_compile else "attention not compiled"
     print(f"flexna verify: {n} random configurations (seed {seed}"
