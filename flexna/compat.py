@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from flexna.backends import Backend
 from flexna.functional import neighborhood_attention
 from flexna.modules import NeighborhoodAttentionGeneric
 
@@ -33,7 +34,8 @@ __all__ = ["LegacyNeighborhoodAttention1D", "LegacyNeighborhoodAttention2D", "Le
            "na1d", "na2d", "na3d"]
 
 # NATTEN's backend names -> flexna's kernel backend
-_BACKENDS = {None: "auto", "flex-fna": "auto", "flex": "auto", "hopper-fna": "flash", "blackwell-fna": "flash"}
+_BACKENDS: dict[str | None, Backend] = {None: "auto", "flex-fna": "auto", "flex": "auto",
+                                        "hopper-fna": "flash", "blackwell-fna": "flash"}
 
 
 def _natten_call(ndim: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: Any,
