@@ -74,7 +74,8 @@ class NACache:
     axis, ``None`` for causal time and non-causal space (axis 0 must be causal).
     ``extra_k``/``extra_v`` ``[batch, M, kv_heads, dim]``: tokens every query attends (text,
     sinks), given once. ``scale``: as in :func:`flexna.neighborhood_attention`; ``backend``:
-    the CUDA kernels (``"auto"``, ``"triton"``, ``"flash"``).
+    the CUDA kernels (``"auto"``, ``"triton"``, ``"flash"``). ``block_size``: the BlockMask's
+    ``(q, kv)`` block sizes in tokens (default: the backend's; 128 on Triton).
 
     Call :meth:`attend` with consecutive chunks ``[batch, frames, *spatial, heads, dim]``;
     batch, kv heads, dims, dtype and device are fixed by the first call. Gradients reach the
@@ -91,12 +92,16 @@ class NACache:
     def __init__(self, shape: IntOrTuple, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                  dilation: IntOrTuple = 1, is_causal: BoolOrTuple | None = None, *,
                  extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
-                 scale: float | None = None, backend: Backend = "auto") -> None:
+                 scale: float | None = None, backend: Backend = "auto",
+                 block_size: int | tuple[int, int] | None = None) -> None:
         shape_t = as_shape("shape", shape)
         causal = _causal_axes(is_causal, len(shape_t))
         self.pattern = NAPattern.create(shape_t, kernel_size, stride, dilation, causal)
         check_options(scale)
         self.scale, self.backend = scale, check_backend(backend)
+        if block_size is not None:  # validated now, not at the first chunk
+            MaskSpec.create(self.pattern, block_size=block_size)
+        self.block_size = block_size
         if (extra_k is None) != (extra_v is None):
             raise ValueError("extra_k and extra_v must be given together")
         for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
@@ -201,7 +206,8 @@ class NACache:
     def _spec(self, t0: int, t1: int, b: int, width: int, block: tuple[int, int] | None) -> MaskSpec:
         full = tuple((0, s) for s in self.frame_shape)
         return MaskSpec.create(self.pattern, q_region=((t0, t1), *full), kv_region=((b, b + width), *full),
-                               num_extra_kv=self.num_extra, block_size=block)
+                               num_extra_kv=self.num_extra,
+                               block_size=block if self.block_size is None else self.block_size)
 
     def block_mask(self, frames: int, *, batch: int = 1, heads: int = 1, grads: bool = False,
                    device: torch.device | str = "cpu") -> tuple[BlockMask, str]:
