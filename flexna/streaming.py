@@ -11,14 +11,16 @@ frames, no future query reaches a frame before ``reach(t) = min(lo[t:])``: those
 
 Each :meth:`NACache.attend` is one fused Flex call: the chunk's queries (global frames
 ``[t0, t1)``, the ``q_region``) x a fixed-length window of frames ``[b, b + W)`` ending at
-``t1`` (the ``kv_region``, ``W = min(capacity + chunk, T)``, read from the ring in logical
-order plus the chunk's own K/V; frames in it that are not yet written or already evicted hold
-zeros and are never attended) plus the extra always-attended tokens. Its BlockMask is the
-analytic one of the *global* pattern restricted to those regions (:class:`flexna.MaskSpec`),
-so the output equals full-sequence :func:`flexna.neighborhood_attention` on the ``T``-frame
-layout restricted to the chunk's queries. The time-axis pair set, in region-local
-coordinates, depends only on ``(lo[x] - b, x - b)`` for the chunk's frames: masks are cached per
-cache object under that key, so a steady state rebuilds nothing.
+``t1`` (the ``kv_region``, ``W = min(capacity + chunk, T)``: the ring read in logical order,
+then the chunk's own K/V) plus the extra always-attended tokens. Frames of the window that are
+already evicted (still in the ring until overwritten) or not yet written (zeros, while the
+stream is shorter than the window) are never attended. The BlockMask is the analytic one of
+the *global* pattern restricted to those regions (:class:`flexna.MaskSpec`), so the output
+equals full-sequence :func:`flexna.neighborhood_attention` on the ``T``-frame layout
+restricted to the chunk's queries. The time-axis pair set, in region-local coordinates,
+depends only on ``(lo[x] - b, x - b)`` for the chunk's frames: masks are cached per cache
+object under that key, so a steady state rebuilds nothing (it needs one mask per residue of
+``t0`` modulo stride x dilation of the time axis).
 """
 
 from __future__ import annotations
@@ -233,14 +235,15 @@ class NACache:
 
     # ------------------------------------------------------------------ attention
     def _window_kv(self, chunk: torch.Tensor, ring: torch.Tensor, b: int, width: int) -> torch.Tensor:
-        """Frames ``[b, b + width)`` in order: zeros (evicted), the ring (held), the chunk, zeros (future)."""
+        """Frames ``[b, b + width)`` in order: the ring's (held), the chunk's, zeros (future frames,
+        while the stream is shorter than the window). Every frame in ``[b, t0)`` is in the ring:
+        ``b >= t0 - capacity`` (``width = capacity + frames``, or ``T`` and then ``b = 0 <= t0 - capacity``
+        would need ``t1 > T``)."""
         t0, t1 = self.frames_seen, self.frames_seen + chunk.shape[1]
-        held = max(b, t0 - self.capacity)
+        assert b >= t0 - self.capacity
         pieces = []
-        if held > b:
-            pieces.append(chunk.new_zeros((chunk.shape[0], held - b, *chunk.shape[2:])))
-        if t0 > held:
-            slots = torch.arange(held, t0, device=ring.device) % self.capacity
+        if t0 > b:
+            slots = torch.arange(b, t0, device=ring.device) % self.capacity
             pieces.append(ring.index_select(1, slots))
         pieces.append(chunk)
         if b + width > t1:

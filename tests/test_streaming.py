@@ -189,6 +189,19 @@ def test_gradients_reach_the_chunk():
     torch.testing.assert_close(out.double().reshape(1, 6, 5), ref_out[:, 9:].detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_steady_state_reuses_its_masks():
+    """One token per step, stride 2 x dilation 3 on time: 6 steady-state masks, rebuilt never."""
+    cache = flexna.NACache(200, 5, stride=2, dilation=3)
+    with torch.no_grad(), lse_path():
+        for t in range(150):
+            if t == 100:
+                built = dict(cache._masks)
+            cache.attend(chunk(1), chunk(1), chunk(1), return_lse=True)
+    assert len(built) <= 6 + cache.capacity  # warm-up masks, then one per residue of t mod 6
+    assert all(cache._masks[key] is mask for key, mask in built.items() if key in cache._masks)
+    assert len(cache._masks) == len(built)  # steps 100..149 built nothing new
+
+
 def test_reach_of_a_2048_window_over_32k_frames():
     cache = flexna.NACache(32768, 2048)
     assert cache.capacity == 2047
