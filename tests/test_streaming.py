@@ -210,6 +210,33 @@ def test_reach_of_a_2048_window_over_32k_frames():
     assert video.capacity == 17 and video.window(4) == (0, 21)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_stream_equals_reference_without_host_syncs_in_the_steady_state():
+    """On CUDA: one frame per step equals the reference, and once every steady-state mask is built
+    (first pass) the steps run with torch's sync debug mode set to error (no device-to-host sync)."""
+    case = dict(shape=(12, 8, 16), kernel=(4, 5, 7), stride=(2, 1, 1), dilation=(1, 1, 2),
+                causal=(True, False, False), batch=1, heads=4, kv_heads=2, extra=3, seed=4)
+    q, k, v, ek, ev = make_inputs(case, dim=32)
+    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                                   case["causal"], q, k, v, ek, ev)
+    q, k, v, ek, ev = (t.cuda() for t in (q, k, v, ek, ev))
+    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                           extra_k=ek, extra_v=ev)
+    with torch.no_grad():
+        for passes in range(2):
+            cache.reset()
+            outs = []
+            for t in range(case["shape"][0]):
+                if passes:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    outs.append(cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]))
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            torch.testing.assert_close(torch.cat(outs, 1).cpu().double(), ref_out, atol=1e-3, rtol=1e-3)
+
+
 # --------------------------------------------------------------------------- bad use
 
 
