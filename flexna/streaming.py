@@ -120,11 +120,14 @@ class NACache:
         self.reset()
 
     # ------------------------------------------------------------------ state
-    def reset(self) -> None:
-        """Forget every frame (a new stream); the storage is reallocated by the next call."""
+    def reset(self, free: bool = False) -> None:
+        """Forget every frame (a new stream). The ring is kept (a new stream reads only frames it
+        wrote itself) unless ``free``: then it is released and the next chunk allocates it anew
+        (and may change batch, heads, dims, dtype or device)."""
         self.frames_seen = 0
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        if free or not hasattr(self, "_k"):
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -183,8 +186,8 @@ class NACache:
             want = (ref_k.shape[0], *ref_k.shape[-2:], ref_v.shape[-1], ref_k.dtype, ref_k.device)
             if got != want:
                 raise ValueError(f"k_chunk/v_chunk (batch, kv_heads, dim, value_dim, dtype, device) = {got} "
-                                 f"differ from the cache's {want} (set by the first chunk; reset() to "
-                                 "start a new stream)")
+                                 f"differ from the cache's {want} (set by the first chunk; "
+                                 "reset(free=True) to start a stream of other tensors)")
             return
         if self.extra_k is not None and self.extra_v is not None:
             for name, t, like in (("extra_k", self.extra_k, k), ("extra_v", self.extra_v, v)):

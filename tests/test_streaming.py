@@ -189,6 +189,30 @@ def test_gradients_reach_the_chunk():
     torch.testing.assert_close(out.double().reshape(1, 6, 5), ref_out[:, 9:].detach(), atol=1e-5, rtol=1e-4)
 
 
+def test_reset_starts_a_new_stream_on_the_same_ring():
+    """A second stream (other data, other chunks) reuses the ring and never reads the first's frames."""
+    case = dict(shape=(9, 3), kernel=(4, 3), stride=(2, 1), dilation=(1, 1), causal=(True, False), batch=2,
+                heads=2, kv_heads=2, extra=1, block=None)
+    first = make_inputs({**case, "seed": 5})
+    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], extra_k=first[3], extra_v=first[4])
+    with torch.no_grad(), lse_path():
+        for t in range(0, 9, 3):
+            cache.attend(*(x[:, t:t + 3] for x in first[:3]), return_lse=True)
+        ring = cache._k.data_ptr()
+        cache.reset()
+        assert cache.frames_seen == 0 and cache.retained_frames == 0
+        q, k, v, _, _ = make_inputs({**case, "seed": 6})
+        ref_out, ref_lse, _ = full_reference(case["shape"], case["kernel"], case["stride"], 1, case["causal"],
+                                             q, k, v, first[3], first[4])
+        for t0, t1 in ((0, 1), (1, 5), (5, 6), (6, 9)):
+            out, lse = cache.attend(q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], return_lse=True)
+            torch.testing.assert_close(out.double(), ref_out[:, t0:t1], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(lse.double(), ref_lse[:, t0:t1], atol=2e-5, rtol=1e-4)
+        assert cache._k.data_ptr() == ring
+        cache.reset(free=True)
+        assert cache._k is None
+
+
 def test_steady_state_reuses_its_masks():
     """One token per step, stride 2 x dilation 3 on time: 6 steady-state masks, rebuilt never."""
     cache = flexna.NACache(200, 5, stride=2, dilation=3)
