@@ -44,6 +44,7 @@ from flexna.scores import (
 )
 from flexna.sliding_tile import SlidingTilePattern, sliding_tile_pattern, sta_block_mask, sta_mask_mod, sta_spec
 from flexna.spec import MaskSpec, mask_limit, set_mask_limit
+from flexna.streaming import NACache
 from flexna.tables import na_mask_mod, spec_mask_mod
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "CurveOrder",
     "EagerFallbackWarning",
     "MaskSpec",
+    "NACache",
     "NAPattern",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
