@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,26 +46,15 @@ from flexna.layout import CurveOrder, TokenLayout
 from flexna.radial import radial_window_pattern
 from flexna.tools.catalogue import load_entry
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import build_ms  # the synchronised wall-clock timer of BlockMask builds
+
 
 def bench(fn: Callable[[], object]) -> float:
     """Median ms over triton's do_bench (CUDA events) after warm-up."""
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def wall_ms(fn: Callable[[], object], reps: int = 10) -> float:
-    """Median synchronised wall ms of ``fn`` after two warm-ups."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def counts(bm) -> tuple[int, int]:
@@ -95,7 +83,7 @@ def spec_row(name: str, spec: flexna.MaskSpec, heads: int, dim: int,
             flexna.clear_cache()
             return spec_block_mask(spec, dev)
 
-        row["build_ms"] = wall_ms(build)
+        row["build_ms"] = build_ms(build)
         bm = spec_block_mask(spec, dev)
         row["full"], row["partial"] = counts(bm)
         opts = flexna.flex.cuda_kernel_options(dev)
@@ -147,7 +135,7 @@ def adaptive_row(name: str, spec: flexna.MaskSpec, heads: int, dim: int, **selec
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             row["cudnn_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         spec_block_mask(spec, dev)  # the base maps, as a model has them after its first call
-        row["build_ms"] = wall_ms(lambda: flexna.adaptive_block_mask(q, k, spec, **select))
+        row["build_ms"] = build_ms(lambda: flexna.adaptive_block_mask(q, k, spec, **select))
         bm = flexna.adaptive_block_mask(q, k, spec, **select)
         row["full"], row["partial"] = counts(bm)
         base = spec_block_mask(spec, dev)

@@ -148,18 +148,22 @@ def kernel_options(backend: str = "auto", device: torch.device | str | None = No
         opts = flexna.kernel_options("auto", "cuda")
         out = torch.compile(flex_attention)(q, k, v, block_mask=bm, kernel_options=opts)
     """
-    from flexna.flex import cuda_kernel_options
-
     dev = torch.device("cuda") if device is None and torch.cuda.is_available() else torch.device(
         device if device is not None else "cpu")
     chosen = resolve_backend(backend, dev, grads=grads, captured_grads=captured_grads,
                              block_pairs=block_pairs, partial_share=partial_share)
-    if dev.type != "cuda":
+    return backend_options(chosen, dev)
+
+
+def backend_options(chosen: str, device: torch.device) -> dict[str, bool | str]:
+    """The ``kernel_options`` that run a resolved backend (``"triton"`` / ``"flash"``) on
+    ``device``: FLASH's selector, or the Triton options flexna passes on CUDA; none on the CPU."""
+    from flexna.flex import cuda_kernel_options
+
+    if device.type != "cuda":
         return {}
-    if chosen == "flash":
-        return {"BACKEND": "FLASH"}
-    return {**cuda_kernel_options(dev)}
+    return {"BACKEND": "FLASH"} if chosen == "flash" else dict(cuda_kernel_options(device))
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "block_sizes", "check_backend", "flash_unavailable",
-           "kernel_options", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "backend_options", "block_sizes", "check_backend",
+           "flash_unavailable", "kernel_options", "resolve_backend"]

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.backends import BACKENDS, Backend, check_backend
+from flexna.backends import BACKENDS, Backend, backend_options, check_backend
 from flexna.blockmask import spec_block_mask
 from flexna.flex import run_flex
 from flexna.functional import (
@@ -284,8 +284,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPatter
         backend, q.device, grads, q.shape[0], q.shape[-2])
     mask = spec_block_mask(spec, q.device)
     kwargs: dict[str, Any] = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
-    if chosen == "flash":
-        kwargs["kernel_options"] = {"BACKEND": "FLASH"}
+    if options := backend_options(chosen, q.device):
+        kwargs["kernel_options"] = options
     out = run_flex(q_layout.heads_first(q), kv_layout.heads_first(k), kv_layout.heads_first(v), mask,
                    scale, False, **kwargs)
     return q_layout.from_heads_first(out)

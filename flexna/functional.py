@@ -18,14 +18,13 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from flexna import plan as plans
 from flexna.analysis import choose_tiles
-from flexna.backends import Backend, BackendError, block_sizes, check_backend, resolve_backend
+from flexna.backends import Backend, BackendError, backend_options, block_sizes, check_backend, resolve_backend
 from flexna.blockmask import spec_block_mask
 from flexna.blocksparsity import spec_maps
 from flexna.errors import warn_user
 from flexna.flex import (
     EagerFallbackWarning,
     RecompileLimitError,
-    cuda_kernel_options,
     dense_flex_attention,
     run_flex,
 )
@@ -313,10 +312,8 @@ def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], back
 def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
                rpb: bool, needs_dense: bool, backend: str = "triton") -> CallPlan:
     check_mask_limit(spec)  # before anything is built or compiled
-    options: dict[str, bool | str] = {}
-    if device.type == "cuda":
-        options = {"BACKEND": "FLASH"} if backend == "flash" else dict(cuda_kernel_options(device))
-    return CallPlan(spec, q_layout, kv_layout, device, rpb, options, needs_dense, backend)
+    return CallPlan(spec, q_layout, kv_layout, device, rpb, backend_options(backend, device), needs_dense,
+                    backend)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: CallPlan,

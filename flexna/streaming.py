@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexna.backends import Backend, check_backend
+from flexna.backends import Backend, backend_options, check_backend
 from flexna.blockmask import build_block_mask
 from flexna.flex import run_flex
 from flexna.functional import check_options, check_tensors, choose_backend
@@ -290,8 +290,8 @@ class NACache:
         mask, chosen = self.block_mask(frames, batch=q_chunk.shape[0], heads=q_chunk.shape[-2], grads=grads,
                                        device=q_chunk.device)
         kwargs: dict[str, Any] = {"enable_gqa": True} if k_chunk.shape[-2] != q_chunk.shape[-2] else {}
-        if chosen == "flash":
-            kwargs["kernel_options"] = {"BACKEND": "FLASH"}
+        if options := backend_options(chosen, q_chunk.device):
+            kwargs["kernel_options"] = options
         result = run_flex(self._as_sequence(q_chunk, None),
                           self._as_sequence(self._window_kv(k_chunk, ring_k, b, width), self.extra_k),
                           self._as_sequence(self._window_kv(v_chunk, ring_v, b, width), self.extra_v),

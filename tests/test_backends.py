@@ -182,7 +182,7 @@ def test_plans_pick_the_backend_auto_promises(flash_here, monkeypatch):
     from flexna.functional import _options
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(flexna.functional, "cuda_kernel_options", lambda device: {})
+    monkeypatch.setattr(flexna.flex, "cuda_kernel_options", lambda device: {})
 
     def chosen(shape, kernel, heads, grad_q=False, rpb=None, backend="auto"):
         q = ((1, *shape, heads, 64), "torch.float16", "cuda:0", grad_q)
