@@ -136,34 +136,73 @@ def resolve_backend(backend: str, device: torch.device, *, grads: bool, captured
 
 def kernel_options(backend: str = "auto", device: torch.device | str | None = None, *,
                    grads: bool = False, captured_grads: bool = False, block_pairs: int | None = None,
-                   partial_share: float = 0.0) -> dict[str, bool | str]:
+                   partial_share: float = 0.0, block_size: tuple[int, int] | None = None
+                   ) -> dict[str, bool | str | int]:
     """The ``kernel_options`` to pass to ``flex_attention`` with flexna's masks on ``device``.
 
     For direct FlexAttention users: the backend choice of :func:`resolve_backend` plus the
     Triton options flexna uses (see :func:`flexna.flex.cuda_kernel_options`). Build the
-    BlockMask with ``block_size=flexna.backends.block_sizes(backend, device)``.
+    BlockMask with ``block_size=flexna.backends.block_sizes(backend, device)``, or pass the
+    BlockMask's ``block_size`` (``bm.BLOCK_SIZE``, e.g. a :class:`flexna.MaskSpec` with small
+    tiles): then ``"auto"`` keeps Triton where FLASH cannot run those blocks, and Triton's
+    kernel tiles are chosen to divide them (:func:`triton_block_options`).
 
     Example::
 
-        opts = flexna.kernel_options("auto", "cuda")
+        opts = flexna.kernel_options("auto", "cuda", block_size=bm.BLOCK_SIZE)
         out = torch.compile(flex_attention)(q, k, v, block_mask=bm, kernel_options=opts)
     """
     dev = torch.device("cuda") if device is None and torch.cuda.is_available() else torch.device(
         device if device is not None else "cpu")
+    blocks = None if block_size is None else (int(block_size[0]), int(block_size[1]))
     chosen = resolve_backend(backend, dev, grads=grads, captured_grads=captured_grads,
                              block_pairs=block_pairs, partial_share=partial_share)
-    return backend_options(chosen, dev)
+    if chosen == "flash" and blocks is not None and blocks != block_sizes("flash", dev):
+        if backend == "flash":
+            raise BackendError(f"backend='flash' runs BlockMasks of block_size {block_sizes('flash', dev)} "
+                               f"on this GPU, got block_size = {blocks}; build the mask with "
+                               "block_size=flexna.backends.block_sizes('flash', device) or use 'triton'")
+        chosen = "triton"
+    return backend_options(chosen, dev, blocks)
 
 
-def backend_options(chosen: str, device: torch.device) -> dict[str, bool | str]:
+def triton_block_options(q_block: int, kv_block: int) -> dict[str, int]:
+    """Triton kernel tile sizes for a BlockMask whose blocks 128 does not divide.
+
+    Flex's Triton kernels run fixed tiles (128 x 64 forward on Hopper at head_dim 128) that
+    must divide the BlockMask's blocks; for smaller blocks (tiles of fewer than 128 tokens)
+    this picks the largest power-of-two tiles that do, forward and backward (``fwd_`` /
+    ``bwd_`` options; the backward's dK/dV and dQ loops need ``N1 % M1 == M2 % N2 == 0``).
+    Blocks that no power of two >= 16 divides cannot run on Triton: a ``ValueError``.
+    """
+    if q_block % 128 == 0 and kv_block % 128 == 0:
+        return {}
+    bq, bkv = (min(128, b & -b) for b in (q_block, kv_block))  # largest power-of-two divisor
+    if min(bq, bkv) < 16:
+        raise ValueError(f"block_size = ({q_block}, {kv_block}) is out of range on CUDA: Flex's Triton "
+                         "kernels need blocks that are multiples of 16 tokens (a tile of at least 16 "
+                         "tokens, or block_size a multiple of 16 of the tile's token count)")
+    small = min(bq, bkv, 32)
+    return {"fwd_BLOCK_M": bq, "fwd_BLOCK_N": min(bkv, 64), "bwd_BLOCK_M1": small,
+            "bwd_BLOCK_N1": min(bkv, 64), "bwd_BLOCK_M2": min(bq, 64), "bwd_BLOCK_N2": small}
+
+
+def backend_options(chosen: str, device: torch.device, block_size: tuple[int, int] | None = None
+                    ) -> dict[str, bool | str | int]:
     """The ``kernel_options`` that run a resolved backend (``"triton"`` / ``"flash"``) on
-    ``device``: FLASH's selector, or the Triton options flexna passes on CUDA; none on the CPU."""
+    ``device``: FLASH's selector, or the Triton options flexna passes on CUDA (with kernel tiles
+    dividing ``block_size``, the BlockMask's ``(q, kv)`` blocks); none on the CPU."""
     from flexna.flex import cuda_kernel_options
 
     if device.type != "cuda":
         return {}
-    return {"BACKEND": "FLASH"} if chosen == "flash" else dict(cuda_kernel_options(device))
+    if chosen == "flash":
+        return {"BACKEND": "FLASH"}
+    options: dict[str, bool | str | int] = dict(cuda_kernel_options(device))
+    if block_size is not None:
+        options.update(triton_block_options(*block_size))
+    return options
 
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "backend_options", "block_sizes", "check_backend",
-           "flash_unavailable", "kernel_options", "resolve_backend"]
+           "flash_unavailable", "kernel_options", "resolve_backend", "triton_block_options"]

@@ -284,7 +284,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPatter
         backend, q.device, grads, q.shape[0], q.shape[-2])
     mask = spec_block_mask(spec, q.device)
     kwargs: dict[str, Any] = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
-    if options := backend_options(chosen, q.device):
+    if options := backend_options(chosen, q.device, (spec.q_block, spec.kv_block)):
         kwargs["kernel_options"] = options
     out = run_flex(q_layout.heads_first(q), kv_layout.heads_first(k), kv_layout.heads_first(v), mask,
                    scale, False, **kwargs)

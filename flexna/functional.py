@@ -165,7 +165,7 @@ class CallPlan:
     kv_layout: TokenLayout
     device: torch.device
     has_rpb: bool
-    kernel_options: dict[str, bool | str]
+    kernel_options: dict[str, bool | str | int]
     dense: bool  # the CPU cases compiled Flex cannot run (gradients, lse): the dense stand-in
     backend: str  # the kernel backend the call runs on: "triton" or "flash"
     # resolved at trace time (the traced code must not touch the cache); None: from the cache
@@ -312,7 +312,8 @@ def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], back
 def _make_plan(spec: MaskSpec, q_layout: TokenLayout, kv_layout: TokenLayout, device: torch.device,
                rpb: bool, needs_dense: bool, backend: str = "triton") -> CallPlan:
     check_mask_limit(spec)  # before anything is built or compiled
-    return CallPlan(spec, q_layout, kv_layout, device, rpb, backend_options(backend, device), needs_dense,
+    return CallPlan(spec, q_layout, kv_layout, device, rpb,
+                    backend_options(backend, device, (spec.q_block, spec.kv_block)), needs_dense,
                     backend)
 
 

@@ -290,7 +290,7 @@ class NACache:
         mask, chosen = self.block_mask(frames, batch=q_chunk.shape[0], heads=q_chunk.shape[-2], grads=grads,
                                        device=q_chunk.device)
         kwargs: dict[str, Any] = {"enable_gqa": True} if k_chunk.shape[-2] != q_chunk.shape[-2] else {}
-        if options := backend_options(chosen, q_chunk.device):
+        if options := backend_options(chosen, q_chunk.device, mask.BLOCK_SIZE):
             kwargs["kernel_options"] = options
         result = run_flex(self._as_sequence(q_chunk, None),
                           self._as_sequence(self._window_kv(k_chunk, ring_k, b, width), self.extra_k),

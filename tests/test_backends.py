@@ -157,6 +157,31 @@ def test_auto_picks_flash_for_large_forward_calls(flash_here, monkeypatch):
     assert backends.kernel_options("flash", flash_here) == {"BACKEND": "FLASH"}
 
 
+@pytest.mark.parametrize("q_block,kv_block", [(16, 16), (32, 64), (64, 32), (96, 48), (384, 48), (128, 16)])
+def test_triton_tiles_divide_small_blocks(q_block, kv_block):
+    """Every kernel tile divides its BlockMask side, and the backward's loops nest (N1 % M1, M2 % N2)."""
+    o = backends.triton_block_options(q_block, kv_block)
+    assert o["fwd_BLOCK_M"] >= 16 and q_block % o["fwd_BLOCK_M"] == 0 and kv_block % o["fwd_BLOCK_N"] == 0
+    assert q_block % o["bwd_BLOCK_M1"] == 0 and kv_block % o["bwd_BLOCK_N1"] == 0
+    assert q_block % o["bwd_BLOCK_M2"] == 0 and kv_block % o["bwd_BLOCK_N2"] == 0
+    assert o["bwd_BLOCK_N1"] % o["bwd_BLOCK_M1"] == 0 and o["bwd_BLOCK_M2"] % o["bwd_BLOCK_N2"] == 0
+    assert all(v & (v - 1) == 0 for v in o.values())  # powers of two
+
+
+def test_triton_tiles_for_blocks_they_cannot_divide(flash_here, monkeypatch):
+    assert backends.triton_block_options(128, 256) == {}  # the kernels' own tiles divide them
+    with pytest.raises(ValueError, match=r"block_size = \(15, 128\) is out of range on CUDA"):
+        backends.triton_block_options(15, 128)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(flexna.flex, "cuda_kernel_options", lambda device: {})
+    # "auto" with a BlockMask FLASH cannot run keeps Triton; "flash" says why
+    opts = backends.kernel_options("auto", flash_here, block_size=(64, 64))
+    assert "BACKEND" not in opts and opts["fwd_BLOCK_M"] == 64
+    assert backends.kernel_options("auto", flash_here, block_size=(128, 128)) == {"BACKEND": "FLASH"}
+    with pytest.raises(backends.BackendError, match=r"block_size = \(64, 64\)"):
+        backends.kernel_options("flash", flash_here, block_size=(64, 64))
+
+
 def test_blackwell_flash_blocks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert backends.block_sizes("flash", torch.device("cuda")) == (256, 128)

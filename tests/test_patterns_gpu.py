@@ -47,7 +47,8 @@ def test_gpu_pattern_attention_and_gradients(name) -> None:
     q, k, v = (torch.randn(1, heads, n, 64, device="cuda", generator=g, requires_grad=True)
                for n in (spec.q_len, spec.kv_len, spec.kv_len))
     bm = spec_block_mask(spec, "cuda")
-    out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+    opts = flexna.kernel_options("triton", "cuda", block_size=bm.BLOCK_SIZE)  # tiles divide small blocks
+    out = torch.compile(flex_attention)(q, k, v, block_mask=bm, kernel_options=opts)
     mask = _dense(spec, spec.heads).expand(1, heads, -1, -1) if spec.heads == 1 else _dense(spec, heads)
     want, _ = reference_attention(q, k, v, mask)
     torch.testing.assert_close(out.detach().cpu().double(), want, atol=2e-4, rtol=1e-4)
@@ -76,7 +77,8 @@ def test_gpu_adaptive_equals_cpu_and_runs_compiled() -> None:
         gpu = flexna.select_blocks(q.cuda().double(), k.cuda().double(), spec, **mode)
         assert torch.equal(cpu, gpu.cpu())
         bm = flexna.adaptive_block_mask(q.cuda().double(), k.cuda().double(), spec, **mode)
-        out = torch.compile(flex_attention)(q.cuda(), k.cuda(), v.cuda(), block_mask=bm)
+        opts = flexna.kernel_options("triton", "cuda", block_size=bm.BLOCK_SIZE)
+        out = torch.compile(flex_attention)(q.cuda(), k.cuda(), v.cuda(), block_mask=bm, kernel_options=opts)
         qq, kk = torch.arange(spec.q_len)[:, None], torch.arange(spec.kv_len)[None, :]
         cpu_bm = flexna.adaptive_block_mask(q.double(), k.double(), spec, **mode)
         mask = torch.stack([torch.stack([cpu_bm.mask_mod(torch.tensor(b), torch.tensor(h), qq, kk)
