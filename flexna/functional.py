@@ -515,6 +515,7 @@ def tiled_neighborhood_attention(
     *,
     additional_keys: torch.Tensor | None = None,
     additional_values: torch.Tensor | None = None,
+    num_extra_tokens: int = 0,
     rel_pos_bias: torch.Tensor | None = None,
     score_mod: ScoreModArg = None,
     backend: Backend = "auto",
@@ -530,8 +531,12 @@ def tiled_neighborhood_attention(
     positions are never attended; their output is 0 (without additional keys, which every
     query row attends, padded ones included). Pattern arguments may be
     :class:`flexna.PerHead`; ``additional_keys``/``additional_values`` ``[batch, M, kv_heads,
-    dim]`` are extra keys every query attends. ``backend`` and ``check_finite`` as in
-    :func:`neighborhood_attention`.
+    dim]`` are extra keys every query attends. ``num_extra_tokens`` ``M``: the sequences are
+    joint ones, ``[batch, layout.length + M, heads, dim]``, whose last ``M`` rows are extra
+    tokens (text, registers; FLUX-style joint attention with the text last): every layout query
+    attends their keys, their queries attend every key, and the output has all ``layout.length
+    + M`` rows (one fused call, no concatenation or split of the inputs). ``backend`` and
+    ``check_finite`` as in :func:`neighborhood_attention`.
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
@@ -539,7 +544,8 @@ def tiled_neighborhood_attention(
     plan = plans.plan_for(("tiled", sig(query), sig(key), sig(value), sig(additional_keys),
                            sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
                            _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
-                           _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled()))
+                           _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled(),
+                           num_extra_tokens))
     check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
                                        ("additional_keys", additional_keys),
                                        ("additional_values", additional_values),
@@ -558,8 +564,10 @@ def tiled_neighborhood_attention(
 def _tiled_plan(signature: tuple) -> CallPlan:
     """Validate a :func:`tiled_neighborhood_attention` call from its signature and plan it."""
     (_, q_s, k_s, v_s, ak_s, av_s, rpb_s, shape, tile, kernel_size, stride, dilation, is_causal,
-     options, grad) = signature
+     options, grad, joint) = signature
     _check_options(options)
+    if isinstance(joint, bool) or not isinstance(joint, int) or joint < 0:
+        raise ValueError(f"num_extra_tokens = {joint!r} is out of range: need an int >= 0")
     return_lse = options[1]
     layout = TokenLayout(shape, tile)
     query, key, value, ak, av = (TensorMeta.of(n, s) for n, s in zip(
@@ -567,7 +575,9 @@ def _tiled_plan(signature: tuple) -> CallPlan:
         (q_s, k_s, v_s, ak_s, av_s), strict=True))
     rpb = _rpb_meta(rpb_s)
     assert query is not None and key is not None and value is not None
-    _check_sequences(query, key, value, layout.length, f" (layout {layout.shape} in tile {layout.tile} order)")
+    _check_sequences(query, key, value, layout.length + joint,
+                     f" (layout {layout.shape} in tile {layout.tile} order"
+                     f"{f', then {joint} extra tokens' if joint else ''})")
     batch, heads, kv_heads = query.shape[0], query.shape[2], key.shape[2]
     if (ak is None) != (av is None):
         raise ValueError("additional_keys and additional_values must be given together")
@@ -580,7 +590,8 @@ def _tiled_plan(signature: tuple) -> CallPlan:
     grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
                                                     for t in (query, key, value, ak, av, rpb)))
     spec, backend = choose_backend(lambda block: MaskSpec.create(
-        patterns, q_tile=layout.tile, kv_tile=layout.tile, block_size=block, num_extra_kv=extra_kv),
+        patterns, q_tile=layout.tile, kv_tile=layout.tile, block_size=block, num_extra_q=joint,
+        num_extra_kv=joint + extra_kv),
         options[3], query.device, grads, batch, heads, options[2] is not None,
         grads and rpb is not None and rpb.requires_grad)
     return _make_plan(spec, layout, layout, query.device, rpb is not None,

@@ -277,3 +277,51 @@ def test_module_stays_in_layout() -> None:
         mod(x, layout=layout)
     with pytest.raises(ValueError, match="layout has 3 axes"):
         mod(torch.randn(1, 8, 32), layout=flexna.TokenLayout.create((2, 2, 2), None))
+
+
+@settings(max_examples=15, deadline=None)
+@given(configs(ndims=(1, 2, 3), max_tokens=300), st.integers(1, 40), st.integers(0, 9), st.booleans(),
+       st.data())
+def test_joint_sequences_with_extra_tokens_last(cfg: Config, extra: int, more_keys: int, tiled: bool,
+                                                data) -> None:
+    """``num_extra_tokens``: the last M rows of one joint sequence are extra tokens (FLUX text):
+    layout queries attend their neighborhood + every extra key (+ additional keys), extra queries
+    attend every real key; padded positions are never attended (padded query rows see only the
+    extra keys, as the docstring says). Against float64 attention under a
+    mask built from the reference rule, in the layout's own order."""
+    tile = _tile_128(cfg.shape, data.draw) if tiled and len(cfg.shape) > 1 else None
+    layout = flexna.TokenLayout.create(cfg.shape, tile)
+    n, length = math.prod(cfg.shape), layout.length
+    g = torch.Generator().manual_seed(extra)
+    x = torch.randn(1, length + extra, 2, 8, generator=g)
+    order = torch.from_numpy(tiled_order(cfg.shape, tile))
+    x[:, :length][:, order < 0] = 0  # padding rows hold zeros, as layout.to_tokens gives them
+    ak = av = None
+    if more_keys:
+        ak, av = torch.randn(2, 1, more_keys, 2, 8, generator=g)
+    out = flexna.tiled_neighborhood_attention(x, x, x, layout, **cfg.kwargs_no_shape(), num_extra_tokens=extra,
+                                              additional_keys=ak, additional_values=av)
+    assert out.shape == x.shape
+    real = order >= 0
+    pos = torch.where(real, order, 0)
+    na = reference_mask(*cfg.args())  # [n, n] row-major
+    mask = torch.zeros(length + extra, length + extra + more_keys, dtype=torch.bool)
+    mask[:length, :length] = na[pos][:, pos] & real[:, None] & real[None, :]
+    mask[:length, length:] = True  # layout queries (padded ones too, as documented): every extra key
+    mask[length:, :length] = real[None, :]  # extra queries: every real layout key ...
+    mask[length:, length:] = True  # ... and every extra / additional key
+    keys = x if ak is None else torch.cat([x, ak], 1)
+    values = x if av is None else torch.cat([x, av], 1)
+    want = attention64(x.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert n == int(real.sum())
+
+
+def test_joint_sequence_validation() -> None:
+    layout = flexna.TokenLayout.create((8, 16), (8, 16))
+    x = torch.randn(1, 128 + 4, 2, 8)
+    with pytest.raises(ValueError, match=r"\[batch, 132, heads, dim\] \(layout \(8, 16\) in tile \(8, 16\) "
+                                         r"order, then 4 extra tokens\)"):
+        flexna.tiled_neighborhood_attention(x[:, :-1], x[:, :-1], x[:, :-1], layout, 3, num_extra_tokens=4)
+    with pytest.raises(ValueError, match=r"num_extra_tokens = -1 is out of range"):
+        flexna.tiled_neighborhood_attention(x, x, x, layout, 3, num_extra_tokens=-1)
