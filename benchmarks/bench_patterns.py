@@ -16,7 +16,8 @@ the block counts. Rows:
 * ``radial-*``: hunyuan-radial (with 256 text tokens), wan-radial (row-major 128-token
   blocks), the 3-D-window variant in a (1, 8, 16) tiled order;
 * ``adaptive-*``: flux-na / hunyuan-gna windows united with NABLA threshold-0.9 and top-8
-  blocks (q = k: local random Fourier features plus noise, ``local_qk``; the selection is
+  blocks (one feature per token on both sides, in each side's order: local random Fourier
+  features plus noise, :func:`flexna.adaptive.local_qk`, seed 0; the selection is
   data-dependent, so its counts are those of this draw);
 * ``perhead-svg``: half the heads spatial (own frame), half temporal (own position), 30x48x80,
   row-major.
@@ -41,6 +42,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flexna
+from flexna.adaptive import local_qk
 from flexna.blockmask import spec_block_mask
 from flexna.layout import CurveOrder, TokenLayout
 from flexna.radial import radial_window_pattern
@@ -103,35 +105,18 @@ def spec_row(name: str, spec: flexna.MaskSpec, heads: int, dim: int,
     return run
 
 
-def local_qk(spec: flexna.MaskSpec, heads: int, dim: int, device: torch.device | str,
-             dtype: torch.dtype) -> torch.Tensor:
-    """``[1, heads, q_len, dim]`` features with locality (q = k): low-frequency random Fourier
-    features of each token's layout coordinates (spec order; extra tokens random) plus noise,
-    so pooled scores peak near the diagonal as real video attention does (pure noise would
-    make every threshold selection nearly dense)."""
-    g = torch.Generator().manual_seed(0)
-    coords = torch.from_numpy(spec.q_order().coords()).float()  # [layout len, n]; -1 padding
-    freq = torch.randn(heads, coords.shape[1], dim // 2, generator=g) / torch.tensor(
-        spec.samples[0][0].shape, dtype=torch.float32)[None, :, None] * 3
-    phase = torch.einsum("ln,hnf->hlf", coords, freq)
-    noise = torch.randn(heads, len(coords), dim, generator=g)
-    feats = torch.cat([phase.sin(), phase.cos()], -1) * 2 + 0.5 * noise
-    extra = torch.randn(heads, spec.q_len - len(coords), dim, generator=g)
-    return torch.cat([feats, extra], 1)[None].to(device, dtype)
-
-
 def adaptive_row(name: str, spec: flexna.MaskSpec, heads: int, dim: int, **select) -> Callable:
     def run(flex: Callable | None) -> dict:
         row: dict = {"name": name, "spec": str(spec.samples[0][0]), "select": select, "heads": heads,
                      "head_dim": dim, "q_len": spec.q_len, "blocks": (spec.q_block, spec.kv_block)}
         torch.manual_seed(0)
         if flex is None:  # --dry-run: one small-head selection on the CPU
-            qc = local_qk(spec, 1, 16, "cpu", torch.float32)
-            row["full"], row["partial"] = counts(flexna.adaptive_block_mask(qc, qc, spec, **select))
+            qc, kc = local_qk(spec, 1, 16, "cpu", torch.float32)
+            row["full"], row["partial"] = counts(flexna.adaptive_block_mask(qc, kc, spec, **select))
             return row
         dev = torch.device("cuda")
-        q = k = local_qk(spec, heads, dim, dev, torch.float16)
-        v = torch.randn_like(q)
+        q, k = local_qk(spec, heads, dim, dev, torch.float16)
+        v = torch.randn_like(k)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             row["cudnn_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         spec_block_mask(spec, dev)  # the base maps, as a model has them after its first call

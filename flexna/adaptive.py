@@ -34,7 +34,7 @@ from flexna.cache import cached
 from flexna.spec import MaskSpec
 from flexna.tables import MaskMod, build_tables, host_tables
 
-__all__ = ["adaptive_block_mask", "select_blocks"]
+__all__ = ["adaptive_block_mask", "local_qk", "select_blocks"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,3 +199,49 @@ def adaptive_block_mask(q: torch.Tensor, k: torch.Tensor, spec: MaskSpec, *, thr
         full_q_num_blocks=shaped(fq_num), full_q_indices=shaped(fq_idx),
         BLOCK_SIZE=(qb, kb), mask_mod=adaptive_mask,
     )
+
+
+
+def local_qk(spec: MaskSpec, heads: int, dim: int, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic ``(q, k)``, ``[1, heads, q_len / kv_len, dim]``, with spatial locality.
+
+    One feature vector per layout token, the same on both sides (self-attention, ``q = k``
+    up to the token order): low-frequency random Fourier features of the token's layout
+    coordinates plus noise, so pooled scores peak near the diagonal as real video attention
+    does (pure noise would make every threshold selection nearly dense). ``q`` holds them in
+    the spec's query order and ``k`` in its key order (tiles, curve, region), padding
+    positions zero; the extra tokens are random, the first ones shared by both sides.
+    Deterministic: drawn from a CPU ``torch.Generator`` seeded with ``seed``, then moved to
+    ``device`` / ``dtype``. The benchmarks and ``flexna show`` (adaptive catalogue entries)
+    draw adaptive selections from it; it models no particular network.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed = {seed!r} is out of range: need an int in 0..2**63-1")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+        raise ValueError(f"dim = {dim!r} is out of range: need an even int >= 2")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads = {heads!r} is out of range: need an int >= 1")
+    if len(spec.samples) != 1:
+        raise ValueError("local_qk draws one layout: a spec of packed samples is not supported")
+    shape = spec.samples[0][0].shape
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.from_numpy(np.indices(shape).reshape(len(shape), -1).T.copy()).float()  # row-major
+    freq = torch.randn(heads, len(shape), dim // 2, generator=g) / torch.tensor(
+        shape, dtype=torch.float32)[None, :, None] * 3
+    phase = torch.einsum("ln,hnf->hlf", coords, freq)
+    noise = torch.randn(heads, len(coords), dim, generator=g)
+    feats = torch.cat([phase.sin(), phase.cos()], -1) * 2 + 0.5 * noise  # [heads, layout tokens, dim]
+    extra = torch.randn(heads, max(spec.num_extra_q, spec.num_extra_kv), dim, generator=g)
+
+    def side(order_coords: np.ndarray, region: tuple | None, n_extra: int) -> torch.Tensor:
+        at = order_coords.copy()
+        real = (at >= 0).all(1)
+        if region is not None:
+            at[real] += np.array([start for start, _ in region])
+        flat = np.where(real, np.ravel_multi_index(tuple(np.where(real[:, None], at, 0).T), shape), 0)
+        out = feats[:, torch.from_numpy(flat)] * torch.from_numpy(real)[None, :, None]
+        return torch.cat([out, extra[:, :n_extra]], 1)[None].to(device, dtype)
+
+    return (side(spec.q_order().coords(), spec.q_region, spec.num_extra_q),
+            side(spec.kv_order().coords(), spec.kv_region, spec.num_extra_kv))

@@ -177,6 +177,40 @@ MALFORMED = {
     "too-large": (raw_entry("source", '"' + "x" * (1 << 20) + '"'), "larger than a catalogue entry"),
     "long-text": ({"source": "x" * 5000}, "field 'source': must be one printable line"),
     "directory": (None, "cannot read"),
+    # the optional adaptive object (adaptive blocks drawn by `flexna show`)
+    "adaptive-not-object": ({"adaptive": 0.9}, "field 'adaptive': must be an object with threshold or "
+                            "top_k, and seed, got 0.9 (float)"),
+    "adaptive-both": ({"adaptive": {"threshold": 0.9, "top_k": 2, "seed": 0}},
+                      "field 'adaptive': give exactly one of threshold (0 < threshold <= 1) and top_k "
+                      "(an integer in 1..2147483647)"),
+    "adaptive-neither": ({"adaptive": {"seed": 0}}, "field 'adaptive': give exactly one of threshold"),
+    "adaptive-unknown": ({"adaptive": {"topk": 3, "seed": 0}}, "field 'adaptive.topk': 'topk' is not a "
+                         "field of adaptive (allowed: threshold, top_k, seed)"),
+    "adaptive-unknown-odd-key": ({"adaptive": {"a\u001b[31m": 3, "seed": 0}},
+                                 "field 'adaptive': 'a\\x1b[31m' is not a field of adaptive"),
+    "adaptive-threshold-zero": ({"adaptive": {"threshold": 0, "seed": 0}},
+                                "field 'adaptive.threshold': 0 is out of range: need 0 < threshold <= 1"),
+    "adaptive-threshold-above-one": ({"adaptive": {"threshold": 1.5, "seed": 0}}, "field "
+                                     "'adaptive.threshold': 1.5 is out of range: need 0 < threshold <= 1"),
+    "adaptive-threshold-nan": (raw_entry("adaptive", '{"threshold": NaN, "seed": 0}'),
+                               "field 'adaptive.threshold': nan is out of range: need 0 < threshold <= 1"),
+    "adaptive-threshold-str": ({"adaptive": {"threshold": "0.9", "seed": 0}},
+                               "field 'adaptive.threshold': must be a number, got '0.9' (str)"),
+    "adaptive-threshold-bool": ({"adaptive": {"threshold": True, "seed": 0}},
+                                "field 'adaptive.threshold': must be a number, got True (bool)"),
+    "adaptive-top_k-zero": ({"adaptive": {"top_k": 0, "seed": 0}},
+                            "field 'adaptive.top_k': 0 is out of range: need 1 <= top_k <= 2147483647"),
+    "adaptive-top_k-float": ({"adaptive": {"top_k": 2.0, "seed": 0}},
+                             "field 'adaptive.top_k': must be an integer, got 2.0 (float)"),
+    "adaptive-top_k-huge": ({"adaptive": {"top_k": HUGE, "seed": 0}}, "field 'adaptive.top_k': 1000000000"),
+    "adaptive-seed-missing": ({"adaptive": {"top_k": 2}}, "field 'adaptive.seed': missing (an integer in "
+                              "0..2147483647"),
+    "adaptive-seed-negative": ({"adaptive": {"top_k": 2, "seed": -1}},
+                               "field 'adaptive.seed': -1 is out of range: need 0 <= seed <= 2147483647"),
+    "adaptive-seed-float": ({"adaptive": {"top_k": 2, "seed": 0.5}},
+                            "field 'adaptive.seed': must be an integer, got 0.5 (float)"),
+    "adaptive-too-big": ({"shape": [4096, 4096], "adaptive": {"top_k": 2, "seed": 0}},
+                         "field 'adaptive': the synthetic q/k of its picture would hold 268435456 values"),
 }
 
 
@@ -463,6 +497,7 @@ CORE_NAMES = {  # what flexna.tools may import from the core (kept through refac
     "flexna.blockmask": {"resolve_block_sizes"},
     "flexna.backends": {"block_sizes"},  # the FLASH differential builds masks in its block sizes
     "flexna.integrations.config": {"SparsityConfig"},  # catalogue entries' model_config
+    "flexna.adaptive": {"local_qk"},  # the seeded synthetic q/k that adaptive entries are drawn from
 }
 
 

@@ -10,6 +10,11 @@ neighborhood attention (``shape``, ``kernel_size``, ``stride``, ``dilation``,
 ``shape`` = frames and tokens per frame, ``model``, ``decay_factor``, ``block_size``) and
 ``"radial_window"`` (its 3-D-window variant: ``shape``, ``radius``, ``min_radius``,
 ``dense_frames``, ``sink``).
+An optional ``adaptive`` object declares adaptive blocks on the pattern's window
+(:func:`flexna.adaptive_block_mask`): exactly one of ``threshold`` (NABLA's softmax mass,
+``0 < threshold <= 1``) and ``top_k`` (an integer >= 1), and ``seed`` (an integer in
+``0..2**31-1``) for the synthetic ``q``/``k`` of :func:`flexna.adaptive.local_qk` that
+``flexna show`` draws the selection from (it is data-dependent; the entry fixes one draw).
 An optional ``model_config`` holds
 how a whole model runs it, in the format of
 :meth:`flexna.integrations.config.SparsityConfig.create` (``pattern`` or ``layers`` in the
@@ -58,6 +63,11 @@ _NUMBER_FIELDS = {"decay_factor"}
 _ZERO_OK = {"radius", "min_radius", "dense_frames"}
 
 
+ADAPTIVE_FIELDS = ("threshold", "top_k", "seed")
+# synthetic q and k of an adaptive entry are each [1, 1, tokens, head_dim] float32 on the CPU
+MAX_ADAPTIVE_VALUES = 2**25
+
+
 class CatalogueError(ValueError):
     """A catalogue folder or file that cannot be used: ``where`` (file or folder), ``field``, ``problem``."""
 
@@ -71,6 +81,24 @@ class UnknownNameError(ValueError):
 
 
 @dataclass(frozen=True)
+class AdaptiveSelection:
+    """An entry's ``adaptive`` object: one of ``threshold`` / ``top_k``, and the ``seed`` of the
+    synthetic ``q``/``k`` its picture is drawn from."""
+
+    threshold: float | None
+    top_k: int | None
+    seed: int
+
+    def kwargs(self) -> dict:
+        """The selection as keyword arguments of :func:`flexna.adaptive_block_mask`."""
+        return {"threshold": self.threshold} if self.threshold is not None else {"top_k": self.top_k}
+
+    def describe(self) -> str:
+        """``threshold=0.9`` or ``top_k=8``."""
+        return "".join(f"{k}={v}" for k, v in self.kwargs().items())
+
+
+@dataclass(frozen=True)
 class CatalogueEntry:
     name: str
     description: str
@@ -79,6 +107,7 @@ class CatalogueEntry:
     heads: int
     head_dim: int
     model_config: dict | None = None
+    adaptive: AdaptiveSelection | None = None  # adaptive blocks on the window (data-dependent)
 
     def sparsity_config(self) -> dict:
         """The entry as a model config for :func:`flexna.integrations.diffusers.apply_neighborhood_attention`
@@ -233,7 +262,58 @@ def parse_entry(where: str, stem: str, raw: bytes) -> CatalogueEntry:
     model_config = data.get("model_config")
     if model_config is not None:
         _check_model_config(where, model_config, pattern.shape)
-    return CatalogueEntry(name, description, source, pattern, heads, head_dim, model_config)
+    adaptive = None
+    if "adaptive" in data:
+        adaptive = _check_adaptive(where, data["adaptive"])
+        count = pattern.num_tokens * head_dim
+        if count > MAX_ADAPTIVE_VALUES:
+            raise CatalogueError(where, f"the synthetic q/k of its picture would hold {count} values "
+                                 f"(tokens x head_dim); need at most {MAX_ADAPTIVE_VALUES}", "adaptive")
+    return CatalogueEntry(name, description, source, pattern, heads, head_dim, model_config, adaptive)
+
+
+def _check_adaptive(where: str, value: object) -> AdaptiveSelection:
+    """``adaptive``: an object with exactly one of threshold / top_k, and seed."""
+    if not isinstance(value, dict):
+        raise CatalogueError(where, f"must be an object with threshold or top_k, and seed, got "
+                             f"{_short(value)} ({type(value).__name__})", "adaptive")
+    unknown = [k for k in value if k not in ADAPTIVE_FIELDS]
+    if unknown:
+        key = unknown[0]
+        raise CatalogueError(where, f"{_short(key)} is not a field of adaptive (allowed: "
+                             f"{', '.join(ADAPTIVE_FIELDS)})",
+                             f"adaptive.{key}" if re.fullmatch(r"[A-Za-z0-9_]{1,40}", key) else "adaptive")
+    if ("threshold" in value) == ("top_k" in value):
+        raise CatalogueError(where, "give exactly one of threshold (0 < threshold <= 1) and top_k "
+                             f"(an integer in 1..{MAX_INT})", "adaptive")
+    threshold, top_k = value.get("threshold"), value.get("top_k")
+    if "threshold" in value:
+        field = "adaptive.threshold"
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise CatalogueError(where, f"must be a number, got {_short(threshold)} "
+                                 f"({type(threshold).__name__})", field)
+        if not 0 < threshold <= 1:  # NaN fails too
+            raise CatalogueError(where, f"{_short(threshold)} is out of range: need 0 < threshold <= 1",
+                                 field)
+        threshold = float(threshold)
+    else:
+        if type(top_k) is not int:
+            raise CatalogueError(where, f"must be an integer, got {_short(top_k)} "
+                                 f"({type(top_k).__name__})", "adaptive.top_k")
+        if not 1 <= top_k <= MAX_INT:
+            raise CatalogueError(where, f"{_short(top_k)} is out of range: need 1 <= top_k <= {MAX_INT}",
+                                 "adaptive.top_k")
+    if "seed" not in value:
+        raise CatalogueError(where, f"missing (an integer in 0..{MAX_INT}: the seed of the synthetic "
+                             "q/k the picture is drawn from)", "adaptive.seed")
+    seed = value["seed"]
+    if type(seed) is not int:
+        raise CatalogueError(where, f"must be an integer, got {_short(seed)} ({type(seed).__name__})",
+                             "adaptive.seed")
+    if not 0 <= seed <= MAX_INT:
+        raise CatalogueError(where, f"{_short(seed)} is out of range: need 0 <= seed <= {MAX_INT}",
+                             "adaptive.seed")
+    return AdaptiveSelection(threshold, top_k, seed)
 
 
 def _check_model_config(where: str, config: object, shape: tuple[int, ...]) -> None:

@@ -50,6 +50,7 @@ examples:
   flexna show --shape 32 48 --kernel 7 7 --dilation 2 1 --causal 1 0
   flexna show --shape 16 64 64 --kernel 4 9 9 --q-tile 2 8 8 --kv-tile 2 8 8
   flexna show nat-7x7 --out pics/ --force               replace pics/nat-7x7.png
+  flexna show flux-na-adaptive                          window + adaptive blocks (one seeded draw)
 
 The picture shows one query (red; default: the middle token), the queries of its stride
 group that share its window (yellow), the keys it attends (blue) on the token layout (1-D:
@@ -58,6 +59,12 @@ a strip; 2-D: the grid; 3-D: the frames along axis 0), and the BlockMask: one sq
 empty (grey, skipped). Large layouts are pooled so pictures stay small. The file is named
 after the pattern (the catalogue NAME, or one built from the parameters); an existing
 file is never overwritten without --force.
+
+A catalogue entry with an "adaptive" object (threshold or top_k, and seed; e.g.
+flux-na-adaptive) draws the BlockMask of flexna.adaptive_block_mask on seeded synthetic
+q/k with spatial locality (flexna.adaptive.local_qk): the window's blocks as above, the
+blocks the selection adds beyond it in green (dark: full, light: partial). The selection
+is data-dependent: the picture and the printed counts are of that one seeded draw.
 """
 
 EPILOG_ANALYZE = PATTERN_HELP + """
@@ -266,7 +273,7 @@ def _catalogue_hint(args: argparse.Namespace) -> str:
 
 
 def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, passed: set[str]):
-    """(pattern, file-name-safe name, description) from NAME or --shape ...
+    """(pattern, file-name-safe name, description, catalogue entry or None) from NAME or --shape ...
 
     argparse errors on bad command-line input; :class:`~flexna.tools.catalogue.CatalogueError`
     when the catalogue folder or the NAME's file is bad.
@@ -286,7 +293,7 @@ def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             parser.error(f"argument NAME: {shown!r} is not a catalogue name; the names are "
                          f"plain file stems, see them with `{_catalogue_hint(args)}`")
         # the validated NAME (the file stem, which the entry's "name" equals) names the output
-        return entry.pattern, args.name, f"{entry.description} ({entry.source})"
+        return entry.pattern, args.name, f"{entry.description} ({entry.source})", entry
     if args.shape is None:
         names = ", ".join(list_entries(args.catalogue)) or "none"
         parser.error(f"give a catalogue NAME ({names}) or --shape with --kernel")
@@ -300,7 +307,7 @@ def _pattern_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             _one_or_all(args.causal) if args.causal else False)
     except ValueError as exc:
         _fail(parser, exc, passed)
-    return pattern, adhoc_name(pattern), None
+    return pattern, adhoc_name(pattern), None, None
 
 
 def adhoc_name(pattern) -> str:
@@ -380,7 +387,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print(f"catalogue {root}: {len(entries)} configurations{skipped}")
     width = max((len(e.name) for e in entries), default=0)
     for entry in entries:
-        print(f"  {entry.name:<{width}}  {entry.pattern}")
+        adaptive = "" if entry.adaptive is None else f" + adaptive blocks ({entry.adaptive.describe()})"
+        print(f"  {entry.name:<{width}}  {entry.pattern}{adaptive}")
         print(f"  {'':<{width}}  {entry.description}")
     for exc in bad:
         print(f"flexna list: skipped {exc}", file=sys.stderr)
@@ -439,7 +447,7 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
     from flexna.tools.png import encode_png
     from flexna.tools.render import block_stats, check_query, render_pattern
 
-    pattern, name, description = _pattern_from_args(args, parser, passed)
+    pattern, name, description, entry = _pattern_from_args(args, parser, passed)
     q_tile, kv_tile, block_size = _order_args(args, parser, pattern, passed)
     try:
         query = check_query(pattern, args.query)
@@ -454,15 +462,19 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
     if args.curve is not None:
         file_name += f"-{args.curve}"
     out = _output_path(args.out, file_name, args.force)
-    stats = block_stats(pattern, q_tile, kv_tile, block_size, args.curve)
+    adaptive = entry.adaptive if entry is not None else None
+    stats = block_stats(pattern, q_tile, kv_tile, block_size, args.curve, adaptive=adaptive,
+                        head_dim=entry.head_dim if entry is not None else 64)
     rendering = render_pattern(pattern, query, title=name, stats=stats)
     data = encode_png(rendering.image)
     _write_file(out, data, args.force)
     for line in _pattern_lines(pattern, name, description):
         print(line)
-    print(f"  BlockMask, {stats.describe()}")
+    print(f"  BlockMask, {stats.describe(adaptive=False)}")
+    if adaptive is not None:
+        print(f"  {stats.adaptive_line()}")
     keys = _count_keys(pattern, query)
-    print(f"  query {query} attends {keys} keys")
+    print(f"  query {query} attends {keys} keys" + (" of its window" if adaptive is not None else ""))
     height, width = rendering.image.shape[:2]
     print(f"wrote {out} ({width}x{height} px, {len(data) / 1024:.1f} KiB)")
     return 0
@@ -480,10 +492,13 @@ def _count_keys(pattern, query: Sequence[int]) -> int:
 def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser, passed: set[str]) -> int:
     import flexna
 
-    pattern, name, description = _pattern_from_args(args, parser, passed)
+    pattern, name, description, entry = _pattern_from_args(args, parser, passed)
     q_tile, kv_tile, block_size = _order_args(args, parser, pattern, passed)
     for line in _pattern_lines(pattern, name, description):
         print(line)
+    if entry is not None and entry.adaptive is not None:
+        print(f"  adaptive blocks ({entry.adaptive.describe()}) on the window are data-dependent and "
+              f"not counted here; `flexna show {name}` draws one seeded selection")
     orders = [(None, None, None, None)]
     if q_tile is not None or kv_tile is not None or block_size is not None or args.curve is not None:
         orders.append((q_tile, kv_tile, block_size, args.curve))

@@ -10,13 +10,19 @@
   shows as gaps between attended keys, stride as the group.
 * **block mask** — one pixel block per (query block, key block) of the
   analytic :func:`flexna.na_block_mask`: full, partial or empty, with a red
-  tick at the query's block row.
+  tick at the query's block row. With an adaptive selection (a catalogue entry's
+  ``adaptive`` object) it is the BlockMask of :func:`flexna.adaptive_block_mask`
+  on seeded synthetic ``q``/``k`` (:func:`flexna.adaptive.local_qk`): the window's
+  (guaranteed) blocks in the usual colours, the blocks the selection adds beyond
+  them in greens, and a caption saying the selection is data-dependent and how it
+  was drawn.
 
 Big layouts are pooled so that pictures stay small: a pooled pixel shows the
 highest-priority category among its tokens (query > group > attended >
-other) or blocks (full > partial > empty). Pooling is exact per axis: a
-rectangle of tokens holds e.g. an attended key iff every axis range holds an
-attended coordinate, because the pattern is a product over axes.
+other) or blocks (added full > added partial > full > partial > empty).
+Pooling is exact per axis: a rectangle of tokens holds e.g. an attended key
+iff every axis range holds an attended coordinate, because the pattern is a
+product over axes.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ import numpy as np
 import torch
 
 import flexna
+from flexna.adaptive import local_qk
 from flexna.geometry import tile_grid
 from flexna.layout import as_tile
 from flexna.pattern import NAPattern
 from flexna.tools.blockmaps import block_maps
+from flexna.tools.catalogue import AdaptiveSelection
 
 Colour = tuple[int, int, int]
 BACKGROUND: Colour = (255, 255, 255)
@@ -43,11 +51,14 @@ ATTENDED: Colour = (66, 146, 198)
 GROUP: Colour = (254, 196, 79)
 QUERY: Colour = (215, 25, 28)
 TOKEN_COLOURS = np.array([OTHER, ATTENDED, GROUP, QUERY], dtype=np.uint8)
-# block-mask panel, by category 0..2
+# block-mask panel, by category 0..4: empty, the window's partial / full blocks, and the
+# blocks an adaptive selection adds beyond the window, partial / full
 EMPTY: Colour = (238, 238, 238)
 PARTIAL: Colour = (253, 141, 60)
 FULL: Colour = (8, 81, 156)
-BLOCK_COLOURS = np.array([EMPTY, PARTIAL, FULL], dtype=np.uint8)
+ADDED_PARTIAL: Colour = (161, 217, 155)
+ADDED_FULL: Colour = (35, 139, 69)
+BLOCK_COLOURS = np.array([EMPTY, PARTIAL, FULL, ADDED_PARTIAL, ADDED_FULL], dtype=np.uint8)
 
 GAP = 16  # pixels between panels
 
@@ -439,7 +450,9 @@ def neighborhood_panel(pattern: NAPattern, query: Sequence[int], max_side: int =
 
 @dataclass(frozen=True)
 class BlockStats:
-    """Block map of a pattern's BlockMask: ``categories`` [q blocks, kv blocks], 0/1/2 = empty/partial/full."""
+    """Block map of a pattern's BlockMask: ``categories`` [q blocks, kv blocks], 0/1/2 = empty/partial/full;
+    with ``adaptive``, 3/4 = partial/full blocks the selection adds beyond the window (1/2 are then
+    the window's blocks, full or partial as the adaptive BlockMask lists them)."""
 
     categories: np.ndarray
     q_block: int
@@ -447,14 +460,29 @@ class BlockStats:
     q_tile: tuple[int, ...]
     kv_tile: tuple[int, ...]
     curve: str | None = None  # both sides in a space-filling curve order
+    adaptive: AdaptiveSelection | None = None  # the selection drawn on top of the window
+    head_dim: int | None = None  # of the synthetic q/k the selection was drawn from
 
     @property
     def full(self) -> int:
-        return int((self.categories == 2).sum())
+        return int(np.isin(self.categories, (2, 4)).sum())
 
     @property
     def partial(self) -> int:
-        return int((self.categories == 1).sum())
+        return int(np.isin(self.categories, (1, 3)).sum())
+
+    @property
+    def window(self) -> int:
+        """Blocks of the spec's own (analytic, guaranteed) BlockMask."""
+        return int(np.isin(self.categories, (1, 2)).sum())
+
+    @property
+    def added_full(self) -> int:
+        return int((self.categories == 4).sum())
+
+    @property
+    def added_partial(self) -> int:
+        return int((self.categories == 3).sum())
 
     @property
     def total(self) -> int:
@@ -469,16 +497,28 @@ class BlockStats:
         """Fraction of blocks a block-sparse kernel computes (full + partial)."""
         return (self.full + self.partial) / self.total
 
-    def describe(self) -> str:
+    def describe(self, adaptive: bool = True) -> str:
+        """One line: order, blocks and counts (and, unless ``adaptive=False``, the selection's)."""
         order = ("row-major" if math.prod(self.q_tile) == math.prod(self.kv_tile) == 1
                  else f"tiles q {_fmt(self.q_tile)} / kv {_fmt(self.kv_tile)}")
         if self.curve is not None:
             order = f"{self.curve} order"
         q_blocks, kv_blocks = self.categories.shape
-        return (f"{order}, blocks {self.q_block}x{self.kv_block} tokens: {q_blocks} q by {kv_blocks} "
+        text = (f"{order}, blocks {self.q_block}x{self.kv_block} tokens: {q_blocks} q by {kv_blocks} "
                 f"kv = {self.total}; full {self.full}, partial {self.partial}, empty {self.empty} "
                 f"({100 * self.computed_fraction:.2f}% computed, block-sparse limit "
                 f"{1 / self.computed_fraction:.2f}x)")
+        if adaptive and self.adaptive is not None:
+            text += f"; {self.adaptive_line()}"
+        return text
+
+    def adaptive_line(self) -> str:
+        """What the adaptive selection added, and that it is one seeded draw of data-dependent blocks."""
+        assert self.adaptive is not None
+        return (f"adaptive {self.adaptive.describe()} added {self.added_full + self.added_partial} "
+                f"blocks (full {self.added_full}, partial {self.added_partial}) to the window's "
+                f"{self.window}; data-dependent: drawn from synthetic local q/k "
+                f"(flexna.adaptive.local_qk, seed {self.adaptive.seed}, head_dim {self.head_dim})")
 
 
 def _fmt(t: Sequence[int]) -> str:
@@ -491,18 +531,32 @@ def block_stats(
     kv_tile: Sequence[int] | None = None,
     block_size: int | Sequence[int] | None = None,
     curve: str | None = None,
+    adaptive: AdaptiveSelection | None = None,
+    head_dim: int = 64,
 ) -> BlockStats:
     """Full / partial / empty blocks of the pattern's analytic BlockMask (built on CPU), in the
-    tiled orders or (``curve``) a Hilbert / Morton order on both sides."""
+    tiled orders or (``curve``) a Hilbert / Morton order on both sides.
+
+    With ``adaptive``: the blocks of :func:`flexna.adaptive_block_mask` with that selection on
+    ``q, k = flexna.adaptive.local_qk(spec, 1, head_dim, seed=adaptive.seed)``, those of the
+    window (the analytic BlockMask) told apart from those the selection adds.
+    """
     q_t = as_tile("q_tile", q_tile, pattern.shape)
     kv_t = as_tile("kv_tile", kv_tile, pattern.shape)
     spec = flexna.MaskSpec.create(pattern, q_tile=q_tile and q_t, kv_tile=kv_tile and kv_t,
                                   block_size=block_size, q_curve=curve, kv_curve=curve)
     bm = flexna.spec_block_mask(spec, "cpu")
     partial, full = (m[0, 0] for m in block_maps(bm))
-    cat = torch.where(full, 2, partial.to(torch.uint8))  # a block listed as both counts as full
+    window = partial | full
+    if adaptive is not None:
+        q, k = local_qk(spec, 1, head_dim, seed=adaptive.seed)
+        partial, full = (m[0, 0] for m in block_maps(flexna.adaptive_block_mask(q, k, spec,
+                                                                                **adaptive.kwargs())))
+    # a block listed as both counts as full; 3 / 4: outside the window (added by the selection)
+    cat = torch.where(full, 2, partial.to(torch.uint8)) + 2 * ((partial | full) & ~window).to(torch.uint8)
     q_block, kv_block = bm.BLOCK_SIZE
-    return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t, curve)
+    return BlockStats(cat.numpy().astype(np.intp), int(q_block), int(kv_block), q_t, kv_t, curve, adaptive,
+                      head_dim if adaptive is not None else None)
 
 
 def token_position(coord: Sequence[int], shape: Sequence[int], tile: Sequence[int]) -> int:
@@ -569,20 +623,37 @@ def render_pattern(
         position = token_position(query, pattern.shape, stats.q_tile)
     row = position // stats.q_block
     blocks = block_panel(stats, row)
+    adaptive = stats.adaptive is not None
     hood_img = vstack([hood.image, legend([(QUERY, f"query {tuple(query)}"),
                                            (GROUP, "its stride group"),
-                                           (ATTENDED, "attended keys"),
-                                           (OTHER, "not attended")])], gap=8)[0]
-    block_img = vstack([blocks.image, legend([(FULL, f"full {stats.full}"),
-                                              (PARTIAL, f"partial {stats.partial}"),
-                                              (EMPTY, f"empty {stats.empty}"),
-                                              (QUERY, "query's row")])], gap=8)[0]
+                                           (ATTENDED, "window keys (guaranteed)" if adaptive
+                                            else "attended keys"),
+                                           (OTHER, "not in the window" if adaptive
+                                            else "not attended")])], gap=8)[0]
+    if adaptive:
+        window_full, window_partial = stats.full - stats.added_full, stats.partial - stats.added_partial
+        block_parts = [legend([(FULL, f"window full {window_full}"),
+                               (PARTIAL, f"window partial {window_partial}"),
+                               (ADDED_FULL, f"added full {stats.added_full}"),
+                               (ADDED_PARTIAL, f"added partial {stats.added_partial}")]),
+                       legend([(EMPTY, f"empty {stats.empty}"), (QUERY, "query's row")])]
+    else:
+        block_parts = [legend([(FULL, f"full {stats.full}"), (PARTIAL, f"partial {stats.partial}"),
+                               (EMPTY, f"empty {stats.empty}"), (QUERY, "query's row")])]
+    block_img = vstack([blocks.image, vstack(block_parts, gap=4)[0]], gap=8)[0]
     wide = hood_img.shape[1] > 1.5 * hood_img.shape[0]
     body, offs = (vstack if wide else hstack)([hood_img, block_img], gap=2 * GAP)
     lines = [text_image(title or str(pattern), scale=2)]
     if title is not None:
         lines.append(text_image(str(pattern)))
     lines.append(text_image(_summary_line(pattern, stats)))
+    if stats.adaptive is not None:
+        assert stats.head_dim is not None
+        lines.append(text_image(f"green: blocks adaptive_block_mask({stats.adaptive.describe()}) adds beyond "
+                                "the window. The selection is data-dependent:", ADDED_FULL))
+        lines.append(text_image("this is one draw, from synthetic local q/k (flexna.adaptive.local_qk, "
+                                f"seed {stats.adaptive.seed}, head_dim {stats.head_dim}, one head)",
+                                ADDED_FULL))
     head = vstack(lines, gap=6)[0]
     image, top = vstack([head, body], gap=GAP)
     image = pad(image, GAP)
@@ -607,5 +678,6 @@ def _ring(image: np.ndarray, box: tuple[int, int, int, int] | None, size: int = 
 
 
 def _summary_line(pattern: NAPattern, stats: BlockStats) -> str:
-    return (f"{pattern.num_tokens} tokens, density {pattern.density():.4g}, FLOP-wise limit "
-            f"{pattern.flop_limit():.2f}x; {stats.describe()}")
+    window = "window " if stats.adaptive is not None else ""
+    return (f"{pattern.num_tokens} tokens, {window}density {pattern.density():.4g}, FLOP-wise limit "
+            f"{pattern.flop_limit():.2f}x; {stats.describe(adaptive=False)}")
