@@ -141,8 +141,9 @@ def attention_call(model: str, mode: str, grid: tuple[int, ...], text: int, head
     """One attention core call on the model's shapes, as the stock or the flexna processor runs it."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+    from flexna import tiled_neighborhood_attention
     from flexna.integrations.config import SparsityConfig
-    from flexna.integrations.diffusers import LayerPlan, joint_attention
+    from flexna.integrations.diffusers import LayerPlan, _common_layout, joint_attention
 
     n = math.prod(grid)
     text_len = 0 if model == "wan" else text
@@ -159,6 +160,11 @@ def attention_call(model: str, mode: str, grid: tuple[int, ...], text: int, head
     layer = SparsityConfig.create(config).layer(0)
     assert layer is not None
     plan = LayerPlan.create(grid, layer.resolve(grid))
+    if model == "flux":  # FLUX stays in one token order: the joint sequence [image tokens, text]
+        layout = _common_layout(grid, [plan])
+        assert layout is not None
+        return lambda: tiled_neighborhood_attention(q, k, v, layout, plan.kernel_size, plan.stride,
+                                                    plan.dilation, plan.is_causal, num_extra_tokens=text_len)
     return lambda: joint_attention(q, k, v, grid, plan, text_len=text_len, text_first=model == "flux",
                                    text_valid=valid)
 

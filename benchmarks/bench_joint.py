@@ -12,8 +12,9 @@ fp16 forward, batch 1, the catalogue entry's heads and head_dim, on each backend
   the query order (how :class:`flexna.MaskSpec` lays extra queries out);
 * ``+text q,kv (first)``: the same pairs with the text query rows moved to the front of the
   query order (a hand-permuted BlockMask), to see whether the heavy rows' position matters;
-* ``processor call``: :func:`flexna.integrations.diffusers.joint_attention` on FLUX-layout
-  ``[B, text + N, heads, D]`` tensors, text first (permutes, concatenations and all).
+* ``processor core``: :func:`flexna.tiled_neighborhood_attention` on the joint sequence the
+  FLUX processor hands it (image tokens in the model's tiled order, then the text:
+  ``num_extra_tokens``), through the public API (plan, cached BlockMask, kernel).
 
 Prints a markdown table; ``--out FILE`` writes it too.
 """
@@ -75,7 +76,6 @@ def main() -> None:
     qt, kt = tiles if tiles else (None, None)
     flex = torch.compile(flex_attention, dynamic=False)
     backends = ["triton"] + ([] if flash_unavailable(dev) else ["flash"])
-    n = pattern.num_tokens
     lines = [f"# FLUX joint attention, where the time goes: {torch.cuda.get_device_name()}, torch "
              f"{torch.__version__}, {datetime.date.today()}", "",
              f"`{a.entry}` ({pattern}), tiles {qt} / {kt}, {heads} heads x {dim}, {m} text tokens, fp16 "
@@ -100,16 +100,14 @@ def main() -> None:
                 assert err < 1e-2, f"text-first mask differs from text-last by {err}"
                 results.setdefault("+text q,kv (first)", {})[backend] = bench(
                     lambda qf=qf, k=k, first=first, o=opts: flex(qf, k, k, block_mask=first, kernel_options=o))
-        from flexna.integrations.config import LayerPattern
-        from flexna.integrations.diffusers import LayerPlan, joint_attention
-
-        resolved = LayerPattern.create(pattern.kernel_size, pattern.stride).resolve(pattern.shape)
-        plan = LayerPlan.create(pattern.shape, resolved)
-        if backend == backends[-1]:  # the processor's call picks its backend itself ("auto")
-            x = torch.randn(1, m + n, heads, dim, device=dev, dtype=torch.float16)
-            with torch.no_grad():
-                results["processor call (auto)"] = {backend: bench(
-                    lambda: joint_attention(x, x, x, pattern.shape, plan, text_len=m, text_first=True))}
+        # what the FLUX processor runs: the joint sequence [image tokens in the model's order, text]
+        layout = flexna.TokenLayout.create(pattern.shape, qt if qt == kt else None)
+        x = torch.randn(1, layout.length + m, heads, dim, device=dev, dtype=torch.float16)
+        with torch.no_grad():
+            results.setdefault(f"processor core (joint, tile {layout.tile})", {})[backend] = bench(
+                lambda x=x, layout=layout, b=backend: flexna.tiled_neighborhood_attention(
+                    x, x, x, layout, pattern.kernel_size, pattern.stride, pattern.dilation, pattern.is_causal,
+                    num_extra_tokens=m, backend=b))
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{row.get(b, float('nan')):.3f}" for b in backends) + " |")
     text = "\n".join(lines) + "\n"

@@ -42,12 +42,12 @@ HUNYUAN_TEXT = 6
 
 
 # --------------------------------------------------------------------------- tiny models and inputs
-def flux_model() -> tuple[torch.nn.Module, dict]:
+def flux_model(grid: tuple[int, int] = FLUX_GRID) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                    pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval()
-    rows, cols = FLUX_GRID
+    rows, cols = grid
     ids = torch.zeros(rows, cols, 3)
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(cols)[None]
@@ -166,6 +166,40 @@ def test_flux_windows_equal_the_float64_reference(monkeypatch):
     out = run(model, inputs)
     assert (out - dense).abs().max() > 1e-2  # the pattern matters at this size
     assert torch.allclose(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_flux_stays_tiled_and_equals_the_float64_reference(monkeypatch):
+    """A grid where FLUX runs in a tiled order (32 x 64 in 32 x 4 tiles): the inputs are reordered
+    once per forward (latents, img_ids, ControlNet residuals), every layer is one joint call in
+    that order, the output comes back row-major; equal to the stock model under a float64 masked
+    softmax, with and without ControlNet residuals, and on a dense step."""
+    grid, window = (32, 64), (9, 9)
+    model, inputs = flux_model(grid)
+    g = torch.Generator().manual_seed(5)
+    inputs["controlnet_block_samples"] = [torch.randn(1, math.prod(grid), 32, generator=g)]
+    inputs["controlnet_single_block_samples"] = [torch.randn(1, math.prod(grid), 32, generator=g)]
+    mask = joint_mask(grid, window, (1, 1), FLUX_TEXT, text_first=True)
+    expected = reference_run(monkeypatch, transformer_flux, model, inputs, [mask])
+    stock = run(model, inputs)
+    apply_neighborhood_attention(model, {"window_size": window}, dense_steps=1)
+    state = model._flexna_state
+    assert torch.allclose(run(model, inputs), stock, atol=1e-5, rtol=1e-5)  # dense step, tiled order
+    assert state.layout is not None and not state.layout.is_row_major, state.layout
+    out = run(model, inputs)
+    assert (out - stock).abs().max() > 1e-2  # the pattern matters at this size
+    assert torch.allclose(out, expected, atol=2e-5, rtol=1e-4)
+    del inputs["controlnet_block_samples"], inputs["controlnet_single_block_samples"]
+    expected = reference_run(monkeypatch, transformer_flux, model_without(model), inputs, [mask])
+    apply_neighborhood_attention(model, {"window_size": window})
+    assert torch.allclose(run(model, inputs), expected, atol=2e-5, rtol=1e-4)
+    remove_neighborhood_attention(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def model_without(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its stock processors (flexna's removed)."""
+    remove_neighborhood_attention(model)
+    return model
 
 
 def test_hunyuan_windows_and_text_padding_equal_the_float64_reference(monkeypatch):
@@ -312,6 +346,7 @@ def test_unknown_model_class_is_a_clear_error():
 # --------------------------------------------------------------------------- torch.compile
 COMPILE_CASES = {  # two attention layers each: a real window and the whole grid
     "flux": (flux_model, [{"window_size": (3, 5)}, {"window_size": (-1, -1)}]),
+    "flux-tiled": (lambda: flux_model((32, 64)), [{"window_size": (9, 9)}, {"window_size": (-1, -1)}]),
     "hunyuan": (hunyuan_model, [{"window_size": (2, 3, 3)}, {"window_size": (-1, -1, -1)}]),
     "wan": (wan_model, [{"window_size": (2, 3, 3)}, {"window_size": (-1, -1, -1)}]),
 }

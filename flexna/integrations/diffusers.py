@@ -40,7 +40,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (  # type: i
 )
 
 from flexna.analysis import choose_tiles
-from flexna.functional import neighborhood_attention
+from flexna.functional import neighborhood_attention, tiled_neighborhood_attention
 from flexna.integrations.config import Resolved, SparsityConfig
 from flexna.layout import TokenLayout
 from flexna.pattern import NAPattern
@@ -68,6 +68,19 @@ class LayerPlan:
         tiles = choose_tiles(NAPattern.create(grid, kernel, stride, dilation, causal))
         kv_len = TokenLayout(grid, tiles[1]).length if tiles else math.prod(grid)
         return cls(kernel, stride, dilation, causal, tiles, kv_len)
+
+
+def _common_layout(grid: tuple[int, ...], plans: Sequence[LayerPlan | None]) -> TokenLayout | None:
+    """The one token order a transformer that stays tiled keeps for all its layers on ``grid``:
+    the same 128-token tile for queries and keys, chosen for the pattern most layers run
+    (:func:`flexna.analysis.choose_tiles`; tiles that divide the grid, so no padding), or
+    row-major; ``None`` when every layer is dense (nothing to reorder)."""
+    patterns = [(p.kernel_size, p.stride, p.dilation, p.is_causal) for p in plans if p is not None]
+    if not patterns:
+        return None
+    common = max(patterns, key=patterns.count)  # ties: the earliest layer's
+    tiles = choose_tiles(NAPattern.create(grid, *common), same_tile=True)
+    return TokenLayout.create(grid, None if tiles is None else tiles[0])
 
 
 def joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: tuple[int, ...],
@@ -136,9 +149,12 @@ class State:
     calls: int = 0
     dense_now: bool = False
     plans: tuple[LayerPlan | None, ...] = ()
+    layout: TokenLayout | None = None  # the token order a model that stays tiled runs in (FLUX)
+    permuted: bool = False  # this forward's inputs were moved into ``layout`` (its output goes back)
     stock: list[tuple[Any, Any]] = field(default_factory=list)  # (attention module, stock processor)
-    hook: Any = None
+    hooks: list[Any] = field(default_factory=list)
     _plans_by_grid: dict[tuple[int, ...], tuple[LayerPlan | None, ...]] = field(default_factory=dict)
+    _layouts: dict[tuple[int, ...], TokenLayout | None] = field(default_factory=dict)
     _ids_key: tuple | None = None
     _ids_grid: tuple[int, ...] | None = None
 
@@ -155,7 +171,8 @@ class State:
                 except ValueError as exc:
                     raise ValueError(f"{self.family.name} layer {i} on the token grid {grid}: {exc}") from None
             self._plans_by_grid[grid] = tuple(plans)
-        self.grid, self.plans = grid, self._plans_by_grid[grid]
+            self._layouts[grid] = _common_layout(grid, plans) if self.family.stays_tiled else None
+        self.grid, self.plans, self.layout = grid, self._plans_by_grid[grid], self._layouts[grid]
 
     def step(self) -> int:
         return self.calls // self.config.calls_per_step
@@ -186,7 +203,15 @@ def _rotary(x: torch.Tensor, freqs: Any) -> torch.Tensor:
 
 
 class FluxNAAttnProcessor(Processor):
-    """``FluxAttnProcessor`` with flexna's attention core (text tokens first, joint attention)."""
+    """``FluxAttnProcessor`` with flexna's attention core (joint attention with the text tokens).
+
+    The transformer stays in the state's token order (its inputs are reordered once per
+    forward, see :func:`apply_neighborhood_attention`), so each layer is one
+    :func:`flexna.tiled_neighborhood_attention` call on the joint sequence ``[image tokens in
+    that order, text tokens]``: no permute per layer. Rotary embeddings are applied to the image
+    and text parts with their own rows of the model's (already reordered) frequencies, exactly
+    as the stock processor applies them to the text-first sequence.
+    """
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -196,35 +221,41 @@ class FluxNAAttnProcessor(Processor):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:
             raise ValueError("flexna's FLUX processor takes no attention_mask (the stock pipelines pass none)")
+        layout, grid = self.state.layout, self.state.grid
+        assert layout is not None and grid is not None
+        n = math.prod(grid)
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        got = hidden_states.shape[1]
+        text = encoder_hidden_states.shape[1] if joint else got - n  # type: ignore[union-attr]
+        if (joint and got != n) or text < 0:
+            raise ValueError(f"the attention layer got {got} tokens, but the token grid {grid} has {n}: "
+                             "the grid does not match")
         query, key, value, encoder_query, encoder_key, encoder_value = transformer_flux._get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
+        if joint:
             encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
             encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
             encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = _rotary(query, image_rotary_emb)
-            key = _rotary(key, image_rotary_emb)
-        grid = self.state.grid
-        assert grid is not None
-        text_len = query.shape[1] - math.prod(grid)
-        hidden_states = joint_attention(query, key, value, grid, plan, text_len=max(text_len, 0),
-                                        text_first=True)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            text = encoder_hidden_states.shape[1]
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [text, hidden_states.shape[1] - text], dim=1)
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        else:  # single-stream block: the block concatenated [text, image]
+            (encoder_query, query), (encoder_key, key), (encoder_value, value) = (
+                t.split_with_sizes([text, n], dim=1) for t in (query, key, value))
+        if image_rotary_emb is not None:  # rows: text first, then the image tokens (in layout order)
+            f_text, f_image = zip(*(f.split_with_sizes([text, n]) for f in image_rotary_emb), strict=True)
+            query, key = _rotary(query, f_image), _rotary(key, f_image)
+            encoder_query, encoder_key = _rotary(encoder_query, f_text), _rotary(encoder_key, f_text)
+        query, key, value = (torch.cat([a, b], dim=1) for a, b in
+                             ((query, encoder_query), (key, encoder_key), (value, encoder_value)))
+        out = tiled_neighborhood_attention(query, key, value, layout, plan.kernel_size, plan.stride,
+                                           plan.dilation, plan.is_causal, num_extra_tokens=text)
+        out = out.flatten(2, 3).to(query.dtype)
+        image_out, text_out = out[:, :n], out[:, n:]
+        if joint:
+            image_out = attn.to_out[1](attn.to_out[0](image_out))
+            return image_out, attn.to_add_out(text_out)
+        return torch.cat([text_out, image_out], dim=1)
 
 
 class HunyuanVideoNAAttnProcessor(Processor):
@@ -388,6 +419,39 @@ def _video_grid(patch: tuple[int, int, int]) -> Callable[[State, Any, dict[str, 
     return grid
 
 
+def _flux_to_layout(inputs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
+    """FLUX's forward arguments with the image tokens in ``layout``'s order: the latents, their
+    ``img_ids`` (so the rotary embedding follows the tokens) and any ControlNet residuals.
+    Everything else the model does per image token is token-wise, and attention runs in that
+    order, so the model's output is the stock one in that order (moved back by the output hook)."""
+    grid = layout.shape
+    out = dict(inputs)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return layout.to_tokens(t.unflatten(1, grid))
+
+    out["hidden_states"] = move(inputs["hidden_states"])
+    ids = inputs.get("img_ids")
+    if ids is not None:
+        out["img_ids"] = move(ids) if ids.dim() == 3 else move(ids[None])[0]
+    for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+        if inputs.get(name) is not None:
+            out[name] = [move(t) for t in inputs[name]]
+    return out
+
+
+def _output_from_layout(output: Any, layout: TokenLayout) -> Any:
+    """The transformer's output (a tuple or a ``Transformer2DModelOutput``) with its image tokens
+    back in row-major order."""
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return layout.from_tokens(t).flatten(1, len(layout.shape))
+
+    if isinstance(output, tuple):
+        return (back(output[0]), *output[1:])
+    output.sample = back(output.sample)
+    return output
+
+
 @dataclass(frozen=True)
 class Family:
     """A supported transformer class: its self-attention modules in execution order, its processor
@@ -399,13 +463,14 @@ class Family:
     processor: type[Processor]
     grid: Callable[[Any], Callable[[State, Any, dict[str, Any]], tuple[int, ...]]]
     ndim: int
+    stays_tiled: bool = False  # reorder its token inputs once per forward (FLUX: token-wise but attention)
 
 
 FAMILIES: dict[type, Family] = {
     transformer_flux.FluxTransformer2DModel: Family(
         "FluxTransformer2DModel",
         lambda m: [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks],
-        transformer_flux.FluxAttnProcessor, FluxNAAttnProcessor, lambda m: _flux_grid, 2),
+        transformer_flux.FluxAttnProcessor, FluxNAAttnProcessor, lambda m: _flux_grid, 2, stays_tiled=True),
     HunyuanVideoTransformer3DModel: Family(
         "HunyuanVideoTransformer3DModel",
         lambda m: [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks],
@@ -468,15 +533,31 @@ def apply_neighborhood_attention(transformer: Any, config: Any, *, grid: Sequenc
     find_grid = family.grid(transformer)
 
     @torch.compiler.disable
-    def before_forward(module: Any, args: tuple, kwargs: dict) -> None:
-        state.set_grid(find_grid(state, module, _bind(module, args, kwargs)))
+    def before_forward(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        inputs = _bind(module, args, kwargs)
+        state.set_grid(find_grid(state, module, inputs))
         state.dense_now = state.step() < cfg.dense_steps
         state.calls += 1
+        layout = state.layout
+        state.permuted = layout is not None and not layout.is_row_major
+        if not state.permuted:
+            return None
+        assert layout is not None
+        return (), _flux_to_layout(inputs, layout)
+
+    @torch.compiler.disable
+    def after_forward(module: Any, args: tuple, output: Any) -> Any:
+        if not state.permuted:
+            return None
+        assert state.layout is not None
+        return _output_from_layout(output, state.layout)
 
     for i, attn in enumerate(attentions):
         state.stock.append((attn, attn.processor))
         attn.set_processor(family.processor(state, i, attn.processor))
-    state.hook = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
+    state.hooks = [transformer.register_forward_pre_hook(before_forward, with_kwargs=True)]
+    if family.stays_tiled:
+        state.hooks.append(transformer.register_forward_hook(after_forward))
     setattr(transformer, STATE_ATTR, state)
     return transformer
 
@@ -488,7 +569,8 @@ def remove_neighborhood_attention(transformer: Any) -> Any:
         raise ValueError(f"{type(transformer).__name__} has no flexna attention to remove")
     for attn, stock in state.stock:
         attn.set_processor(stock)
-    state.hook.remove()
+    for hook in state.hooks:
+        hook.remove()
     delattr(transformer, STATE_ATTR)
     return transformer
 
