@@ -59,13 +59,15 @@ class LayerPlan:
     stride: tuple[int, ...]
     dilation: tuple[int, ...]
     is_causal: tuple[bool, ...]
-    tiles: tuple[tuple[int, ...], tuple[int, ...]] | None  # explicit tiles (calls with a score_mod)
+    tiles: tuple[tuple[int, ...], tuple[int, ...]] | None  # the tiles its calls run in (None: row-major)
     kv_layout_len: int  # keys before the text keys in that order (layout tokens and padding)
 
     @classmethod
     def create(cls, grid: tuple[int, ...], resolved: Resolved) -> LayerPlan:
         kernel, stride, dilation, causal = resolved
-        tiles = choose_tiles(NAPattern.create(grid, kernel, stride, dilation, causal))
+        # fixed per model and grid, so tiles that pad the grid are fine (no recompiles): Wan's
+        # 21 x 45 x 80 has no 128-token tile that divides it
+        tiles = choose_tiles(NAPattern.create(grid, kernel, stride, dilation, causal), padding=True)
         kv_len = TokenLayout(grid, tiles[1]).length if tiles else math.prod(grid)
         return cls(kernel, stride, dilation, causal, tiles, kv_len)
 
@@ -107,12 +109,10 @@ def joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if text_len:
         extra = {"additional_keys": key[:, txt], "additional_values": value[:, txt],
                  "additional_queries": query[:, txt]}
-    tiles: Any = "auto"
-    if text_valid is not None:
+    if text_valid is not None:  # it sees the indices of the order the call runs in: plan.tiles
         extra["score_mod"] = _text_padding_score_mod(text_valid, plan.kv_layout_len)
-        tiles = plan.tiles  # a score_mod sees the indices of the order the call runs in: fix it
     result = neighborhood_attention(layout(query), layout(key), layout(value), plan.kernel_size,
-                                    plan.stride, plan.dilation, plan.is_causal, tiles=tiles, **extra)
+                                    plan.stride, plan.dilation, plan.is_causal, tiles=plan.tiles, **extra)
     out, text_out = result if text_len else (result, None)
     out = out.flatten(1, len(grid))
     if text_out is None:
