@@ -128,6 +128,9 @@ def run_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_
             kwargs.pop("kernel_options", None)
             if _CPU_SHARED_BUFFER_BUG:  # torch < 2.13's CPU lowering rejects q/k/v views of one buffer
                 key, value = key.contiguous(), value.contiguous()
+            # the CPU template reads its inputs' sizes as 4-D: a [B, H, N, D] view of a graph input
+            # of another rank (a [B, frames, *spatial, H, D] chunk) fails to lower; copy those
+            query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         if query.device.type == "cpu" and (return_lse or (torch.is_grad_enabled() and (captured_grad or any(
                 t.requires_grad for t in (query, key, value))))):
             if torch.compiler.is_exporting():

@@ -34,14 +34,16 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexna.backends import Backend, backend_options, check_backend
-from flexna.blockmask import build_block_mask
-from flexna.flex import run_flex
+from flexna.blockmask import assemble_block_mask, build_block_mask
+from flexna.blocksparsity import spec_maps
+from flexna.flex import reachable_tensors, run_flex
 from flexna.functional import check_options, check_tensors, choose_backend
 from flexna.geometry import window_bounds
 from flexna.pattern import BoolOrTuple, IntOrTuple, NAPattern, as_bool_tuple, as_shape
 from flexna.spec import MaskSpec
+from flexna.tables import build_tables
 
-__all__ = ["NACache", "time_reach"]
+__all__ = ["NACache", "StaticStep", "time_reach"]
 
 MASK_CACHE_SIZE = 32  # BlockMasks one cache keeps (a steady state needs stride x dilation at most)
 
@@ -124,6 +126,10 @@ class NACache:
         """Forget every frame (a new stream). The ring is kept (a new stream reads only frames it
         wrote itself) unless ``free``: then it is released and the next chunk allocates it anew
         (and may change batch, heads, dims, dtype or device)."""
+        if getattr(self, "_static", None) is not None:
+            raise RuntimeError("this NACache is driven by its StaticStep: call step.reset() or "
+                               "step.release() instead")
+        self._static: StaticStep | None = None
         self.frames_seen = 0
         if free or not hasattr(self, "_k"):
             self._k: torch.Tensor | None = None
@@ -277,6 +283,9 @@ class NACache:
         queries. One fused Flex call."""
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        if self._static is not None:
+            raise RuntimeError("this NACache is driven by its StaticStep (cache.static_step); call "
+                               "step.release() first to go back to attend()")
         frames = self._check_chunk(q_chunk, k_chunk, v_chunk)
         if self._k is None:
             size = (k_chunk.shape[0], self.capacity, *self.frame_shape)
@@ -306,6 +315,135 @@ class NACache:
             return out
         return out, lse.transpose(1, 2).reshape(shape)
 
+    def static_step(self, q_chunk: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> StaticStep:
+        """A fixed-shape step for chunks shaped like these (nothing is computed from them): see
+        :class:`StaticStep`. It continues this cache's stream (frames seen so far, ring) and
+        takes it over: :meth:`attend` refuses until :meth:`StaticStep.release`."""
+        return StaticStep(self, q_chunk, k_chunk, v_chunk)
+
     def __repr__(self) -> str:
         return (f"NACache({self.pattern}, capacity {self.capacity} frames, {self.frames_seen} seen, "
                 f"{self.retained_frames} retained, {self.num_extra} extra tokens)")
+
+
+class StaticStep(torch.nn.Module):
+    """One streaming step of a fixed chunk size as a static computation: no host work, no host
+    sync, no Python state that changes, so ``torch.compile(step, mode="reduce-overhead")``
+    captures it in a CUDA graph and replays it for every chunk of the stream.
+
+    Made by :meth:`NACache.static_step` for chunks of ``f`` frames. Calling it with
+    ``(q_chunk, k_chunk, v_chunk)`` returns the chunk's output, equal to :meth:`NACache.attend`
+    (and so to full-sequence attention restricted to the chunk), from the first frame on:
+
+    * the frame counter is a device tensor; the keys are the ring read in logical order
+      (a device-computed gather) then the chunk, ``capacity + f`` frames (plus the extra
+      tokens), and the chunk is written into the ring in place;
+    * one BlockMask serves every step: that of an interior chunk, with the ring's key blocks
+      marked partial, and the mask_mod also requiring the key's frame to exist (``>= 0``:
+      the first ``capacity`` frames of a stream, read from a per-query table of the counter).
+
+    Needs stride 1 and dilation 1 on the time axis (then a chunk's pattern relative to its
+    window does not depend on where it is, and the stream may run past ``T``; other time
+    strides need :meth:`NACache.attend`). Gradients are not supported (inference only).
+    """
+
+    seen: torch.Tensor  # frames of the stream so far (int64 scalar)
+    seen_q: torch.Tensor  # the same per query token (int32): the mask_mod reads it FLASH-safely
+    kv_frame: torch.Tensor  # each key's frame in the window (ring keys 0..cap-1; the rest cap)
+    offsets: torch.Tensor  # arange for ring slot arithmetic
+
+    def __init__(self, cache: NACache, q_chunk: torch.Tensor, k_chunk: torch.Tensor,
+                 v_chunk: torch.Tensor) -> None:
+        super().__init__()
+        pattern = cache.pattern
+        if pattern.stride[0] != 1 or pattern.dilation[0] != 1:
+            raise ValueError(f"static_step needs stride 1 and dilation 1 on the time axis (axis 0), got stride "
+                             f"{pattern.stride[0]}, dilation {pattern.dilation[0]}: use cache.attend() for "
+                             "these patterns")
+        if cache._static is not None:
+            raise RuntimeError("this NACache already has a StaticStep")
+        frames = cache._check_chunk(q_chunk, k_chunk, v_chunk)
+        cap, tpf = cache.capacity, cache.tokens_per_frame
+        if cap + frames > cache.num_frames:
+            raise ValueError(f"static_step of {frames} frames needs a layout of at least capacity + frames = "
+                             f"{cap + frames} frames along axis 0, got {cache.num_frames}")
+        self.cache, self.frames, self.capacity = cache, frames, cap
+        dev = q_chunk.device
+        if cache._k is None:
+            size = (k_chunk.shape[0], cap, *cache.frame_shape)
+            cache._k = k_chunk.new_zeros((*size, *k_chunk.shape[-2:]))
+            cache._v = v_chunk.new_zeros((*size, *v_chunk.shape[-2:]))
+        spec, chosen = choose_backend(lambda block: cache._spec(cap, cap + frames, 0, cap + frames, block),
+                                      cache.backend, dev, False, q_chunk.shape[0], q_chunk.shape[-2])
+        partial, full = spec_maps(spec)
+        ring_blocks = -(-cap * tpf // spec.kv_block)  # key blocks holding ring frames (may not exist yet)
+        partial, full = partial.copy(), full.copy()
+        partial[:, :, :ring_blocks] |= full[:, :, :ring_blocks]
+        full[:, :, :ring_blocks] = False
+        inner = build_tables(spec, dev).mask_mod()
+        kv_frame = torch.full((spec.kv_len,), cap, dtype=torch.int32, device=dev)  # frames >= cap: the chunk
+        kv_frame[:cap * tpf] = torch.arange(cap * tpf, device=dev, dtype=torch.int32) // tpf
+        self.register_buffer("seen", torch.full((), cache.frames_seen, dtype=torch.int64, device=dev))
+        self.register_buffer("seen_q", torch.full((spec.q_len,), cache.frames_seen, dtype=torch.int32,
+                                                  device=dev))
+        self.register_buffer("kv_frame", kv_frame)
+        self.register_buffer("offsets", torch.arange(max(cap, frames, 1), device=dev))
+        seen_q = self.seen_q
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                     kv_idx: torch.Tensor) -> torch.Tensor:
+            # ring key j (logical) holds frame seen - cap + j: attended only once it exists
+            return inner(b, h, q_idx, kv_idx) & (kv_frame[kv_idx] + seen_q[q_idx] >= cap)
+
+        self.block_mask = assemble_block_mask(partial, full, (spec.q_len, spec.kv_len),
+                                              (spec.q_block, spec.kv_block), mask_mod, dev)
+        self.kernel_options = backend_options(chosen, dev, self.block_mask.BLOCK_SIZE)
+        self.backend = chosen
+        held = [x for x in self.block_mask.as_tuple() if isinstance(x, torch.Tensor)]
+        for t in (cache._k, cache._v, *held, *reachable_tensors(mask_mod)[0]):
+            torch._dynamo.mark_static_address(t)  # fixed buffers: CUDA graphs read them in place
+        cache._static = self
+
+    @property
+    def frames_seen(self) -> int:
+        """Frames of the stream so far (reads the device counter: a sync)."""
+        return int(self.seen.item())
+
+    def reset(self) -> None:
+        """A new stream (the ring is kept; frames of the old stream are never attended)."""
+        self.seen.zero_()
+        self.seen_q.zero_()
+
+    def release(self) -> NACache:
+        """Hand the stream back to its :class:`NACache` (one sync: the frame count); returns it."""
+        cache = self.cache
+        cache._static = None
+        cache.frames_seen = self.frames_seen
+        return cache
+
+    def forward(self, q_chunk: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> torch.Tensor:
+        cache, cap, frames = self.cache, self.capacity, self.frames
+        if not torch.compiler.is_compiling():  # eager calls are checked; a traced step was, once
+            if q_chunk.shape[1] != frames:
+                raise ValueError(f"q_chunk has {q_chunk.shape[1]} frames; this StaticStep takes {frames}")
+            cache._check_state(k_chunk, v_chunk)
+        ring_k, ring_v = cache._k, cache._v
+        assert ring_k is not None and ring_v is not None
+        keys, values = k_chunk, v_chunk
+        if cap:
+            read = (self.seen - cap + self.offsets[:cap]) % cap  # ring slots in frame order
+            keys, values = (torch.cat([ring.index_select(1, read), chunk], dim=1)
+                            for ring, chunk in ((ring_k, k_chunk), (ring_v, v_chunk)))
+        kwargs: dict[str, Any] = {"enable_gqa": True} if k_chunk.shape[-2] != q_chunk.shape[-2] else {}
+        if self.kernel_options:
+            kwargs["kernel_options"] = dict(self.kernel_options)
+        out = run_flex(cache._as_sequence(q_chunk, None), cache._as_sequence(keys, cache.extra_k),
+                       cache._as_sequence(values, cache.extra_v), self.block_mask, cache.scale, False, **kwargs)
+        kept = min(frames, cap)
+        if kept:
+            write = (self.seen + frames - kept + self.offsets[:kept]) % cap
+            ring_k.index_copy_(1, write, k_chunk[:, frames - kept:].detach())
+            ring_v.index_copy_(1, write, v_chunk[:, frames - kept:].detach())
+        self.seen.add_(frames)
+        self.seen_q.add_(frames)  # kept equal to seen (updated after the kernel that reads it)
+        return out.transpose(1, 2).reshape(*q_chunk.shape[:-1], out.shape[-1])

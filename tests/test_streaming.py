@@ -261,6 +261,131 @@ def test_gpu_stream_equals_reference_without_host_syncs_in_the_steady_state():
             torch.testing.assert_close(torch.cat(outs, 1).cpu().double(), ref_out, atol=1e-3, rtol=1e-3)
 
 
+# --------------------------------------------------------------------------- the static step
+@st.composite
+def static_streams(draw):
+    """Layouts whose time axis has stride 1 and dilation 1 (what StaticStep takes), a fixed chunk
+    size, a stream length up to the layout (and past it: the pattern does not depend on T)."""
+    case = draw(streams())
+    k0 = case["kernel"][0]
+    t = max(case["shape"][0], k0 + 1)
+    case["shape"] = (t, *case["shape"][1:])
+    case["kernel"] = (k0, *case["kernel"][1:])
+    case["stride"] = (1, *case["stride"][1:])
+    case["dilation"] = (1, *case["dilation"][1:])
+    cap = k0 - 1
+    case["frames"] = draw(st.integers(1, max(1, t - cap)))
+    return case
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(static_streams())
+def test_static_step_equals_full_sequence_reference(case):
+    """Every fixed-size chunk of a StaticStep, from the first frame on (the ring still filling)
+    and after a reset, equals the full-sequence float64 reference."""
+    q, k, v, ek, ev = make_inputs(case)
+    shape, f = case["shape"], case["frames"]
+    ref_out, _, _ = full_reference(shape, case["kernel"], case["stride"], case["dilation"], case["causal"],
+                                   q, k, v, ek, ev)
+    block = case["block"]
+    cache = flexna.NACache(shape, case["kernel"], case["stride"], case["dilation"], case["causal"],
+                           extra_k=ek, extra_v=ev, block_size=None if block is None else (block, block))
+    step = cache.static_step(q[:, :f], k[:, :f], v[:, :f])
+    with torch.no_grad():
+        for _ in range(2):
+            for t0 in range(0, shape[0] - f + 1, f):
+                out = step(q[:, t0:t0 + f], k[:, t0:t0 + f], v[:, t0:t0 + f])
+                torch.testing.assert_close(out.double(), ref_out[:, t0:t0 + f], atol=2e-5, rtol=1e-4,
+                                           msg=lambda m, t0=t0: f"chunk at frame {t0}: {m}")
+            step.reset()
+
+
+def test_static_step_continues_attend_and_hands_back():
+    """attend() for a warm-up, a StaticStep for the rest (attend refuses meanwhile), then back."""
+    case = dict(shape=(9, 3, 6), kernel=(4, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2),
+                causal=(True, False, False), batch=2, heads=4, kv_heads=2, extra=2, seed=3)
+    q, k, v, ek, ev = make_inputs(case)
+    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                                   case["causal"], q, k, v, ek, ev)
+    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"], case["causal"],
+                           extra_k=ek, extra_v=ev)
+    with torch.no_grad():
+        outs = [cache.attend(q[:, :2], k[:, :2], v[:, :2])]
+        step = cache.static_step(q[:, :2], k[:, :2], v[:, :2])
+        with pytest.raises(RuntimeError, match="driven by its StaticStep"):
+            cache.attend(q[:, 2:4], k[:, 2:4], v[:, 2:4])
+        with pytest.raises(ValueError, match="this StaticStep takes 2"):
+            step(q[:, 2:5], k[:, 2:5], v[:, 2:5])
+        outs += [step(q[:, t:t + 2], k[:, t:t + 2], v[:, t:t + 2]) for t in (2, 4, 6)]
+        assert step.frames_seen == 8
+        assert step.release() is cache and cache.frames_seen == 8
+        outs.append(cache.attend(q[:, 8:], k[:, 8:], v[:, 8:]))
+    torch.testing.assert_close(torch.cat(outs, 1).double(), ref_out, atol=2e-5, rtol=1e-4)
+
+
+def test_static_step_needs_unit_time_stride():
+    cache = flexna.NACache((8, 4), (4, 3), stride=(2, 1))
+    x = torch.randn(1, 1, 4, 2, 8)
+    with pytest.raises(ValueError, match="static_step needs stride 1 and dilation 1 on the time axis"):
+        cache.static_step(x, x, x)
+    with pytest.raises(ValueError, match=r"at least capacity \+ frames = 9 frames"):
+        flexna.NACache((8, 4), (4, 3)).static_step(*(torch.randn(1, 6, 4, 2, 8),) * 3)
+
+
+def test_static_step_compiles_once_for_the_whole_stream():
+    """torch.compile of the step: one graph for every chunk of the stream (warm-up, steady state,
+    a second stream after reset), no recompiles, no graph breaks."""
+    from torch._dynamo.utils import counters
+
+    case = dict(shape=(10, 4, 4), kernel=(3, 3, 3), stride=(1, 1, 2), dilation=(1, 1, 1),
+                causal=(True, False, False), batch=1, heads=2, kv_heads=2, extra=0, seed=1)
+    q, k, v, _, _ = make_inputs(case)
+    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                                   case["causal"], q, k, v)
+    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"])
+    step = cache.static_step(q[:, :1], k[:, :1], v[:, :1])
+    torch.compiler.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            out = torch.cat([compiled(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]) for t in range(10)], 1)
+            torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-4)
+            step.reset()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"]
+    torch.compiler.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_static_step_in_a_cuda_graph_without_host_syncs():
+    """torch.compile(mode="reduce-overhead") captures the step; after warm-up its replays run with
+    torch's sync debug mode set to error, and every chunk equals the reference."""
+    case = dict(shape=(12, 8, 16), kernel=(4, 5, 7), stride=(1, 1, 1), dilation=(1, 1, 2),
+                causal=(True, False, False), batch=1, heads=4, kv_heads=2, extra=3, seed=4)
+    q, k, v, ek, ev = make_inputs(case, dim=32)
+    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                                   case["causal"], q, k, v, ek, ev)
+    q, k, v, ek, ev = (t.cuda() for t in (q, k, v, ek, ev))
+    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                           extra_k=ek, extra_v=ev)
+    step = cache.static_step(q[:, :1], k[:, :1], v[:, :1])
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for passes in range(3):
+            step.reset()
+            outs = []
+            for t in range(case["shape"][0]):
+                if passes == 2:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    outs.append(compiled(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]).clone())
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            torch.testing.assert_close(torch.cat(outs, 1).cpu().double(), ref_out, atol=1e-3, rtol=1e-3)
+
+
 # --------------------------------------------------------------------------- bad use
 
 
