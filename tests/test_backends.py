@@ -356,3 +356,32 @@ def test_verify_runs_the_flash_differential():
 
     assert run_verify(n=6, device="cuda", max_tokens=512, out=buf), buf.getvalue()
     assert "FLASH-vs-Triton differential: on" in buf.getvalue()
+
+
+def test_verify_differential_builds_each_rules_own_mask():
+    """The FLASH differential of ``flexna verify`` runs the config's own rule (NA, STA, radial)
+    rebuilt for FLASH's blocks (it once ran plain NA for every rule); on the CPU: its BlockMask's
+    dense expansion equals the reference mask of the config."""
+    import random
+
+    from torch.nn.attention.flex_attention import create_mask
+
+    from flexna.tools.verify import Check, _expand_blocks, _maps, expected_mask, random_config
+
+    rng, kinds = random.Random(0), set()
+    for index in range(40):
+        cfg = random_config(rng, index, 512, cuda=True)
+        want = expected_mask(cfg)[0]
+        try:
+            bm = Check(cfg, torch.device("cpu"), False, lambda *a, **k: None, 0.0)._masks((128, 128))[1]
+        except ValueError:
+            continue  # tiles that do not divide 128: the differential skips them too
+        kinds.add(cfg.rule if cfg.radial is None else "radial")
+        nq, nkv = want.shape
+        assert tuple(bm.seq_lengths) == (nq, nkv), index
+        partial, full, problem = _maps(bm, -(-nq // 128), -(-nkv // 128))
+        assert problem is None
+        inner = create_mask(bm.mask_mod, 1, 1, nq, nkv, device="cpu")[0, 0]
+        dense = _expand_blocks(full, 128, 128, nq, nkv) | (_expand_blocks(partial, 128, 128, nq, nkv) & inner)
+        assert torch.equal(dense, want), (index, cfg)
+    assert {"sliding_tile", "radial"} <= kinds, kinds

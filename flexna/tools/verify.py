@@ -288,21 +288,7 @@ class Check:
         cfg, dev = self.cfg, self.device
         want, q_ord, kv_ord = expected_mask(cfg)
         nq, nkv = want.shape
-        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev,
-                                  "curve": cfg.curve}
-        if cfg.rule == "sliding_tile":
-            assert cfg.sta_tile is not None and cfg.window is not None
-            sta = (cfg.shape, cfg.sta_tile, cfg.window)
-            mask_mod = flexna.sta_mask_mod(*sta, text_length=cfg.text, device=dev)
-            bm = flexna.sta_block_mask(*sta, text_length=cfg.text, block_size=cfg.block_size, device=dev)
-        elif cfg.radial is not None:
-            spec = flexna.MaskSpec.create(cfg.pattern(), q_tile=cfg.q_tile, kv_tile=cfg.kv_tile,
-                                          block_size=cfg.block_size)
-            mask_mod = flexna.spec_mask_mod(spec, dev)
-            bm = flexna.spec_block_mask(spec, dev)
-        else:
-            mask_mod = flexna.na_mask_mod(*cfg.pattern_args(), **kwargs)
-            bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=cfg.block_size, **kwargs)
+        mask_mod, bm = self._masks(cfg.block_size)
         got = create_mask(mask_mod, 1, 1, nq, nkv, device=dev)[0, 0].cpu()
         if not torch.equal(got, want):
             self.failures.append("na_mask_mod: " + self._where(got, want, q_ord, kv_ord))
@@ -352,9 +338,27 @@ class Check:
                 self.failures.append(f"flex_attention: max |out - reference| = {self.error:.3g} "
                                      f"> tolerance {self.tol:g}")
             if self.flash:
-                self._flash_differential(want, kwargs)
+                self._flash_differential(want)
 
-    def _flash_differential(self, want: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    def _masks(self, block_size: tuple[int, int] | None) -> tuple[Any, Any]:
+        """The config's mask_mod and its BlockMask for ``block_size``, built by the call a user
+        makes for that kind of rule (STA, radial, NA)."""
+        cfg, dev = self.cfg, self.device
+        if cfg.rule == "sliding_tile":
+            assert cfg.sta_tile is not None and cfg.window is not None
+            sta = (cfg.shape, cfg.sta_tile, cfg.window)
+            return (flexna.sta_mask_mod(*sta, text_length=cfg.text, device=dev),
+                    flexna.sta_block_mask(*sta, text_length=cfg.text, block_size=block_size, device=dev))
+        if cfg.radial is not None:
+            spec = flexna.MaskSpec.create(cfg.pattern(), q_tile=cfg.q_tile, kv_tile=cfg.kv_tile,
+                                          block_size=block_size)
+            return flexna.spec_mask_mod(spec, dev), flexna.spec_block_mask(spec, dev)
+        kwargs: dict[str, Any] = {"q_tile": cfg.q_tile, "kv_tile": cfg.kv_tile, "device": dev,
+                                  "curve": cfg.curve}
+        return (flexna.na_mask_mod(*cfg.pattern_args(), **kwargs),
+                flexna.na_block_mask(*cfg.pattern_args(), block_size=block_size, **kwargs))
+
+    def _flash_differential(self, want: torch.Tensor) -> None:
         """FLASH and Triton on the same half-precision inputs and FLASH-sized blocks, each against
         the float64 reference (FLASH has had silently wrong code generation upstream)."""
         from flexna.backends import block_sizes
@@ -363,7 +367,10 @@ class Check:
         blocks = block_sizes("flash", dev)
         if any(b % _tile_tokens(t) for b, t in zip(blocks, (cfg.q_tile, cfg.kv_tile), strict=True)):
             return  # tiles that do not divide FLASH's blocks: no FLASH BlockMask for this config
-        bm = flexna.na_block_mask(*cfg.pattern_args(), block_size=blocks, **kwargs)
+        try:
+            bm = self._masks(blocks)[1]
+        except ValueError:  # e.g. STA tiles that do not divide FLASH's blocks: no FLASH BlockMask
+            return
         nq, nkv = want.shape
         gen = torch.Generator().manual_seed(2000 + cfg.index)
         q = torch.randn(1, HEADS, nq, FLASH_HEAD_DIM, generator=gen)
