@@ -78,12 +78,12 @@ def hunyuan_model(grid: tuple[int, int, int] = VIDEO_GRID) -> tuple[torch.nn.Mod
     return model, inputs
 
 
-def wan_model(num_layers: int = 2) -> tuple[torch.nn.Module, dict]:
+def wan_model(num_layers: int = 2, grid: tuple[int, int, int] = VIDEO_GRID) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                                   in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
                                   num_layers=num_layers, rope_max_seq_len=32).eval()
-    t, h, w = VIDEO_GRID
+    t, h, w = grid
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(1, 4, t, 2 * h, 2 * w, generator=g), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, 7, 16, generator=g))
@@ -194,6 +194,33 @@ def test_flux_stays_tiled_and_equals_the_float64_reference(monkeypatch):
     assert torch.allclose(run(model, inputs), expected, atol=2e-5, rtol=1e-4)
     remove_neighborhood_attention(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+@pytest.mark.parametrize("family", ["hunyuan", "wan"])
+def test_video_models_stay_tiled_and_equal_the_float64_reference(monkeypatch, family):
+    """A grid where HunyuanVideo / Wan stay in one tiled order (4 x 16 x 32 in 2 x 16 x 4 tiles):
+    the patch embedding's tokens and the rotary frequencies move into it as they are made,
+    proj_out's tokens back before the unpatchify; equal to the stock model under a float64
+    masked softmax (HunyuanVideo with its text padding), and on a dense step."""
+    grid, window = (4, 16, 32), (2, 8, 8)
+    if family == "hunyuan":
+        model, inputs = hunyuan_model(grid)
+        module, text = transformer_hunyuan_video, HUNYUAN_TEXT
+        mask = joint_mask(grid, window, (1, 1, 1), text, text_first=False)
+    else:
+        model, inputs = wan_model(1, grid)
+        module, mask = transformer_wan, reference_mask(grid, window)
+    expected = reference_run(monkeypatch, module, model, inputs, [mask])
+    stock = run(model, inputs)
+    apply_neighborhood_attention(model, {"window_size": window}, dense_steps=1)
+    assert torch.allclose(run(model, inputs), stock, atol=1e-5, rtol=1e-5)  # dense step, tiled order
+    layout = model._flexna_state.layout
+    assert layout is not None and layout.tile == (2, 16, 4), layout
+    out = run(model, inputs)
+    assert (out - stock).abs().max() > 1e-3  # the pattern matters at this size
+    assert torch.allclose(out, expected, atol=2e-5, rtol=1e-4)
+    remove_neighborhood_attention(model)
+    assert torch.equal(run(model, inputs), stock)
 
 
 def model_without(model: torch.nn.Module) -> torch.nn.Module:
@@ -344,10 +371,13 @@ def test_unknown_model_class_is_a_clear_error():
 
 
 # --------------------------------------------------------------------------- torch.compile
+WHOLE_3D = {"window_size": (-1, -1, -1)}
 COMPILE_CASES = {  # two attention layers each: a real window and the whole grid
     "flux": (flux_model, [{"window_size": (3, 5)}, {"window_size": (-1, -1)}]),
     "flux-tiled": (lambda: flux_model((32, 64)), [{"window_size": (9, 9)}, {"window_size": (-1, -1)}]),
     "hunyuan": (hunyuan_model, [{"window_size": (2, 3, 3)}, {"window_size": (-1, -1, -1)}]),
+    "hunyuan-tiled": (lambda: hunyuan_model((4, 16, 32)), [{"window_size": (2, 8, 8)}, WHOLE_3D]),
+    "wan-tiled": (lambda: wan_model(2, (4, 16, 32)), [{"window_size": (2, 8, 8)}, WHOLE_3D]),
     "wan": (wan_model, [{"window_size": (2, 3, 3)}, {"window_size": (-1, -1, -1)}]),
 }
 

@@ -75,14 +75,16 @@ class LayerPlan:
 def _common_layout(grid: tuple[int, ...], plans: Sequence[LayerPlan | None]) -> TokenLayout | None:
     """The one token order a transformer that stays tiled keeps for all its layers on ``grid``:
     the same 128-token tile for queries and keys, chosen for the pattern most layers run
-    (:func:`flexna.analysis.choose_tiles`; tiles that divide the grid, so no padding), or
-    row-major; ``None`` when every layer is dense (nothing to reorder)."""
+    (:func:`flexna.analysis.choose_tiles`; tiles that divide the grid, so the token count is
+    the model's). ``None`` when no such tile pays or every layer is dense: then each layer runs
+    in its own (possibly padded) tiles, permuting per call."""
     patterns = [(p.kernel_size, p.stride, p.dilation, p.is_causal) for p in plans if p is not None]
     if not patterns:
         return None
     common = max(patterns, key=patterns.count)  # ties: the earliest layer's
     tiles = choose_tiles(NAPattern.create(grid, *common), same_tile=True)
-    return TokenLayout.create(grid, None if tiles is None else tiles[0])
+    layout = None if tiles is None else TokenLayout.create(grid, tiles[0])
+    return layout if layout is not None and layout.length == math.prod(grid) else None
 
 
 def joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: tuple[int, ...],
@@ -171,7 +173,7 @@ class State:
                 except ValueError as exc:
                     raise ValueError(f"{self.family.name} layer {i} on the token grid {grid}: {exc}") from None
             self._plans_by_grid[grid] = tuple(plans)
-            self._layouts[grid] = _common_layout(grid, plans) if self.family.stays_tiled else None
+            self._layouts[grid] = _common_layout(grid, plans) if self.family.reorder is not None else None
         self.grid, self.plans, self.layout = grid, self._plans_by_grid[grid], self._layouts[grid]
 
     def step(self) -> int:
@@ -196,6 +198,24 @@ class Processor:
     def __init__(self, state: State, layer: int, stock: Any) -> None:
         self.state, self.layer, self.stock = state, layer, stock
 
+    def attend(self, plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text: int,
+               text_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention core on joint ``[B, N + text, heads, D]`` sequences, text last, image /
+        video tokens in the model's current order: one fused call. A model that stays tiled
+        (``state.layout``) runs :func:`flexna.tiled_neighborhood_attention` with no permute;
+        otherwise :func:`joint_attention` moves the tokens into the layer's own tiles and back."""
+        layout, grid = self.state.layout, self.state.grid
+        assert grid is not None
+        if layout is None:
+            return joint_attention(query, key, value, grid, plan, text_len=text, text_first=False,
+                                   text_valid=text_valid)
+        if query.shape[1] != layout.length + text:
+            raise ValueError(f"the attention layer got {query.shape[1]} tokens, but the token grid {grid} "
+                             f"has {layout.length} and there are {text} text tokens: the grid does not match")
+        mod = None if text_valid is None else _text_padding_score_mod(text_valid, layout.length)
+        return tiled_neighborhood_attention(query, key, value, layout, plan.kernel_size, plan.stride,
+                                            plan.dilation, plan.is_causal, num_extra_tokens=text, score_mod=mod)
+
 
 def _rotary(x: torch.Tensor, freqs: Any) -> torch.Tensor:
     """diffusers' ``apply_rotary_emb`` on ``[B, N, heads, D]`` (as the stock processors call it)."""
@@ -205,8 +225,8 @@ def _rotary(x: torch.Tensor, freqs: Any) -> torch.Tensor:
 class FluxNAAttnProcessor(Processor):
     """``FluxAttnProcessor`` with flexna's attention core (joint attention with the text tokens).
 
-    The transformer stays in the state's token order (its inputs are reordered once per
-    forward, see :func:`apply_neighborhood_attention`), so each layer is one
+    Where the transformer stays in one token order (its inputs reordered once per forward, see
+    :func:`apply_neighborhood_attention`), each layer is one
     :func:`flexna.tiled_neighborhood_attention` call on the joint sequence ``[image tokens in
     that order, text tokens]``: no permute per layer. Rotary embeddings are applied to the image
     and text parts with their own rows of the model's (already reordered) frequencies, exactly
@@ -221,8 +241,8 @@ class FluxNAAttnProcessor(Processor):
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         if attention_mask is not None:
             raise ValueError("flexna's FLUX processor takes no attention_mask (the stock pipelines pass none)")
-        layout, grid = self.state.layout, self.state.grid
-        assert layout is not None and grid is not None
+        grid = self.state.grid
+        assert grid is not None
         n = math.prod(grid)
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         got = hidden_states.shape[1]
@@ -248,9 +268,7 @@ class FluxNAAttnProcessor(Processor):
             encoder_query, encoder_key = _rotary(encoder_query, f_text), _rotary(encoder_key, f_text)
         query, key, value = (torch.cat([a, b], dim=1) for a, b in
                              ((query, encoder_query), (key, encoder_key), (value, encoder_value)))
-        out = tiled_neighborhood_attention(query, key, value, layout, plan.kernel_size, plan.stride,
-                                           plan.dilation, plan.is_causal, num_extra_tokens=text)
-        out = out.flatten(2, 3).to(query.dtype)
+        out = self.attend(plan, query, key, value, text).flatten(2, 3).to(query.dtype)
         image_out, text_out = out[:, :n], out[:, n:]
         if joint:
             image_out = attn.to_out[1](attn.to_out[0](image_out))
@@ -295,10 +313,8 @@ class HunyuanVideoNAAttnProcessor(Processor):
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
             value = torch.cat([value, encoder_value], dim=1)
-        grid = self.state.grid
-        assert grid is not None
-        hidden_states = joint_attention(query, key, value, grid, plan, text_len=text_len, text_first=False,
-                                        text_valid=_text_valid(attention_mask, query.shape[1], text_len))
+        hidden_states = self.attend(plan, query, key, value, text_len,
+                                    _text_valid(attention_mask, query.shape[1], text_len))
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = (hidden_states[:, :-text_len], hidden_states[:, -text_len:])
@@ -351,10 +367,7 @@ class WanNAAttnProcessor(Processor):
         if rotary_emb is not None:
             query = _wan_rotary(query, *rotary_emb)
             key = _wan_rotary(key, *rotary_emb)
-        grid = self.state.grid
-        assert grid is not None
-        hidden_states = joint_attention(query, key, value, grid, plan, text_len=0, text_first=False)
-        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = self.attend(plan, query, key, value, 0).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
@@ -419,37 +432,105 @@ def _video_grid(patch: tuple[int, int, int]) -> Callable[[State, Any, dict[str, 
     return grid
 
 
-def _flux_to_layout(inputs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
-    """FLUX's forward arguments with the image tokens in ``layout``'s order: the latents, their
-    ``img_ids`` (so the rotary embedding follows the tokens) and any ControlNet residuals.
-    Everything else the model does per image token is token-wise, and attention runs in that
-    order, so the model's output is the stock one in that order (moved back by the output hook)."""
-    grid = layout.shape
-    out = dict(inputs)
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return layout.to_tokens(t.unflatten(1, grid))
-
-    out["hidden_states"] = move(inputs["hidden_states"])
-    ids = inputs.get("img_ids")
-    if ids is not None:
-        out["img_ids"] = move(ids) if ids.dim() == 3 else move(ids[None])[0]
-    for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
-        if inputs.get(name) is not None:
-            out[name] = [move(t) for t in inputs[name]]
-    return out
+def _to_layout(t: torch.Tensor, layout: TokenLayout, dim: int = 1) -> torch.Tensor:
+    """Rows ``dim`` of ``t`` (row-major tokens of ``layout``'s grid) in ``layout``'s order."""
+    moved = t.movedim(dim, 0)[None].unflatten(1, layout.shape)
+    return layout.to_tokens(moved)[0].movedim(0, dim)
 
 
-def _output_from_layout(output: Any, layout: TokenLayout) -> Any:
-    """The transformer's output (a tuple or a ``Transformer2DModelOutput``) with its image tokens
-    back in row-major order."""
-    def back(t: torch.Tensor) -> torch.Tensor:
-        return layout.from_tokens(t).flatten(1, len(layout.shape))
+def _from_layout(t: torch.Tensor, layout: TokenLayout, dim: int = 1) -> torch.Tensor:
+    """Rows ``dim`` of ``t`` in ``layout``'s order back in row-major order."""
+    back = layout.from_tokens(t.movedim(dim, 0)[None])[0].flatten(0, len(layout.shape) - 1)
+    return back.movedim(0, dim)
 
-    if isinstance(output, tuple):
-        return (back(output[0]), *output[1:])
-    output.sample = back(output.sample)
-    return output
+
+def _output_hook(state: State, dim: int = 1, top_level: bool = False) -> Callable[..., Any]:
+    """A forward hook moving a module's token output (a tensor, a tuple's first tensor or a
+    ``Transformer2DModelOutput``'s ``sample``) back to row-major order. On a submodule it is
+    plain tensor work that dynamo traces into the user's graph (``torch.compiler.disable`` there
+    would break the graph); on the compiled model itself (``top_level``) it runs eagerly after
+    the compiled forward (traced, it would be a graph of its own)."""
+    def hook(module: Any, args: tuple, output: Any) -> Any:
+        if not state.permuted:
+            return None
+        layout = state.layout
+        assert layout is not None
+        if isinstance(output, torch.Tensor):
+            return _from_layout(output, layout, dim)
+        if isinstance(output, tuple):
+            return (_from_layout(output[0], layout, dim), *output[1:])
+        output.sample = _from_layout(output.sample, layout, dim)
+        return output
+    return torch.compiler.disable(hook) if top_level else hook
+
+
+def _rows_hook(state: State, dim: int) -> Callable[..., Any]:
+    """A forward hook moving a module's token outputs (a tensor or a tuple of them: rotary
+    frequencies) into ``state.layout``'s order along ``dim``."""
+    def hook(module: Any, args: tuple, output: Any) -> Any:
+        if not state.permuted:
+            return None
+        layout = state.layout
+        assert layout is not None
+        if isinstance(output, tuple):
+            return tuple(_to_layout(t, layout, dim) for t in output)
+        return _to_layout(output, layout, dim)
+    return hook
+
+
+def _reorder_flux(model: Any, state: State) -> list[Any]:
+    """FLUX stays tiled: its forward's latents, ``img_ids`` (so the rotary embedding follows the
+    tokens) and ControlNet residuals move into the layout before the forward, its output back
+    after. Everything else FLUX does per image token is token-wise."""
+    @torch.compiler.disable
+    def inputs_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not state.permuted:
+            return None
+        layout = state.layout
+        assert layout is not None
+        out = _bind(module, args, kwargs)
+        out["hidden_states"] = _to_layout(out["hidden_states"], layout)
+        ids = out.get("img_ids")
+        if ids is not None:
+            out["img_ids"] = _to_layout(ids, layout, ids.dim() - 2)
+        for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+            if out.get(name) is not None:
+                out[name] = [_to_layout(t, layout) for t in out[name]]
+        return (), out
+
+    return [model.register_forward_pre_hook(inputs_hook, with_kwargs=True),
+            model.register_forward_hook(_output_hook(state, top_level=True))]
+
+
+def _reorder_video(rope_dim: int) -> Callable[[Any, State], list[Any]]:
+    """HunyuanVideo / Wan stay tiled: the patch embedding's tokens and the rotary frequencies
+    (rows along ``rope_dim``) move into the layout as they are made, ``proj_out``'s tokens back
+    before the model unpatchifies them; the blocks between are token-wise but attention (the
+    text padding mask is all-true over the video tokens)."""
+    def install(model: Any, state: State) -> list[Any]:
+        embed = model.x_embedder if hasattr(model, "x_embedder") else model.patch_embedding
+        hooks = [model.rope.register_forward_hook(_rows_hook(state, rope_dim)),
+                 model.proj_out.register_forward_hook(_output_hook(state))]
+        if isinstance(embed, torch.nn.Conv3d):  # Wan: the forward flattens the conv's [B, C, T, H, W]
+            hooks.append(embed.register_forward_hook(_conv_tiles_hook(state)))
+        else:
+            hooks.append(embed.register_forward_hook(_rows_hook(state, 1)))
+        return hooks
+    return install
+
+
+def _conv_tiles_hook(state: State) -> Callable[..., Any]:
+    """Wan's patch embedding returns ``[B, C, T, H, W]``, which its forward flattens to tokens:
+    return a ``[B, C, T/t, H/h, W/w, t, h, w]`` tensor instead, whose flatten is the layout's order."""
+    def hook(module: Any, args: tuple, output: torch.Tensor) -> Any:
+        if not state.permuted:
+            return None
+        layout = state.layout
+        assert layout is not None
+        tiled = output.unflatten(2, (-1, layout.tile[0])).unflatten(4, (-1, layout.tile[1]))
+        tiled = tiled.unflatten(6, (-1, layout.tile[2]))  # [B, C, T/t, t, H/h, h, W/w, w]
+        return tiled.permute(0, 1, 2, 4, 6, 3, 5, 7).contiguous()
+    return hook
 
 
 @dataclass(frozen=True)
@@ -463,23 +544,25 @@ class Family:
     processor: type[Processor]
     grid: Callable[[Any], Callable[[State, Any, dict[str, Any]], tuple[int, ...]]]
     ndim: int
-    stays_tiled: bool = False  # reorder its token inputs once per forward (FLUX: token-wise but attention)
+    # installs the hooks that keep the model in one token order (state.layout) for a forward
+    reorder: Callable[[Any, State], list[Any]] | None = None
 
 
 FAMILIES: dict[type, Family] = {
     transformer_flux.FluxTransformer2DModel: Family(
         "FluxTransformer2DModel",
         lambda m: [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks],
-        transformer_flux.FluxAttnProcessor, FluxNAAttnProcessor, lambda m: _flux_grid, 2, stays_tiled=True),
+        transformer_flux.FluxAttnProcessor, FluxNAAttnProcessor, lambda m: _flux_grid, 2, _reorder_flux),
     HunyuanVideoTransformer3DModel: Family(
         "HunyuanVideoTransformer3DModel",
         lambda m: [b.attn for b in m.transformer_blocks] + [b.attn for b in m.single_transformer_blocks],
         HunyuanVideoAttnProcessor2_0, HunyuanVideoNAAttnProcessor,
-        lambda m: _video_grid((m.config.patch_size_t, m.config.patch_size, m.config.patch_size)), 3),
+        lambda m: _video_grid((m.config.patch_size_t, m.config.patch_size, m.config.patch_size)), 3,
+        _reorder_video(0)),
     transformer_wan.WanTransformer3DModel: Family(
         "WanTransformer3DModel", lambda m: [b.attn1 for b in m.blocks], transformer_wan.WanAttnProcessor,
         WanNAAttnProcessor,
-        lambda m: _video_grid(tuple(m.config.patch_size)), 3),
+        lambda m: _video_grid(tuple(m.config.patch_size)), 3, _reorder_video(1)),
 }
 
 
@@ -539,25 +622,15 @@ def apply_neighborhood_attention(transformer: Any, config: Any, *, grid: Sequenc
         state.dense_now = state.step() < cfg.dense_steps
         state.calls += 1
         layout = state.layout
-        state.permuted = layout is not None and not layout.is_row_major
-        if not state.permuted:
-            return None
-        assert layout is not None
-        return (), _flux_to_layout(inputs, layout)
-
-    @torch.compiler.disable
-    def after_forward(module: Any, args: tuple, output: Any) -> Any:
-        if not state.permuted:
-            return None
-        assert state.layout is not None
-        return _output_from_layout(output, state.layout)
+        state.permuted = layout is not None
+        return None
 
     for i, attn in enumerate(attentions):
         state.stock.append((attn, attn.processor))
         attn.set_processor(family.processor(state, i, attn.processor))
     state.hooks = [transformer.register_forward_pre_hook(before_forward, with_kwargs=True)]
-    if family.stays_tiled:
-        state.hooks.append(transformer.register_forward_hook(after_forward))
+    if family.reorder is not None:
+        state.hooks += family.reorder(transformer, state)
     setattr(transformer, STATE_ATTR, state)
     return transformer
 
