@@ -6,6 +6,7 @@ count equals the need read off the reference mask, and bad use is a clear error.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import warnings
 
@@ -384,6 +385,29 @@ def test_gpu_static_step_in_a_cuda_graph_without_host_syncs():
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             torch.testing.assert_close(torch.cat(outs, 1).cpu().double(), ref_out, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or flexna.flash_unavailable(torch.device("cuda")) is not None
+                    or not importlib.util.find_spec("flash_attn"), reason="needs CUDA and flash-attn-4")
+@pytest.mark.parametrize("frames", [1, 4])
+def test_gpu_stream_on_flash_equals_reference(frames):
+    """backend="flash": every chunk of a video stream (chunks of 1 and 4 frames, extra tokens,
+    GQA) equals the float64 reference, fp16, as the Triton stream does."""
+    case = dict(shape=(8, 16, 16), kernel=(4, 7, 9), stride=(1, 2, 1), dilation=(1, 1, 1),
+                causal=(True, False, False), batch=1, heads=4, kv_heads=2, extra=8, seed=5)
+    q, k, v, ek, ev = make_inputs(case, dim=64)
+    v, ev = v[..., :64], ev[..., :64]
+    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
+                                   case["causal"], q.half().double(), k.half().double(), v.half().double(),
+                                   ek.half().double(), ev.half().double())
+    q, k, v, ek, ev = (t.cuda().half() for t in (q, k, v, ek, ev))
+    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], extra_k=ek, extra_v=ev,
+                           backend="flash")
+    with torch.no_grad():
+        outs = [cache.attend(q[:, t:t + frames], k[:, t:t + frames], v[:, t:t + frames])
+                for t in range(0, case["shape"][0], frames)]
+    torch.testing.assert_close(torch.cat(outs, 1).cpu().double(), ref_out, atol=1e-2, rtol=1e-2)
 
 
 # --------------------------------------------------------------------------- bad use
