@@ -140,13 +140,20 @@ def test_every_chunk_equals_full_sequence_reference(case):
             t0 = t1
 
 
-def compiled_stream(case, compare_functional=False):
-    """One frame per step, no lse, under no_grad: compiled Flex on CPU (one shape per step)."""
-    q, k, v, ek, ev = make_inputs(case)
+def stream_setup(case, dim=4, device="cpu"):
+    """The case's inputs (on ``device``), its full-sequence float64 reference and a fresh cache."""
+    q, k, v, ek, ev = make_inputs(case, dim=dim)
     ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
                                    case["causal"], q, k, v, ek, ev)
+    q, k, v, ek, ev = (None if t is None else t.to(device) for t in (q, k, v, ek, ev))
     cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"], case["causal"],
                            extra_k=ek, extra_v=ev)
+    return (q, k, v, ek, ev), ref_out, cache
+
+
+def compiled_stream(case, compare_functional=False):
+    """One frame per step, no lse, under no_grad: compiled Flex on CPU (one shape per step)."""
+    (q, k, v, ek, ev), ref_out, cache = stream_setup(case)
     with torch.no_grad():
         outs = [cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]) for t in range(case["shape"][0])]
         streamed = torch.cat(outs, 1)
@@ -235,19 +242,20 @@ def test_reach_of_a_2048_window_over_32k_frames():
     assert video.capacity == 17 and video.window(4) == (0, 21)
 
 
+def _gpu_stream(stride):
+    """A 12x8x16 CUDA stream (extra tokens, GQA): its case, float64 reference, q/k/v and cache."""
+    case = dict(shape=(12, 8, 16), kernel=(4, 5, 7), stride=stride, dilation=(1, 1, 2),
+                causal=(True, False, False), batch=1, heads=4, kv_heads=2, extra=3, seed=4)
+    (q, k, v, _, _), ref_out, cache = stream_setup(case, dim=32, device="cuda")
+    return case, ref_out, (q, k, v), cache
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_stream_equals_reference_without_host_syncs_in_the_steady_state():
     """On CUDA: one frame per step equals the reference, and once every steady-state mask is built
     (first pass) the steps run with torch's sync debug mode set to error (no device-to-host sync)."""
-    case = dict(shape=(12, 8, 16), kernel=(4, 5, 7), stride=(2, 1, 1), dilation=(1, 1, 2),
-                causal=(True, False, False), batch=1, heads=4, kv_heads=2, extra=3, seed=4)
-    q, k, v, ek, ev = make_inputs(case, dim=32)
-    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
-                                   case["causal"], q, k, v, ek, ev)
-    q, k, v, ek, ev = (t.cuda() for t in (q, k, v, ek, ev))
-    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"],
-                           extra_k=ek, extra_v=ev)
+    case, ref_out, (q, k, v), cache = _gpu_stream((2, 1, 1))
     with torch.no_grad():
         for passes in range(2):
             cache.reset()
@@ -305,11 +313,7 @@ def test_static_step_continues_attend_and_hands_back():
     """attend() for a warm-up, a StaticStep for the rest (attend refuses meanwhile), then back."""
     case = dict(shape=(9, 3, 6), kernel=(4, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2),
                 causal=(True, False, False), batch=2, heads=4, kv_heads=2, extra=2, seed=3)
-    q, k, v, ek, ev = make_inputs(case)
-    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
-                                   case["causal"], q, k, v, ek, ev)
-    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"], case["causal"],
-                           extra_k=ek, extra_v=ev)
+    (q, k, v, _, _), ref_out, cache = stream_setup(case)
     with torch.no_grad():
         outs = [cache.attend(q[:, :2], k[:, :2], v[:, :2])]
         step = cache.static_step(q[:, :2], k[:, :2], v[:, :2])
@@ -363,14 +367,7 @@ def test_static_step_compiles_once_for_the_whole_stream():
 def test_gpu_static_step_in_a_cuda_graph_without_host_syncs():
     """torch.compile(mode="reduce-overhead") captures the step; after warm-up its replays run with
     torch's sync debug mode set to error, and every chunk equals the reference."""
-    case = dict(shape=(12, 8, 16), kernel=(4, 5, 7), stride=(1, 1, 1), dilation=(1, 1, 2),
-                causal=(True, False, False), batch=1, heads=4, kv_heads=2, extra=3, seed=4)
-    q, k, v, ek, ev = make_inputs(case, dim=32)
-    ref_out, _, _ = full_reference(case["shape"], case["kernel"], case["stride"], case["dilation"],
-                                   case["causal"], q, k, v, ek, ev)
-    q, k, v, ek, ev = (t.cuda() for t in (q, k, v, ek, ev))
-    cache = flexna.NACache(case["shape"], case["kernel"], case["stride"], case["dilation"],
-                           extra_k=ek, extra_v=ev)
+    case, ref_out, (q, k, v), cache = _gpu_stream((1, 1, 1))
     step = cache.static_step(q[:, :1], k[:, :1], v[:, :1])
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
