@@ -1,5 +1,6 @@
-"""flexna.integrations.transformers: a tiny random transformers DiNAT on flexna equals the same model
-whose attention follows the definition of NATTEN's legacy ops in float64.
+"""flexna.integrations.transformers: a tiny random transformers DiNAT (and NAT, where the installed
+transformers still ships it: < 5) on flexna equals the same model whose attention follows the
+definition of NATTEN's legacy ops in float64.
 
 The legacy definition (``natten2dqkrpb`` + softmax + ``natten2dav`` on ``[batch, heads, H, W, dim]``):
 query ``(i, j)`` attends the ``kernel²`` keys of its dilated neighborhood (``flexna.reference.
@@ -19,6 +20,7 @@ pytest.importorskip("transformers")
 from flexna.integrations.transformers import (
     apply_neighborhood_attention,
     dinat_module,
+    nat_module,
     remove_neighborhood_attention,
 )
 from flexna.reference import reference_mask
@@ -44,16 +46,30 @@ def reference_forward(self, hidden_states, output_attentions=False):
     batch, height, width, _ = hidden_states.shape
     shape = (batch, height, width, self.num_attention_heads, self.attention_head_size)
     q, k, v = (p(hidden_states).view(shape).permute(0, 3, 1, 2, 4) for p in (self.query, self.key, self.value))
-    out = legacy_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
+    out = legacy_attention(q, k, v, self.rpb, self.kernel_size, getattr(self, "dilation", 1))  # NAT: 1
     return (out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1).to(hidden_states.dtype),)
 
 
-def tiny_dinat():
-    dinat = dinat_module()
-    config = dinat.DinatConfig(patch_size=4, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                               kernel_size=3, dilations=[[1, 2], [1, 1]], mlp_ratio=2.0)
-    torch.manual_seed(0)
-    model = dinat.DinatModel(config).eval()
+def nat_or_skip():
+    try:
+        return nat_module()
+    except ImportError as exc:  # transformers >= 5 ships no NAT
+        pytest.skip(str(exc))
+
+
+def tiny_dinat(family="dinat"):
+    common = dict(patch_size=4, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4], kernel_size=3,
+                  mlp_ratio=2.0)
+    if family == "nat":
+        dinat = nat_or_skip()
+        config = dinat.NatConfig(**common)
+        torch.manual_seed(0)
+        model = dinat.NatModel(config).eval()
+    else:
+        dinat = dinat_module()
+        config = dinat.DinatConfig(**common, dilations=[[1, 2], [1, 1]])
+        torch.manual_seed(0)
+        model = dinat.DinatModel(config).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, dinat.NeighborhoodAttention):
@@ -61,8 +77,9 @@ def tiny_dinat():
     return dinat, model
 
 
-def test_dinat_on_flexna_equals_the_legacy_ops_in_float64(monkeypatch):
-    dinat, model = tiny_dinat()
+@pytest.mark.parametrize("family", ["dinat", "nat"])
+def test_dinat_on_flexna_equals_the_legacy_ops_in_float64(monkeypatch, family):
+    dinat, model = tiny_dinat(family)
     x = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(1))  # 8x10 then 4x5 tokens
     with torch.no_grad():
         with monkeypatch.context() as m:
@@ -75,7 +92,7 @@ def test_dinat_on_flexna_equals_the_legacy_ops_in_float64(monkeypatch):
     assert (expected - without_bias).abs().max() > 1e-2  # the rpb matters, so it is tested
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
     assert sum(type(m).__name__ == "FlexNANeighborhoodAttention" for m in model.modules()) == 4
-    assert set(model.state_dict()) == set(tiny_dinat()[1].state_dict())
+    assert set(model.state_dict()) == set(tiny_dinat(family)[1].state_dict())
 
 
 def _no_bias(self, hidden_states, output_attentions=False):
@@ -88,8 +105,9 @@ def _no_bias(self, hidden_states, output_attentions=False):
         self.rpb = rpb
 
 
-def test_inverse_and_errors():
-    dinat, model = tiny_dinat()
+@pytest.mark.parametrize("family", ["dinat", "nat"])
+def test_inverse_and_errors(family):
+    dinat, model = tiny_dinat(family)
     apply_neighborhood_attention(model)
     apply_neighborhood_attention(model)  # idempotent
     x = torch.randn(1, 3, 32, 32)
@@ -102,3 +120,13 @@ def test_inverse_and_errors():
         remove_neighborhood_attention(model)
     with pytest.raises(TypeError, match="no transformers DiNAT NeighborhoodAttention"):
         apply_neighborhood_attention(torch.nn.Linear(2, 2))
+
+
+def test_nat_missing_is_a_clear_error():
+    """With transformers >= 5 (no NAT) nat_module() says which version lacks it and what to do."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("this transformers ships NAT")
+    with pytest.raises(ImportError, match=r"has no NAT .* install transformers<5"):
+        nat_module()
