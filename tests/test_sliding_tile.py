@@ -226,3 +226,17 @@ def test_sta_render_draws_the_tile_aligned_window() -> None:
     assert rows.nonzero()[0].tolist() == list(range(4, 12))
     stats = block_stats(p, (4, 4), (4, 4))
     assert stats.partial == 0 and stats.full == 16 * 2 * 3
+
+
+@pytest.mark.parametrize("name", ["sta-2d-even", "hunyuan-sta"])
+def test_show_draws_sta_in_its_own_tiles(tmp_path, name) -> None:
+    """``flexna show`` draws an STA entry in STA's tiled order (blocks of one tile, all full or
+    empty), byte for byte the catalogue's committed picture (it once fell back to row-major)."""
+    from importlib.resources import files
+
+    from flexna.tools.cli import main
+
+    out = tmp_path / f"{name}.png"
+    assert main(["show", name, "--out", str(out)]) == 0
+    committed = files("flexna.tools.masks") / f"{name}.png"  # the catalogue as installed
+    assert out.read_bytes() == committed.read_bytes()

@@ -462,6 +462,9 @@ def _cmd_show(args: argparse.Namespace, parser: argparse.ArgumentParser, passed:
     if args.curve is not None:
         file_name += f"-{args.curve}"
     out = _output_path(args.out, file_name, args.force)
+    sta_tile = getattr(pattern, "tile", None)  # STA is defined on its tiles: drawn in its own tiled order
+    if q_tile is None and kv_tile is None and args.curve is None and sta_tile:
+        q_tile = kv_tile = tuple(sta_tile)
     adaptive = entry.adaptive if entry is not None else None
     stats = block_stats(pattern, q_tile, kv_tile, block_size, args.curve, adaptive=adaptive,
                         head_dim=entry.head_dim if entry is not None else 64)
