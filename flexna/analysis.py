@@ -7,9 +7,11 @@ the mask_mod's per-element cost. The cost model is therefore
     cost = (q_block * kv_block / 128**2) * (full + alpha * partial)
 
 in units of one dense 128 x 128 block, with ``alpha`` the relative price of a
-partial block (measured ~1.4 for 2-D and ~1.8 for 3-D table mask_mods on
-Hopper; see ``benchmarks/results``). Dense attention costs ``(N / 128)**2``
-such units, so ``predicted_speedup = dense / cost``.
+partial block, per kernel backend (:data:`PARTIAL_COST`). Dense attention costs
+``(N / 128)**2`` such units, so ``predicted_speedup = dense / cost`` (over dense
+Flex on the same backend). Each backend also has its own block sizes
+(:func:`flexna.backends.block_sizes`: FLASH on Blackwell runs 256-token query
+blocks), so the tile search ranks candidates for the backend a call will use.
 
 For tiled orders with one tile per block the block counts factorise over
 axes (:func:`flexna.blocksparsity.axis_tile_tables`), so a search over
@@ -30,10 +32,29 @@ from flexna.layout import TokenLayout
 from flexna.pattern import NAPattern, fmt_dims
 from flexna.spec import DEFAULT_BLOCK, MaskSpec
 
+# Relative price of a partial block (a full block's price plus the mask_mod's) per backend
+# and axis count, fit to the same-run fp16 and bf16 kernels of the NA rows (partial blocks)
+# against the GNA rows (all full) of benchmarks/results/flash-backend-NVIDIA-H200-2026-12-02.md:
+# Triton 1.18-1.21 (2-D), 1.21-1.25 (3-D); FLASH 1.26-1.41 (2-D), 1.34-1.38 (3-D). 1-D rows are
+# host-bound there, so 1-D takes the 2-D price.
+PARTIAL_COST: dict[str, dict[int, float]] = {
+    "triton": {1: 1.2, 2: 1.2, 3: 1.23},
+    "flash": {1: 1.33, 2: 1.33, 3: 1.36},
+}
+COST_BACKENDS = tuple(PARTIAL_COST)
 
-def partial_cost(ndim: int) -> float:
-    """Relative price ``alpha`` of a partial block (one table lookup pair per axis)."""
-    return 1.0 + 0.25 * ndim
+
+def _check_cost_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in PARTIAL_COST:
+        raise ValueError(f"backend = {backend!r} is out of range: the cost model knows "
+                         f"{', '.join(map(repr, COST_BACKENDS))} (resolve 'auto' first with "
+                         "flexna.backends.resolve_backend)")
+    return backend
+
+
+def partial_cost(ndim: int, backend: str = "triton") -> float:
+    """Relative price ``alpha`` of a partial block on ``backend`` (``"triton"`` or ``"flash"``)."""
+    return PARTIAL_COST[_check_cost_backend(backend)][min(max(ndim, 1), 3)]
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class Analysis:
     partial_blocks: int
     total_blocks: int
     curve: str | None = None  # a space-filling curve order (both sides) instead of tiles
+    backend: str = "triton"  # the kernel backend whose cost model prices the blocks
 
     @property
     def density(self) -> float:
@@ -66,11 +88,11 @@ class Analysis:
     def cost(self) -> float:
         """Predicted kernel cost in dense 128 x 128 block units."""
         scale = self.q_block * self.kv_block / DEFAULT_BLOCK**2
-        return scale * (self.full_blocks + partial_cost(self.pattern.ndim) * self.partial_blocks)
+        return scale * (self.full_blocks + partial_cost(self.pattern.ndim, self.backend) * self.partial_blocks)
 
     @property
     def predicted_speedup(self) -> float:
-        """Predicted speed-up of the kernel over dense (unmasked) Flex attention."""
+        """Predicted speed-up of the kernel over dense (unmasked) Flex attention on its backend."""
         dense = (self.pattern.num_tokens / DEFAULT_BLOCK) ** 2
         return dense / max(self.cost, 1e-9)
 
@@ -81,7 +103,7 @@ class Analysis:
             tiles = f"{self.curve} order"
         return (f"{tiles}, blocks {self.q_block}x{self.kv_block}: {self.full_blocks} full, "
                 f"{self.partial_blocks} partial, {self.empty_blocks} empty; predicted "
-                f"{self.predicted_speedup:.2f}x over dense Flex (FLOP-wise limit "
+                f"{self.predicted_speedup:.2f}x over dense Flex on {self.backend} (FLOP-wise limit "
                 f"{self.flop_limit:.2f}x)")
 
 
@@ -91,27 +113,38 @@ def analyze(
     kv_tile: int | Sequence[int] | None = None,
     block_size: int | Sequence[int] | None = None,
     curve: str | None = None,
+    backend: str = "triton",
 ) -> Analysis:
     """Density, FLOP-wise limit, block counts and predicted speed-up of ``pattern``.
 
     ``curve``: ``"hilbert"`` or ``"morton"`` order on both sides instead of tiles (the same
-    cost model; block counts from the per-token block maps)."""
+    cost model; block counts from the per-token block maps). ``backend``: the kernel backend
+    whose cost model prices the blocks (``"triton"`` or ``"flash"``); pass its block sizes as
+    ``block_size`` where they differ (``flexna.backends.block_sizes("flash", device)`` on
+    Blackwell).
+
+    Example::
+
+        a = flexna.analyze(NAPattern.create((256, 256), 80, 16), (8, 16), (8, 16), backend="flash")
+        print(a.summary())  # 25600 full blocks, 0 partial; predicted speed-up over dense
+    """
+    _check_cost_backend(backend)
     spec = MaskSpec.create(pattern, q_tile=q_tile, kv_tile=kv_tile, block_size=block_size,
                            q_curve=curve, kv_curve=curve)
     if curve is not None:
         partial, full_map = spec_maps(spec)
         return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block,
-                        int(full_map.sum()), int(partial.sum()), partial[0].size, curve)
+                        int(full_map.sum()), int(partial.sum()), partial[0].size, curve, backend)
     one_box = [block_as_tile(pattern.shape, t if pattern.ndim > 1 else (b,), b // math.prod(t) if
                              pattern.ndim > 1 else 1)
                for t, b in ((spec.q_tile, spec.q_block), (spec.kv_tile, spec.kv_block))]
     if one_box[0] is not None and one_box[1] is not None and pattern.separable:  # counts factorise
         some, full, total = _factorised_counts(pattern, one_box[0], one_box[1], {})
         return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block, full,
-                        some - full, total)
+                        some - full, total, backend=backend)
     partial, full_map = spec_maps(spec)  # cached: the functional API's mask reuses them
     return Analysis(pattern, spec.q_tile, spec.kv_tile, spec.q_block, spec.kv_block,
-                    int(full_map.sum()), int(partial.sum()), partial[0].size)
+                    int(full_map.sum()), int(partial.sum()), partial[0].size, backend=backend)
 
 
 def compare_orders(pattern: NAPattern, block_size: int = DEFAULT_BLOCK) -> list[Analysis]:
@@ -158,11 +191,12 @@ def _tile_shapes(shape: tuple[int, ...], tokens: int, padding: bool = True) -> l
 
 def search_tiles(
     pattern: NAPattern,
-    q_tokens: Sequence[int] = (128,),
-    kv_tokens: Sequence[int] = (128, 64),
+    q_tokens: Sequence[int] | None = None,
+    kv_tokens: Sequence[int] | None = None,
     top: int = 5,
     same_tile: bool = False,
     padding: bool = True,
+    backend: str = "triton",
 ) -> list[Analysis]:
     """Tile pairs (one tile per block) ranked by predicted cost, best first.
 
@@ -175,7 +209,22 @@ def search_tiles(
     tiles that divide the layout (the tiled sequence is as long as the row-major one). A rule
     that is not separable per axis has no per-axis counts: its candidates are one tile for both
     sides, each counted exactly from its block maps (seconds on video-sized layouts).
+
+    ``backend``: the kernel backend the tiles are for (``"triton"`` or ``"flash"``): its cost
+    model ranks them, and its block sizes are the default candidates (Triton: 128-token query
+    tiles and 128- or 64-token key tiles; FLASH: 128 x 128; pass
+    ``q_tokens=(256,), kv_tokens=(128,)`` for FLASH on Blackwell, whose query blocks are 256).
+
+    Example::
+
+        best = flexna.search_tiles(NAPattern.create((30, 48, 80), (18, 24, 24)), backend="flash", top=1)[0]
+        best.q_tile, best.kv_tile  # (8, 4, 4), (4, 8, 4)
     """
+    _check_cost_backend(backend)
+    if q_tokens is None:
+        q_tokens = (DEFAULT_BLOCK,)
+    if kv_tokens is None:  # FLASH's key blocks are 128 tokens; Triton also runs 64
+        kv_tokens = (DEFAULT_BLOCK,) if backend == "flash" else (DEFAULT_BLOCK, DEFAULT_BLOCK // 2)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top = {top!r} is out of range: need an int >= 1")
     if not isinstance(padding, bool):
@@ -188,10 +237,11 @@ def search_tiles(
                 if (same_tile or not pattern.separable) and kv_tile != q_tile:
                     continue
                 if not pattern.separable:
-                    results.append(analyze(pattern, q_tile, kv_tile))
+                    results.append(analyze(pattern, q_tile, kv_tile, (qn, kn), backend=backend))
                     continue
                 some, full, total = _factorised_counts(pattern, q_tile, kv_tile, memo)
-                results.append(Analysis(pattern, q_tile, kv_tile, qn, kn, full, some - full, total))
+                results.append(Analysis(pattern, q_tile, kv_tile, qn, kn, full, some - full, total,
+                                        backend=backend))
     results.sort(key=lambda r: (round(r.cost, 6), r.partial_blocks,
                                 math.prod(padded_shape(pattern.shape, r.q_tile))))
     return results[:top]
@@ -208,13 +258,15 @@ def best_tiles(pattern: NAPattern) -> tuple[tuple[int, ...], tuple[int, ...]]:
 TILED_MARGIN = 0.85
 
 
-@functools.lru_cache(maxsize=256)
-def choose_tiles(pattern: NAPattern, same_tile: bool = False, padding: bool = False
+def choose_tiles(pattern: NAPattern, same_tile: bool = False, padding: bool = False,
+                 backend: str = "triton", block_size: Sequence[int] | None = None
                  ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Tiles (q, kv) flexna runs ``pattern`` in, or ``None`` for row-major order.
 
-    128-token tiles (the kernels' default block) from :func:`search_tiles`, chosen
-    when their predicted cost is below ``TILED_MARGIN`` x row-major's (1-D layouts
+    Tiles of one block each (``block_size``, ``(q, kv)`` tokens; ``None``: 128 x 128, the
+    kernels' block on Hopper) from :func:`search_tiles`, ranked by ``backend``'s cost model
+    (``"triton"`` or ``"flash"``; the functional API passes the backend and blocks a call runs
+    on), chosen when their predicted cost is below ``TILED_MARGIN`` x row-major's (1-D layouts
     are always row-major: a 1-D tile is a block already). Only tiles that divide the
     layout are candidates (``padding=False``): the sequence then has the layout's token
     count whatever the pattern, so ``tiles="auto"`` never changes the tensor shapes of a
@@ -224,13 +276,29 @@ def choose_tiles(pattern: NAPattern, same_tile: bool = False, padding: bool = Fa
     tiles that pad the layout (for callers that fix their tiles once per model and shape, such
     as the diffusers integration: on Wan's 21 x 45 x 80 grid no 128-token tile divides, and
     padded tiles are predicted 3.7x faster than row-major for its GNA windows). Cached per
-    pattern.
+    pattern, backend and blocks.
+
+    Example::
+
+        flexna.choose_tiles(NAPattern.create((256, 256), 80))  # ((8, 16), (16, 8))
     """
-    if pattern.ndim == 1 or pattern.num_tokens <= DEFAULT_BLOCK:
+    _check_cost_backend(backend)
+    blocks = (DEFAULT_BLOCK, DEFAULT_BLOCK) if block_size is None else tuple(int(b) for b in block_size)
+    if len(blocks) != 2 or any(b < 1 or b & (b - 1) for b in blocks):
+        raise ValueError(f"block_size = {block_size!r} is out of range: need (q, kv) powers of two")
+    return _choose_tiles(pattern, same_tile, padding, backend, blocks)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_tiles(pattern: NAPattern, same_tile: bool, padding: bool, backend: str,
+                  blocks: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    if pattern.ndim == 1 or pattern.num_tokens <= max(blocks):
         return None
-    best = search_tiles(pattern, q_tokens=(DEFAULT_BLOCK,), kv_tokens=(DEFAULT_BLOCK,), top=1,
-                        same_tile=same_tile, padding=padding)
-    if not best or best[0].cost >= TILED_MARGIN * analyze(pattern).cost:
+    best = search_tiles(pattern, q_tokens=(blocks[0],), kv_tokens=(blocks[1],), top=1,
+                        same_tile=same_tile, padding=padding,
+                        backend=backend)
+    row_major = analyze(pattern, block_size=blocks, backend=backend)
+    if not best or best[0].cost >= TILED_MARGIN * row_major.cost:
         return None
     return best[0].q_tile, best[0].kv_tile
 
@@ -248,6 +316,7 @@ def choose_layout(shape: Sequence[int], kernel_size: int | Sequence[int], stride
 
 
 __all__ = [
+    "PARTIAL_COST",
     "Analysis",
     "analyze",
     "best_tiles",

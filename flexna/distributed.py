@@ -280,7 +280,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: NAPatter
     kv_region = _rows_region(pattern.shape, axis, kv_rows)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     spec, chosen = choose_backend(
-        lambda block: _region_spec(pattern, q_region, kv_region, q_tile, kv_tile, block),
+        lambda block, _chosen: _region_spec(pattern, q_region, kv_region, q_tile, kv_tile, block),
         backend, q.device, grads, q.shape[0], q.shape[-2])
     mask = spec_block_mask(spec, q.device)
     kwargs: dict[str, Any] = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}

@@ -127,9 +127,11 @@ def _check_extra(name: str, t: TensorMeta | None, batch: int, heads: int, dim: i
 Tiles = str | None | Sequence[int] | tuple[Sequence[int], Sequence[int]]
 
 
-def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod: bool
+def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod: bool,
+                  backend: str = "triton", block_size: tuple[int, int] | None = None
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(q_tile, kv_tile)`` a call runs in (all ones: row-major); see ``tiles``."""
+    """``(q_tile, kv_tile)`` a call runs in (all ones: row-major); see ``tiles``. ``"auto"``
+    ranks tiles for the kernel ``backend`` and its ``block_size`` (``None``: 128 x 128)."""
     shape = patterns[0].shape
     row_major = ((1,) * len(shape),) * 2
     if tiles is None or tiles == "row-major":
@@ -140,7 +142,7 @@ def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod:
                              f"got {tiles!r}")
         if len(set(patterns)) > 1 or user_score_mod:
             return row_major  # type: ignore[return-value]
-        return choose_tiles(patterns[0]) or row_major  # type: ignore[return-value]
+        return choose_tiles(patterns[0], backend=backend, block_size=block_size) or row_major  # type: ignore[return-value]
     pair = (isinstance(tiles, Sequence) and len(tiles) == 2
             and all(isinstance(t, Sequence) for t in tiles))
     q_tile, kv_tile = tiles if pair else (tiles, tiles)
@@ -277,14 +279,14 @@ def _block_pairs(spec: MaskSpec, batch: int, heads: int) -> tuple[int, float]:
     return (n_partial + n_full) * per_call, n_partial / max(1, n_partial + n_full)
 
 
-def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], backend: str,
+def choose_backend(make_spec: Callable[[tuple[int, int] | None, str], MaskSpec], backend: str,
                    device: torch.device, grads: bool, batch: int, heads: int,
                    score_mod: bool = False, captured_grads: bool = False) -> tuple[MaskSpec, str]:
     """The spec and kernel backend of a call (see :func:`flexna.backends.resolve_backend`).
 
-    ``make_spec(block_size)`` builds the call's spec for a backend's block sizes (``None``: the
-    spec's defaults). A user score_mod with gradients enabled counts as differentiated through
-    captured tensors (it may capture trainable ones, which FLASH's backward rejects);
+    ``make_spec(block_size, backend)`` builds the call's spec for a backend's block sizes
+    (``None``: the spec's defaults) and cost model (tiles ranked for it). A user score_mod with
+    gradients enabled counts as differentiated through captured tensors (it may capture trainable ones, which FLASH's backward rejects);
     ``captured_grads``: flexna's own captured tensor (the rpb table) requires grad.
     """
     if captured_grads and backend == "flash" and grads:
@@ -295,17 +297,17 @@ def choose_backend(make_spec: Callable[[tuple[int, int] | None], MaskSpec], back
         grads = captured_grads = True
     chosen = resolve_backend(backend, device, grads=grads, captured_grads=captured_grads)
     try:
-        spec = make_spec(block_sizes(chosen, device) if chosen == "flash" else None)
+        spec = make_spec(block_sizes(chosen, device) if chosen == "flash" else None, chosen)
     except BackendError:
         if backend != "auto":
             raise
-        chosen, spec = "triton", make_spec(None)
+        chosen, spec = "triton", make_spec(None, "triton")
     if chosen == "flash" and backend == "auto":
         pairs, share = _block_pairs(spec, batch, heads)
         chosen = resolve_backend(backend, device, grads=grads, captured_grads=captured_grads,
                                  block_pairs=pairs, partial_share=share)
-        if chosen != "flash" and block_sizes("flash", device) != block_sizes(chosen, device):
-            spec = make_spec(None)
+        if chosen != "flash":  # Triton's blocks and cost model (its tiles may differ)
+            spec = make_spec(None, chosen)
     return spec, chosen
 
 
@@ -487,14 +489,16 @@ def _na_plan(signature: tuple) -> CallPlan:
         check_rpb(rpb, patterns, heads, device=query.device)
     # limits first (int32 token counts, the mask limit): choosing tiles analyses the row-major mask
     check_mask_limit(MaskSpec.create(patterns, num_extra_q=extra_q, num_extra_kv=extra_kv))
-    q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod)
     grads = grad and (has_score_mod or any(t is not None and t.requires_grad
                                            for t in (query, key, value, ak, av, aq, rpb)))
-    spec, backend = choose_backend(lambda block: MaskSpec.create(
-        patterns, q_tile=q_tile, kv_tile=kv_tile, block_size=block, num_extra_q=extra_q,
-        num_extra_kv=extra_kv), options[3], query.device, grads, batch, heads, options[2] is not None,
-        grads and rpb is not None and rpb.requires_grad)
-    return _make_plan(spec, TokenLayout(shape, q_tile), TokenLayout(shape, kv_tile), query.device,
+    def make_spec(block: tuple[int, int] | None, chosen: str) -> MaskSpec:
+        q_tile, kv_tile = resolve_tiles(tiles, patterns, has_score_mod, chosen, block)
+        return MaskSpec.create(patterns, q_tile=q_tile, kv_tile=kv_tile, block_size=block,
+                               num_extra_q=extra_q, num_extra_kv=extra_kv)
+
+    spec, backend = choose_backend(make_spec, options[3], query.device, grads, batch, heads,
+                                   options[2] is not None, grads and rpb is not None and rpb.requires_grad)
+    return _make_plan(spec, TokenLayout(shape, spec.q_tile), TokenLayout(shape, spec.kv_tile), query.device,
                       rpb is not None, query.device.type == "cpu" and (return_lse or grads), backend)
 
 
@@ -589,7 +593,7 @@ def _tiled_plan(signature: tuple) -> CallPlan:
         check_rpb(rpb, patterns, heads, device=query.device)
     grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
                                                     for t in (query, key, value, ak, av, rpb)))
-    spec, backend = choose_backend(lambda block: MaskSpec.create(
+    spec, backend = choose_backend(lambda block, _chosen: MaskSpec.create(
         patterns, q_tile=layout.tile, kv_tile=layout.tile, block_size=block, num_extra_q=joint,
         num_extra_kv=joint + extra_kv),
         options[3], query.device, grads, batch, heads, options[2] is not None,
@@ -694,7 +698,7 @@ def _packed_plan(signature: tuple) -> CallPlan:
     grads = grad and (options[2] is not None or any(t is not None and t.requires_grad
                                                     for t in (query, key, value, rpb)))
 
-    def make_spec(blocks: tuple[int, int] | None) -> MaskSpec:
+    def make_spec(blocks: tuple[int, int] | None, _chosen: str) -> MaskSpec:
         if blocks is not None and block % blocks[0]:
             raise BackendError(f"backend='flash' on this GPU runs {blocks[0]}-token query blocks; "
                                f"block_size = {block} is not a multiple: use block_size={blocks[0]}")

@@ -234,8 +234,8 @@ class NACache:
         if hit is not None:
             self._masks.move_to_end(key)
             return hit
-        spec, chosen = choose_backend(lambda block: self._spec(t0, t1, b, width, block), self.backend, dev,
-                                      grads, batch, heads)
+        spec, chosen = choose_backend(lambda block, _chosen: self._spec(t0, t1, b, width, block),
+                                      self.backend, dev, grads, batch, heads)
         entry = (build_block_mask(spec, dev), chosen)
         self._masks[key] = entry
         if len(self._masks) > MASK_CACHE_SIZE:
@@ -373,8 +373,9 @@ class StaticStep(torch.nn.Module):
             size = (k_chunk.shape[0], cap, *cache.frame_shape)
             cache._k = k_chunk.new_zeros((*size, *k_chunk.shape[-2:]))
             cache._v = v_chunk.new_zeros((*size, *v_chunk.shape[-2:]))
-        spec, chosen = choose_backend(lambda block: cache._spec(cap, cap + frames, 0, cap + frames, block),
-                                      cache.backend, dev, False, q_chunk.shape[0], q_chunk.shape[-2])
+        spec, chosen = choose_backend(
+            lambda block, _chosen: cache._spec(cap, cap + frames, 0, cap + frames, block), cache.backend,
+            dev, False, q_chunk.shape[0], q_chunk.shape[-2])
         partial, full = spec_maps(spec)
         ring_blocks = -(-cap * tpf // spec.kv_block)  # key blocks holding ring frames (may not exist yet)
         partial, full = partial.copy(), full.copy()

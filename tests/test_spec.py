@@ -123,7 +123,7 @@ def test_first_functional_call_builds_each_block_map_once(monkeypatch: pytest.Mo
     real = bs.order_block_maps
     monkeypatch.setattr(bs, "order_block_maps", lambda *a, **k: calls.append(a[1:5]) or real(*a, **k))
     flexna.clear_cache()
-    flexna.choose_tiles.cache_clear()
+    flexna.analysis._choose_tiles.cache_clear()
     x = torch.randn(1, 40, 36, 1, 16)
     with torch.no_grad():
         flexna.na2d(x, x, x, 7)  # analysis (row-major cost) and the real mask
