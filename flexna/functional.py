@@ -286,8 +286,9 @@ def choose_backend(make_spec: Callable[[tuple[int, int] | None, str], MaskSpec],
 
     ``make_spec(block_size, backend)`` builds the call's spec for a backend's block sizes
     (``None``: the spec's defaults) and cost model (tiles ranked for it). A user score_mod with
-    gradients enabled counts as differentiated through captured tensors (it may capture trainable ones, which FLASH's backward rejects);
-    ``captured_grads``: flexna's own captured tensor (the rpb table) requires grad.
+    gradients enabled counts as differentiated through captured tensors (it may capture
+    trainable ones, which FLASH's backward rejects); ``captured_grads``: flexna's own captured
+    tensor (the rpb table) requires grad.
     """
     if captured_grads and backend == "flash" and grads:
         raise BackendError("backend='flash': FLASH's backward cannot differentiate tensors a score_mod "
