@@ -30,7 +30,7 @@ from flexna.blocksparsity import axis_tile_tables, block_as_tile, spec_maps
 from flexna.geometry import padded_shape
 from flexna.layout import TokenLayout
 from flexna.pattern import NAPattern, fmt_dims
-from flexna.spec import DEFAULT_BLOCK, MaskSpec
+from flexna.spec import DEFAULT_BLOCK, MaskSpec, resolve_block_sizes
 
 # Relative price of a partial block (a full block's price plus the mask_mod's) per backend
 # and axis count, fit to the same-run fp16 and bf16 kernels of the NA rows (partial blocks)
@@ -41,14 +41,14 @@ PARTIAL_COST: dict[str, dict[int, float]] = {
     "triton": {1: 1.2, 2: 1.2, 3: 1.23},
     "flash": {1: 1.33, 2: 1.33, 3: 1.36},
 }
-COST_BACKENDS = tuple(PARTIAL_COST)
 
 
 def _check_cost_backend(backend: object) -> str:
+    """``backend`` if the cost model prices it: one kernel backend (this pure stage does not
+    import :mod:`flexna.backends`, which reaches FlexAttention)."""
     if not isinstance(backend, str) or backend not in PARTIAL_COST:
-        raise ValueError(f"backend = {backend!r} is out of range: the cost model knows "
-                         f"{', '.join(map(repr, COST_BACKENDS))} (resolve 'auto' first with "
-                         "flexna.backends.resolve_backend)")
+        raise ValueError(f"backend = {backend!r} is out of range: the cost model prices 'triton' or "
+                         "'flash' (resolve 'auto' first with flexna.backends.resolve_backend)")
     return backend
 
 
@@ -283,20 +283,17 @@ def choose_tiles(pattern: NAPattern, same_tile: bool = False, padding: bool = Fa
         flexna.choose_tiles(NAPattern.create((256, 256), 80))  # ((8, 16), (16, 8))
     """
     _check_cost_backend(backend)
-    blocks = (DEFAULT_BLOCK, DEFAULT_BLOCK) if block_size is None else tuple(int(b) for b in block_size)
-    if len(blocks) != 2 or any(b < 1 or b & (b - 1) for b in blocks):
-        raise ValueError(f"block_size = {block_size!r} is out of range: need (q, kv) powers of two")
-    return _choose_tiles(pattern, same_tile, padding, backend, blocks)
+    ones = (1,) * pattern.ndim
+    return _choose_tiles(pattern, same_tile, padding, backend, resolve_block_sizes(block_size, ones, ones))
 
 
 @functools.lru_cache(maxsize=256)
 def _choose_tiles(pattern: NAPattern, same_tile: bool, padding: bool, backend: str,
-                  blocks: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+                  blocks: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     if pattern.ndim == 1 or pattern.num_tokens <= max(blocks):
         return None
     best = search_tiles(pattern, q_tokens=(blocks[0],), kv_tokens=(blocks[1],), top=1,
-                        same_tile=same_tile, padding=padding,
-                        backend=backend)
+                        same_tile=same_tile, padding=padding, backend=backend)
     row_major = analyze(pattern, block_size=blocks, backend=backend)
     if not best or best[0].cost >= TILED_MARGIN * row_major.cost:
         return None

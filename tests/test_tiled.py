@@ -8,13 +8,14 @@ index rule); token orders from tests/helpers.tiled_order (written from the docum
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
 import pytest
 import torch
 from ext_reference import attention64, rpb_dense
-from helpers import tiled_order
+from helpers import axis_ok, permuted_mask, tiled_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import Config, configs
@@ -325,3 +326,49 @@ def test_joint_sequence_validation() -> None:
         flexna.tiled_neighborhood_attention(x[:, :-1], x[:, :-1], x[:, :-1], layout, 3, num_extra_tokens=4)
     with pytest.raises(ValueError, match=r"num_extra_tokens = -1 is out of range"):
         flexna.tiled_neighborhood_attention(x, x, x, layout, 3, num_extra_tokens=-1)
+
+
+def _brute_cost(shape, k, s, q_tile, kv_tile, blocks, alpha) -> float:
+    """Predicted cost of one tile pair from the definition: the dense mask (per-axis rule) in
+    the tiled orders, each (q, kv) block counted full or partial, priced as the cost model says."""
+    coords = list(itertools.product(*map(range, shape)))
+    ref = torch.tensor([[all(axis_ok(x, y, n, k, s, 1, False) for x, y, n in zip(qc, kc, shape, strict=True))
+                         for kc in coords] for qc in coords])
+    m = permuted_mask(ref, shape, q_tile, kv_tile)
+    bq, bk = blocks
+    tiles = m.reshape(m.shape[0] // bq, bq, m.shape[1] // bk, bk).transpose(1, 2).flatten(2)
+    full = int(tiles.all(-1).sum())
+    partial = int(tiles.any(-1).sum()) - full
+    return bq * bk / 128**2 * (full + alpha * partial)
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash"])
+@pytest.mark.parametrize("blocks", [(128, 128), (256, 128)])  # Hopper; FLASH on Blackwell
+def test_tile_search_ranks_for_the_backend_and_its_blocks(backend, blocks) -> None:
+    """search_tiles / choose_tiles per backend: candidates hold the backend's block sizes, and
+    the best one is the cheapest of all dividing tile pairs by a brute-force count."""
+    shape, k, s = (32, 32), 7, 2
+    p = NAPattern.create(shape, k, s)
+    alpha = flexna.analysis.PARTIAL_COST[backend][2]
+    ranked = search_tiles(p, q_tokens=(blocks[0],), kv_tokens=(blocks[1],), top=100, padding=False,
+                          backend=backend)
+    assert ranked and all(math.prod(r.q_tile) == blocks[0] and math.prod(r.kv_tile) == blocks[1]
+                          and r.backend == backend for r in ranked)
+    want = {(r.q_tile, r.kv_tile): _brute_cost(shape, k, s, r.q_tile, r.kv_tile, blocks, alpha)
+            for r in ranked}
+    for r in ranked:
+        assert r.cost == pytest.approx(want[(r.q_tile, r.kv_tile)])
+    assert ranked[0].cost == pytest.approx(min(want.values()))
+    chosen = choose_tiles(p, backend=backend, block_size=blocks)
+    assert chosen is None or (chosen == (ranked[0].q_tile, ranked[0].kv_tile))
+    defaults = search_tiles(p, top=100, backend=backend)  # FLASH's key blocks are 128 tokens only
+    assert {r.kv_block for r in defaults} == ({128} if backend == "flash" else {128, 64})
+
+
+@pytest.mark.parametrize("fn", [lambda p, b: flexna.analyze(p, backend=b),
+                                lambda p, b: search_tiles(p, backend=b),
+                                lambda p, b: choose_tiles(p, backend=b)])
+@pytest.mark.parametrize("bad", ["auto", "cuda", 3])
+def test_cost_model_backend_validation(fn, bad) -> None:
+    with pytest.raises(ValueError, match=f"backend = {bad!r} is out of range"):
+        fn(NAPattern.create((32, 32), 7), bad)
