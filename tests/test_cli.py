@@ -289,3 +289,43 @@ def test_png_round_trip():
         encode_png(image.astype(np.float32))
     with pytest.raises(ValueError, match="height, width, 3"):
         encode_png(image[..., :2])
+
+
+@pytest.mark.parametrize("backend, block", [("triton", None), ("flash", None), ("flash", (256, 128))])
+def test_analyze_ranks_tiles_for_the_backend(capsys, backend, block):
+    """`--backend` prices partial blocks with that kernel's cost and searches its block sizes:
+    every suggested tile pair has one tile per block of that backend (FLASH: 128-token key
+    tiles; with --block-size, those sizes), its block counts are those na_block_mask builds
+    with those blocks, and the predicted speed-up is dense blocks over full + alpha * partial
+    with the backend's alpha."""
+    shape, kernel, stride = (96, 64), (24, 16), (8, 8)
+    argv = ["analyze", "--shape", *map(str, shape), "--kernel", *map(str, kernel),
+            "--stride", *map(str, stride), "--backend", backend, "--top", "4"]
+    if block is not None:
+        argv += ["--block-size", *map(str, block)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"cost model: {backend} backend" in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("suggested tiles"))
+    suggestions = lines[start + 1:]
+    tiles = [line.split() for line in suggestions if line.strip().startswith("--q-tile")]
+    assert len(tiles) == 4
+    alpha = {"triton": 1.2, "flash": 1.33}[backend]
+    q_block, kv_block = block or (128, 128 if backend == "flash" else None)
+    dense = (math.prod(shape) / 128) ** 2
+    for words, summary in zip(tiles, [s for s in suggestions if "predicted" in s], strict=True):
+        q_tile = tuple(map(int, words[1:3]))
+        kv_tile = tuple(map(int, words[4:6]))
+        assert math.prod(q_tile) == q_block
+        if kv_block is not None:
+            assert math.prod(kv_tile) == kv_block
+        else:
+            assert math.prod(kv_tile) in (128, 64)
+        kb = math.prod(kv_tile)
+        bm = flexna.na_block_mask(shape, kernel, stride, q_tile=q_tile, kv_tile=kv_tile,
+                                  block_size=(q_block, kb))
+        full, partial = int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum())
+        assert f"{full} full, {partial} partial" in summary
+        speedup = dense / (q_block * kb / 128**2 * (full + alpha * partial))
+        assert f"predicted {speedup:.2f}x over dense Flex on {backend}" in summary

@@ -72,10 +72,14 @@ examples:
   flexna analyze nat-7x7
   flexna analyze hunyuan-gna --q-tile 2 8 8 --kv-tile 2 8 8
   flexna analyze --shape 32768 --kernel 2048 --stride 256
+  flexna analyze flux-gna --backend flash
+  flexna analyze hunyuan-gna --backend flash --block-size 256 128   (FLASH on Blackwell)
 
 Prints the density (fraction of query-key pairs attended), the FLOP-wise speed-up limit
 over dense attention (1 / density), the full / partial / empty blocks of the BlockMask
 in row-major order with 128-token blocks and for the given tiles, and suggested tiles.
+--backend picks the kernel whose cost model prices partial blocks (Triton's or FLASH's) and
+ranks the tiles; a call with backend="auto" uses FLASH where it is installed and faster.
 """
 
 EPILOG_VERIFY = """\
@@ -215,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pattern_args(analyze)
     analyze.add_argument("--top", type=_positive, default=3, metavar="K",
                          help="number of suggested tile pairs to print (default 3)")
+    analyze.add_argument("--backend", choices=("triton", "flash"), default="triton",
+                         help="kernel backend whose cost model prices the blocks and ranks the "
+                         "tiles (default triton); with --block-size, the tile search uses those "
+                         "block sizes (e.g. flash on Blackwell: --block-size 256 128)")
 
     verify = sub.add_parser(
         "verify", help="fuzz-check flexna on this machine against the brute-force reference",
@@ -505,15 +513,24 @@ def _cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser, pass
     orders = [(None, None, None, None)]
     if q_tile is not None or kv_tile is not None or block_size is not None or args.curve is not None:
         orders.append((q_tile, kv_tile, block_size, args.curve))
-    print("BlockMask blocks:")
+    backend = args.backend
+    print(f"BlockMask blocks (cost model: {backend} backend):")
     for qt, kt, bs, curve in orders:
-        print(f"  {flexna.analyze(pattern, qt, kt, bs, curve=curve).summary()}")
+        print(f"  {flexna.analyze(pattern, qt, kt, bs, curve=curve, backend=backend).summary()}")
     if pattern.ndim > 1 and pattern.separable:
         print("space-filling curve orders (flexna.CurveOrder, 128-token blocks):")
         for curve in ("hilbert", "morton"):
-            print(f"  {flexna.analyze(pattern, curve=curve).summary()}")
-    print(f"suggested tiles (flexna.search_tiles, best {args.top} by predicted cost):")
-    for result in flexna.search_tiles(pattern, top=args.top):
+            print(f"  {flexna.analyze(pattern, curve=curve, backend=backend).summary()}")
+    q_tokens = kv_tokens = None  # the backend's block sizes
+    if args.block_size is not None:  # the tile search's candidates have one tile per block
+        q_block, kv_block = (args.block_size * 2)[:2]
+        q_tokens, kv_tokens = (q_block,), (kv_block,)
+    print(f"suggested tiles for the {backend} backend (flexna.search_tiles, best {args.top} "
+          f"by predicted cost):")
+    suggested = flexna.search_tiles(pattern, q_tokens, kv_tokens, top=args.top, backend=backend)
+    if not suggested:
+        print(f"  none: no power-of-two tiles of {q_tokens} / {kv_tokens} tokens (--block-size)")
+    for result in suggested:
         print(f"  {result.summary()}")
         print(f"    --q-tile {' '.join(map(str, result.q_tile))} "
               f"--kv-tile {' '.join(map(str, result.kv_tile))}")
