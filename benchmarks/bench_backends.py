@@ -4,15 +4,16 @@
         [--rows flux-na ...] [--out DIR] [--budget-s 500]
 
 Per catalogue row (masks/; batch 1, the row's heads and head_dim), median ms of
-``triton.testing.do_bench`` (CUDA events, after warm-up), all in one run:
+``triton.testing.do_bench`` (CUDA events, after warm-up, at least 10 repetitions), all in one run:
 
 * ``cudnn``: SDPA's cuDNN kernel, dense; ``dense_triton`` / ``dense_flash``: dense Flex (no
   mask) on each backend (forward only: dense Flex's backward autotunes for minutes);
 * ``kernel_<backend>``: flexna's compiled Flex call on inputs already in the token order
-  ``tiles="auto"`` picks, with its cached BlockMask (the call the public API makes);
+  ``tiles="auto"`` picks for that backend, with its BlockMask (the call the public API makes);
 * ``e2e_<backend>``: ``flexna.neighborhood_attention(..., backend=...)`` on NATTEN-layout
   tensors ``[1, *shape, heads, dim]`` in and out (permute, kernel, permute back; mask cached),
-  and ``e2e_auto`` with the backend "auto" chose (``auto_backend``);
+  and ``e2e_auto`` with the backend "auto" chose (``auto_backend``); three interleaved rounds
+  of (triton, flash, auto), the median round reported, every round kept in the JSON;
 * ``permute_tbps``: the token permute into tile order (bytes read + written).
 
 Writes ``backends-<gpu>-<date>-<dtype>-<fwd|fwdbwd>.json`` to ``--out`` after every
@@ -41,14 +42,15 @@ from flexna.flex import call_compiled, cuda_kernel_options
 from flexna.layout import TokenLayout
 from flexna.tools.catalogue import load_entry
 
+ROUNDS = 3
 ROWS = ["long-1d", "long-1d-s256", "long-1d-blocked", "flux-na", "flux-gna", "hunyuan-na", "hunyuan-gna"]
 
 
 def bench(fn, backward: bool, grads=()) -> float:
+    """Median ms of ``fn`` (with ``backward``: forward and backward) by ``do_bench``, with at
+    least 10 timed repetitions however long one call takes (a fixed 100 ms of repetitions
+    would time a 50 ms call twice)."""
     from triton.testing import do_bench
-
-    if not backward:
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     def step():
         for t in grads:
@@ -56,7 +58,16 @@ def bench(fn, backward: bool, grads=()) -> float:
         out = fn()
         out.backward(torch.ones_like(out))
 
-    return do_bench(step, warmup=25, rep=100, return_mode="median")
+    call = step if backward else fn
+    call()  # compile / autotune outside the estimate
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    one = start.elapsed_time(end)
+    return do_bench(call, warmup=max(25.0, 3 * one), rep=max(100.0, 10 * one), return_mode="median")
 
 
 def versions() -> dict:
@@ -101,36 +112,50 @@ def run_row(name: str, dtype: torch.dtype, backward: bool, save) -> dict:
         if flash_ok:
             measure("dense_flash", lambda: cflex(*dense, kernel_options={"BACKEND": "FLASH"}))
 
-    tiles = choose_tiles(p)
-    row["tiles"] = "row-major" if tiles is None else "/".join("x".join(map(str, t)) for t in tiles)
-    q_tile, kv_tile = tiles if tiles is not None else ((1,) * p.ndim,) * 2
-    ql, kl = TokenLayout.create(p.shape, q_tile), TokenLayout.create(p.shape, kv_tile)
-    bm = flexna.na_block_mask(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile=q_tile,
-                              kv_tile=kv_tile, device="cuda")
-    row["blocks"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
-    seq = [lay.heads_first(t.detach()).requires_grad_(backward)
-           for lay, t in zip((ql, kl, kl), natten, strict=True)]
     x = natten[0].detach()
-    ms = bench(lambda: ql.heads_first(x), False)
-    row["permute_ms"], row["permute_tbps"] = ms, 2 * x.numel() * x.element_size() / ms / 1e9
-    for b in backends:
+    for b in backends:  # each backend's kernel on the tiles "auto" ranks for it (Hopper blocks)
+        tiles = choose_tiles(p, backend=b)
+        row[f"tiles_{b}"] = "row-major" if tiles is None else "/".join("x".join(map(str, t)) for t in tiles)
+        q_tile, kv_tile = tiles if tiles is not None else ((1,) * p.ndim,) * 2
+        ql, kl = TokenLayout.create(p.shape, q_tile), TokenLayout.create(p.shape, kv_tile)
+        bm = flexna.na_block_mask(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile=q_tile,
+                                  kv_tile=kv_tile, device="cuda")
+        row[f"blocks_{b}"] = (int(bm.full_kv_num_blocks.sum()), int(bm.kv_num_blocks.sum()))
+        seq = [lay.heads_first(t.detach()).requires_grad_(backward)
+               for lay, t in zip((ql, kl, kl), natten, strict=True)]
+        if "permute_ms" not in row and tiles is not None:
+            ms = bench(lambda ql=ql: ql.heads_first(x), False)
+            row["permute_ms"], row["permute_tbps"] = ms, 2 * x.numel() * x.element_size() / ms / 1e9
         opts = {"BACKEND": "FLASH"} if b == "flash" else cuda_kernel_options(x.device)
-        measure(f"kernel_{b}", lambda opts=opts: call_compiled(*seq, block_mask=bm, kernel_options=opts),
+        measure(f"kernel_{b}", lambda opts=opts, seq=seq, bm=bm: call_compiled(*seq, block_mask=bm,
+                                                                               kernel_options=opts),
                 seq if backward else ())
-    for b in [*backends, "auto"]:
-        def e2e(b=b):
-            return flexna.neighborhood_attention(*natten, p.kernel_size, p.stride, p.dilation, p.is_causal,
-                                                 backend=b)
-        if b == "auto":
-            from flexna import plan as plans
-            from flexna.functional import _const, _options
+    row["tiles"] = row["tiles_flash" if flash_ok else "tiles_triton"]
+    row["blocks"] = row["blocks_flash" if flash_ok else "blocks_triton"]
 
-            sig = plans.tensor_signature
-            signature = ("na", *(sig(t) for t in natten), None, None, None, None,
-                         _options(None, False, None, "auto"), _const(p.kernel_size), _const(p.stride),
-                         _const(p.dilation), _const(p.is_causal), "auto", None, torch.is_grad_enabled())
-            row["auto_backend"] = plans.build(signature).backend
-        measure(f"e2e_{b}", e2e, grads)
+    from flexna import plan as plans
+    from flexna.functional import _const, _options
+
+    sig = plans.tensor_signature
+    signature = ("na", *(sig(t) for t in natten), None, None, None, None,
+                 _options(None, False, None, "auto"), _const(p.kernel_size), _const(p.stride),
+                 _const(p.dilation), _const(p.is_causal), "auto", None, torch.is_grad_enabled())
+    row["auto_backend"] = plans.build(signature).backend
+    # end to end, interleaved: ROUNDS rounds of (triton, flash, auto), the median of the rounds'
+    # medians (one pass per backend, back to back, drifted up to 11% in an earlier run)
+    rounds: dict[str, list[float]] = {}
+    for _ in range(ROUNDS):
+        for b in [*backends, "auto"]:
+            def e2e(b=b):
+                return flexna.neighborhood_attention(*natten, p.kernel_size, p.stride, p.dilation,
+                                                     p.is_causal, backend=b)
+            measure(f"e2e_{b}", e2e, grads)
+            if f"e2e_{b}" in row:
+                rounds.setdefault(b, []).append(row[f"e2e_{b}"])
+    for b, times in rounds.items():
+        row[f"e2e_{b}_rounds"] = times
+        row[f"e2e_{b}"] = sorted(times)[len(times) // 2]
+    save(row)
     torch.cuda.empty_cache()
     return row
 
@@ -145,7 +170,10 @@ def table(rows: list[dict], backward: bool) -> str:
         cells = [f"{r[c]:.3f}" if c in r else ("err" if c + "_error" in r else "") for c in cols]
         best = min((r[c] for c in ("e2e_triton", "e2e_flash") if c in r), default=None)
         speed = f"{r['cudnn'] / best:.2f}x" if best and "cudnn" in r else ""
-        lines.append(f"| {r['name']} | {r.get('tiles', '')} | {r['limit']:.1f} | " + " | ".join(cells)
+        tiles = r.get("tiles", "")
+        if r.get("tiles_triton", tiles) != tiles:
+            tiles = f"triton {r['tiles_triton']}, flash {tiles}"
+        lines.append(f"| {r['name']} | {tiles} | {r['limit']:.1f} | " + " | ".join(cells)
                      + f" | {r.get('auto_backend', '')} | {speed} | {r.get('permute_tbps', 0):.2f} |")
     errors = [f"- {r['name']} {k}: {v}" for r in rows for k, v in r.items() if k.endswith("_error")]
     return "\n".join(lines + (["", *errors] if errors else []))

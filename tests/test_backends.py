@@ -385,3 +385,24 @@ def test_verify_differential_builds_each_rules_own_mask():
         dense = _expand_blocks(full, 128, 128, nq, nkv) | (_expand_blocks(partial, 128, 128, nq, nkv) & inner)
         assert torch.equal(dense, want), (index, cfg)
     assert {"sliding_tile", "radial"} <= kinds, kinds
+
+
+@pytest.mark.gpu
+@requires_flash
+def test_flash_library_score_mods_equal_reference():
+    """distance_decay_score_mod and softcap_score_mod, composed, on FLASH: float64 attention with
+    the decay and cap written out from their definitions (L1 distance of coordinates)."""
+    shape, heads, kernel, cap = (24, 20), 4, 7, 5.0
+    q, k, v = _qkv(1, shape, heads, 64, seed=5)
+    slopes = torch.tensor([0.05, 0.1, 0.2, 0.4], device="cuda")
+    mod = flexna.compose_score_mods(flexna.distance_decay_score_mod(slopes, shape),
+                                    flexna.softcap_score_mod(cap))
+    for tiles in (None, "auto"):  # a user score_mod sees row-major indices: auto keeps that order
+        out = flexna.neighborhood_attention(q, k, v, kernel, score_mod=mod, tiles=tiles, backend="flash")
+        coords = torch.cartesian_prod(*(torch.arange(n) for n in shape)).double()
+        dist = (coords[:, None, :] - coords[None, :, :]).abs().sum(-1)
+        qs, ks, vs = (t.reshape(1, -1, heads, 64).transpose(1, 2).double().cpu() for t in (q, k, v))
+        scores = qs @ ks.transpose(-2, -1) / 8.0 - slopes.double().cpu()[None, :, None, None] * dist
+        scores = (cap * torch.tanh(scores / cap)).masked_fill(~reference_mask(shape, kernel), float("-inf"))
+        want = (scores.softmax(-1) @ vs).transpose(1, 2).reshape(q.shape)
+        torch.testing.assert_close(out.double().cpu(), want, **TOL, msg=lambda m, t=tiles: f"tiles {t}: {m}")
