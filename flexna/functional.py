@@ -142,7 +142,8 @@ def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod:
                              f"got {tiles!r}")
         if len(set(patterns)) > 1 or user_score_mod:
             return row_major  # type: ignore[return-value]
-        return choose_tiles(patterns[0], backend=backend, block_size=block_size) or row_major  # type: ignore[return-value]
+        return choose_tiles(patterns[0], padding="auto", backend=backend,
+                            block_size=block_size) or row_major  # type: ignore[return-value]
     pair = (isinstance(tiles, Sequence) and len(tiles) == 2
             and all(isinstance(t, Sequence) for t in tiles))
     q_tile, kv_tile = tiles if pair else (tiles, tiles)

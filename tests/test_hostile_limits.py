@@ -145,3 +145,23 @@ def test_auto_tiles_keep_the_padded_length() -> None:
     assert choose_tiles(flexna.NAPattern.create((64, 64), (3, 1))) is not None
     assert _auto_lengths((64, 64), [(1, 1), (3, 1), (3, 3), (13, 13)]) == {(4096, 4096)}
     assert _auto_lengths((8, 16, 16), [(1, 1, 1), (3, 5, 5), (1, 1, 9)]) == {(2048, 2048)}
+
+
+def test_auto_tiles_run_a_shape_at_two_lengths_at_most() -> None:
+    """A layout auto_shape pads (30 x 32 -> 32 x 32) runs under tiles='auto' at its own length
+    (row-major or tiles dividing it) or the padded one, never a third, whatever the pattern;
+    the padded length is taken where its tiles pay (stride 8 windows: 16 x 8 tiles, rows 30
+    and 31 padding)."""
+    from flexna.analysis import auto_shape
+
+    assert auto_shape((30, 32)) == (32, 32)
+    lengths = _auto_lengths((30, 32), [(1, 1), (3, 3), (7, 7), (8, 8), (15, 8), (13, 13)])
+    assert lengths == {(960, 960), (1024, 1024)}
+    # the strided window alone: the padded length (16 x 8 tiles do not divide 30 rows)
+    with_stride = set()
+    x = torch.randn(1, 30, 32, 1, 8)
+    want = flexna.na2d(x, x, x, 8, stride=8, tiles=None)
+    got = flexna.na2d(x, x, x, 8, stride=8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with_stride.add(choose_tiles(flexna.NAPattern.create((30, 32), 8, 8), padding="auto"))
+    assert with_stride == {((16, 8), (16, 8))}

@@ -372,3 +372,37 @@ def test_tile_search_ranks_for_the_backend_and_its_blocks(backend, blocks) -> No
 def test_cost_model_backend_validation(fn, bad) -> None:
     with pytest.raises(ValueError, match=f"backend = {bad!r} is out of range"):
         fn(NAPattern.create((32, 32), 7), bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=3))
+def test_auto_shape_pads_little_and_keeps_every_divisor(shape):
+    """auto_shape, from its definition: per axis at most 1/8 more, a multiple of every power of
+    two up to one block that divides the axis, and the largest power-of-two multiple within
+    1/8 (brute force over multiples)."""
+    from flexna.analysis import auto_shape
+
+    got = auto_shape(shape)
+    for length, padded in zip(shape, got, strict=True):
+        assert length <= padded <= length * 9 / 8
+        for p in (2**i for i in range(8)):
+            if length % p == 0:
+                assert padded % p == 0
+        within = [p for p in (2**i for i in range(8)) if -(-length // p) * p - length <= length / 8]
+        assert padded == -(-length // max(within)) * max(within)
+
+
+def test_auto_tiles_take_padding_where_it_pays():
+    """HunyuanVideo's 30-frame NA window: tiles='auto' ranks tiles padding 30 -> 32 frames
+    (predicted cheaper than every tile dividing 30: blocks counted by the spec, per backend),
+    while its GNA window keeps the perfectly block-sparse 2 x 8 x 8 tiles at 30 frames."""
+    from flexna.analysis import analyze
+
+    na, gna = load_entry("hunyuan-na").pattern, load_entry("hunyuan-gna").pattern
+    for backend in ("triton", "flash"):
+        tiles = choose_tiles(na, padding="auto", backend=backend)
+        assert tiles is not None and tiles[0][0] > 2, tiles  # 4 or 8 frames: padded
+        padded = analyze(na, *tiles, backend=backend)
+        for divisor in search_tiles(na, (128,), (128,), top=3, padding=False, backend=backend):
+            assert padded.cost < divisor.cost
+        assert choose_tiles(gna, padding="auto", backend=backend) == ((2, 8, 8), (2, 8, 8))
