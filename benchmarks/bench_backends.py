@@ -114,7 +114,7 @@ def run_row(name: str, dtype: torch.dtype, backward: bool, save) -> dict:
 
     x = natten[0].detach()
     for b in backends:  # each backend's kernel on the tiles "auto" ranks for it (Hopper blocks)
-        tiles = choose_tiles(p, backend=b)
+        tiles = choose_tiles(p, padding="auto", backend=b)  # as tiles="auto" does
         row[f"tiles_{b}"] = "row-major" if tiles is None else "/".join("x".join(map(str, t)) for t in tiles)
         q_tile, kv_tile = tiles if tiles is not None else ((1,) * p.ndim,) * 2
         ql, kl = TokenLayout.create(p.shape, q_tile), TokenLayout.create(p.shape, kv_tile)
