@@ -408,7 +408,9 @@ def neighborhood_attention(
 
     ``tiles``: the token order attention runs in. ``"auto"`` (default) runs in tiled
     order when :func:`flexna.choose_tiles` predicts it pays (one pattern for all heads and
-    no user ``score_mod``; inputs are permuted in and the output back, two copies);
+    no user ``score_mod``; inputs are permuted in and the output back, two copies; tiles
+    that divide the layout or pad it to :func:`flexna.analysis.auto_shape`, at most 1/8 per
+    axis, so a shape runs at two sequence lengths at most);
     ``None`` forces row-major; a tile (one int per axis) or a ``(q_tile, kv_tile)`` pair
     forces those tiles, with any combination of per-head patterns, additional tokens and
     ``rel_pos_bias`` (then a user ``score_mod`` sees tiled indices).
