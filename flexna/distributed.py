@@ -398,7 +398,7 @@ def _plan_local(query: torch.Tensor, kernel_size: object, stride: object, dilati
         return _LocalCall(axis, None, {**fields, "shard_sizes": (-1,)}, None, None)
     sizes = _check_sizes(shard_sizes, world, rank, query.shape[1 + axis], axis)
     pattern = _global_pattern(query, axis, sizes, kernel_size, stride, dilation, is_causal)
-    order = resolve_tiles(tiles, (pattern,), False)
+    order = resolve_tiles(tiles, (pattern,), False, padding=False)  # tiles dividing the layout
     return _LocalCall(axis, sizes, {**fields, "shard_sizes": sizes}, pattern, order)
 
 
@@ -569,7 +569,7 @@ def sharded_neighborhood_attention(
     assert call is not None  # _agree raised otherwise
     axis, dim = call.axis, 1 + call.axis
     pattern = call.pattern or _global_pattern(query, axis, sizes, kernel_size, stride, dilation, is_causal)
-    order = call.order or resolve_tiles(tiles, (pattern,), False)
+    order = call.order or resolve_tiles(tiles, (pattern,), False, padding=False)
     plan = halo_plan(pattern, axis, sizes, rank)
 
     own = plan.own

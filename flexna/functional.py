@@ -128,10 +128,11 @@ Tiles = str | None | Sequence[int] | tuple[Sequence[int], Sequence[int]]
 
 
 def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod: bool,
-                  backend: str = "triton", block_size: tuple[int, int] | None = None
-                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+                  backend: str = "triton", block_size: tuple[int, int] | None = None,
+                  padding: bool | str = "auto") -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(q_tile, kv_tile)`` a call runs in (all ones: row-major); see ``tiles``. ``"auto"``
-    ranks tiles for the kernel ``backend`` and its ``block_size`` (``None``: 128 x 128)."""
+    ranks tiles for the kernel ``backend`` and its ``block_size`` (``None``: 128 x 128) among
+    those ``padding`` allows (:func:`flexna.choose_tiles`)."""
     shape = patterns[0].shape
     row_major = ((1,) * len(shape),) * 2
     if tiles is None or tiles == "row-major":
@@ -142,7 +143,7 @@ def resolve_tiles(tiles: Tiles, patterns: tuple[NAPattern, ...], user_score_mod:
                              f"got {tiles!r}")
         if len(set(patterns)) > 1 or user_score_mod:
             return row_major  # type: ignore[return-value]
-        return choose_tiles(patterns[0], padding="auto", backend=backend,
+        return choose_tiles(patterns[0], padding=padding, backend=backend,
                             block_size=block_size) or row_major  # type: ignore[return-value]
     pair = (isinstance(tiles, Sequence) and len(tiles) == 2
             and all(isinstance(t, Sequence) for t in tiles))
