@@ -181,10 +181,11 @@ AUTO_PAD = 1 / 8
 def auto_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """The padded layout ``tiles="auto"`` tiles ``shape`` in: per axis, the next multiple of
     the largest power of two (at most one block) that adds at most :data:`AUTO_PAD` of the
-    axis. A function of the shape alone, so the sequence length a shape runs at never depends
-    on the pattern (no recompilation when only the pattern changes), while axes such as
-    HunyuanVideo's 30 frames still take 4- or 8-frame tiles (30 -> 32; predicted 8.5% and
-    measured 12% faster than the best tiles dividing 30 on FLASH)."""
+    axis. A function of the shape alone, so the two sequence lengths a shape can run at under
+    ``tiles="auto"`` (its own and this one's) never depend on the pattern (each compiles once),
+    while axes such as HunyuanVideo's 30 frames still take 4- or 8-frame tiles (30 -> 32; the
+    FLASH kernel predicted 8.5% and measured 9-10% faster than with the best tiles dividing 30,
+    benchmarks/results/flash-backend-NVIDIA-H200-2026-12-02.md)."""
     out = []
     for length in shape:
         padded, p = length, 2
