@@ -204,17 +204,16 @@ def _padding_targets(shape: tuple[int, ...], padding: bool | str) -> set[tuple[i
         return None
     if padding is False:
         return {shape}
-    if padding == "auto":
+    if isinstance(padding, str) and padding == "auto":
         return {shape, auto_shape(shape)}
     raise ValueError(f"padding = {padding!r} is out of range: need True, False or 'auto'")
 
 
-def _tile_shapes(shape: tuple[int, ...], tokens: int, padding: bool | str = True) -> list[tuple[int, ...]]:
-    """Power-of-two tiles with ``tokens`` tokens that waste at most half of any axis
-    (``padding=False``: only tiles that divide every axis, so the tiled order pads nothing;
-    ``"auto"``: only those and the tiles that pad it to exactly :func:`auto_shape`)."""
+def _tile_shapes(shape: tuple[int, ...], tokens: int,
+                 targets: set[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+    """Power-of-two tiles with ``tokens`` tokens that waste at most half of any axis and give
+    one of the padded shapes ``targets`` (:func:`_padding_targets`; ``None``: any)."""
     n = len(shape)
-    targets = _padding_targets(shape, padding)
     powers = [2**i for i in range(int(math.log2(tokens)) + 1)]
     out = []
     for tile in itertools.product(powers, repeat=n):
@@ -268,13 +267,12 @@ def search_tiles(
         kv_tokens = (DEFAULT_BLOCK,) if backend == "flash" else (DEFAULT_BLOCK, DEFAULT_BLOCK // 2)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top = {top!r} is out of range: need an int >= 1")
-    if not isinstance(padding, bool) and padding != "auto":
-        raise ValueError(f"padding = {padding!r} is out of range: need True, False or 'auto'")
+    targets = _padding_targets(pattern.shape, padding)  # validates padding
     memo: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
     results = []
     for qn, kn in itertools.product(q_tokens, kv_tokens):
-        for q_tile in _tile_shapes(pattern.shape, qn, padding):
-            for kv_tile in _tile_shapes(pattern.shape, kn, padding):
+        for q_tile in _tile_shapes(pattern.shape, qn, targets):
+            for kv_tile in _tile_shapes(pattern.shape, kn, targets):
                 if (same_tile or not pattern.separable) and kv_tile != q_tile:
                     continue
                 if padding == "auto" and (padded_shape(pattern.shape, q_tile)
