@@ -37,18 +37,39 @@ def main() -> None:
 
     compiled = torch.compile(f, fullgraph=True)
     graphed = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    # q, k, v at fixed addresses, as inside a model (where they come from a projection in the
+    # graph): CUDA graphs then copy nothing per replay (the masks are static already)
+    qs, ks, vs = (t.clone() for t in (q, k, v))
+    for t in (qs, ks, vs):
+        torch._dynamo.mark_static_address(t)
+    graphed_static = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    # a layer: qkv projection, attention and output projection in one graph
+    layer = flexna.NeighborhoodAttention1D(heads * dim, heads, window).to(dev, torch.float16).eval()
+    x = torch.randn(1, length, heads * dim, device=dev, dtype=torch.float16)
+    layer_c = torch.compile(layer, fullgraph=True)
+    layer_g = torch.compile(layer, fullgraph=True, mode="reduce-overhead")
     rows = {}
     with torch.no_grad():
         ref = f(q, k, v)
+        ref_layer = layer(x)
         for name, fn in (("kernel only (prebuilt mask)", lambda: kernel(qt, kt, vt, block_mask=mask)),
                          ("flexna.na1d eager", lambda: f(q, k, v)),
                          ("flexna.na1d in torch.compile", lambda: compiled(q, k, v)),
-                         ("flexna.na1d in torch.compile(mode='reduce-overhead')", lambda: graphed(q, k, v))):
+                         ("flexna.na1d in torch.compile(mode='reduce-overhead')", lambda: graphed(q, k, v)),
+                         ("flexna.na1d reduce-overhead, q/k/v at static addresses",
+                          lambda: graphed_static(qs, ks, vs)),
+                         ("NeighborhoodAttention1D eager (qkv + attention + proj)", lambda: layer(x)),
+                         ("NeighborhoodAttention1D in torch.compile", lambda: layer_c(x)),
+                         ("NeighborhoodAttention1D in torch.compile(mode='reduce-overhead')",
+                          lambda: layer_g(x))):
             for _ in range(3):
                 fn()
             rows[name] = do_bench(fn, warmup=100, rep=500, return_mode="median")
         for fn in (compiled, graphed):
             torch.testing.assert_close(fn(q, k, v).float(), ref.float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(graphed_static(qs, ks, vs).float(), ref.float(), atol=2e-3, rtol=2e-3)
+        for fn in (layer_c, layer_g):
+            torch.testing.assert_close(fn(x).float(), ref_layer.float(), atol=2e-3, rtol=2e-3)
     head = (f"# CUDA graphs: host-bound 1-D call — {torch.cuda.get_device_name()}, torch {torch.__version__}, "
             f"flexna {flexna.__version__}, {datetime.date.today()}\n\n"
             f"1-D {length} tokens, window {window}, {heads} head, head dim {dim}, fp16, forward; median ms "

@@ -119,7 +119,20 @@ def _build(spec: MaskSpec, device: torch.device) -> tuple[BlockMask, int]:
     index = _tensor_bytes(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
                           mask.full_kv_indices, mask.q_num_blocks, mask.q_indices,
                           mask.full_q_num_blocks, mask.full_q_indices)
+    static_addresses(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+                     mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
+                     *tables.tensors)
     return mask, index + tables.nbytes
+
+
+def static_addresses(*tensors: torch.Tensor | None) -> None:
+    """Tell dynamo these tensors keep their address while alive (a mask's, never written after it
+    is built): CUDA graphs (``mode="reduce-overhead"``) then read them in place instead of
+    copying them into the graph's input buffers on every replay. Unguarded: a plan replaced by
+    one with other tensors (a module's new pattern) re-records the graph, it does not recompile."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            torch._dynamo.mark_static_address(t, guard=False)
 
 
 def spec_block_mask(spec: MaskSpec, device: torch.device | str | None = None) -> BlockMask:

@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from flexna import plan as plans
 from flexna.analysis import choose_tiles
 from flexna.backends import Backend, BackendError, backend_options, block_sizes, check_backend, resolve_backend
-from flexna.blockmask import spec_block_mask
+from flexna.blockmask import build_block_mask, spec_block_mask, static_addresses
 from flexna.blocksparsity import spec_maps
 from flexna.errors import warn_user
 from flexna.flex import (
@@ -176,15 +176,26 @@ class CallPlan:
     mask: BlockMask | None = None
     rpb: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def resolved(self) -> CallPlan:
+    def resolved(self, private: bool = False) -> CallPlan:
         """This plan with its BlockMask and rpb tables in hand (for traced code, which must not
-        reach the cache); warns where the traced call will run the dense stand-in."""
+        reach the cache); warns where the traced call will run the dense stand-in.
+
+        ``private``: tensors of its own, shared with no other plan (a module's re-planned call:
+        dynamo guards on which of a graph's inputs are the same tensor, so a layer whose new
+        pattern equals another call's must not start sharing that call's cached mask)."""
         if self.dense:
             warn_user("flexna: inside torch.compile on CPU with gradients enabled and a tensor needing "
                       "them (or a user score_mod, whose captures flexna cannot see at trace time, or "
                       "return_lse), attention runs as the dense N x N stand-in (torch's CPU Flex "
                       "compiles inference only)",
                       EagerFallbackWarning)
+        if private:
+            rpb = None
+            if self.has_rpb:
+                q_base, kv_base = rpb_token_tables(self.spec, self.device)
+                rpb = q_base.clone(), kv_base.clone()
+                static_addresses(*rpb)
+            return replace(self, mask=build_block_mask(self.spec, self.device), rpb=rpb)
         return replace(self, mask=spec_block_mask(self.spec, self.device),
                        rpb=rpb_token_tables(self.spec, self.device) if self.has_rpb else None)
 
@@ -233,6 +244,21 @@ def _check_options(options: tuple) -> None:
 
 
 as_constant = _const  # for flexna.distributed
+
+
+def pattern_constants(kernel_size: object, stride: object, dilation: object, is_causal: object) -> tuple:
+    """The pattern arguments as a signature's constants (what a module's plan store holds)."""
+    return _const(kernel_size), _const(stride), _const(dilation), _const(is_causal)
+
+
+def _pattern_consts(kernel_size: object, stride: object, dilation: object, is_causal: object,
+                    store: plans.PlanStore | None) -> tuple:
+    """A signature's pattern entries: the arguments' constants, or, for a module's call
+    (``store``), :data:`flexna.plan.MODULE_PATTERN` in their place (the module's pattern is
+    read from its store on the host, so compiled graphs do not guard on its values)."""
+    if store is not None:
+        return (plans.MODULE_PATTERN,) * 4
+    return pattern_constants(kernel_size, stride, dilation, is_causal)
 
 
 def check_options(scale: object, return_lse: object = False, score_mod: object = None) -> None:
@@ -389,6 +415,7 @@ def neighborhood_attention(
     backend: Backend = "auto",
     check_finite: bool = False,
     _ndim: int | None = None,
+    _store: plans.PlanStore | None = None,
 ) -> Any:
     """Neighborhood attention over ``[batch, *spatial, heads, head_dim]`` tensors.
 
@@ -437,12 +464,11 @@ def neighborhood_attention(
         q = k = v = torch.randn(2, 32, 32, 4, 64)
         out = flexna.neighborhood_attention(q, k, v, kernel_size=7)  # [2, 32, 32, 4, 64]
     """
-    sig = plans.tensor_signature
-    signature = ("na", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
-                 sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod, backend),
-                 _const(kernel_size), _const(stride), _const(dilation), _const(is_causal), _const(tiles),
-                 _ndim, torch.is_grad_enabled())
-    plan = plans.plan_for(signature)
+    signature = na_signature(query, key, value, kernel_size, stride, dilation, is_causal, scale, return_lse,
+                             additional_keys=additional_keys, additional_values=additional_values,
+                             additional_queries=additional_queries, rel_pos_bias=rel_pos_bias,
+                             score_mod=score_mod, tiles=tiles, backend=backend, _ndim=_ndim, _store=_store)
+    plan = plans.plan_for(signature, _store)
     check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
                                        ("additional_keys", additional_keys),
                                        ("additional_values", additional_values),
@@ -464,6 +490,21 @@ def neighborhood_attention(
         if extra_q:
             outs.append(lse[:, :, n:].transpose(1, 2))
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def na_signature(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: object,
+                 stride: object = 1, dilation: object = 1, is_causal: object = False, scale: object = None,
+                 return_lse: object = False, *, additional_keys: torch.Tensor | None = None,
+                 additional_values: torch.Tensor | None = None,
+                 additional_queries: torch.Tensor | None = None, rel_pos_bias: torch.Tensor | None = None,
+                 score_mod: object = None, tiles: object = "auto", backend: object = "auto",
+                 _ndim: int | None = None, _store: plans.PlanStore | None = None) -> tuple:
+    """The signature (:mod:`flexna.plan`) of a :func:`neighborhood_attention` call."""
+    sig = plans.tensor_signature
+    return ("na", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
+            sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod, backend),
+            *_pattern_consts(kernel_size, stride, dilation, is_causal, _store), _const(tiles),
+            _ndim, torch.is_grad_enabled())
 
 
 def _na_plan(signature: tuple) -> CallPlan:
@@ -529,6 +570,7 @@ def tiled_neighborhood_attention(
     score_mod: ScoreModArg = None,
     backend: Backend = "auto",
     check_finite: bool = False,
+    _store: plans.PlanStore | None = None,
 ) -> Any:
     """Neighborhood attention on sequences already in ``layout``'s token order.
 
@@ -549,12 +591,11 @@ def tiled_neighborhood_attention(
     """
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a flexna.TokenLayout, got {type(layout).__name__}")
-    sig = plans.tensor_signature
-    plan = plans.plan_for(("tiled", sig(query), sig(key), sig(value), sig(additional_keys),
-                           sig(additional_values), sig(rel_pos_bias), layout.shape, layout.tile,
-                           _const(kernel_size), _const(stride), _const(dilation), _const(is_causal),
-                           _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled(),
-                           num_extra_tokens))
+    plan = plans.plan_for(tiled_signature(
+        query, key, value, layout, kernel_size, stride, dilation, is_causal, scale, return_lse,
+        additional_keys=additional_keys, additional_values=additional_values,
+        num_extra_tokens=num_extra_tokens, rel_pos_bias=rel_pos_bias, score_mod=score_mod, backend=backend,
+        _store=_store), _store)
     check_finite_inputs(check_finite, (("query", query), ("key", key), ("value", value),
                                        ("additional_keys", additional_keys),
                                        ("additional_values", additional_values),
@@ -568,6 +609,21 @@ def tiled_neighborhood_attention(
     if return_lse:
         return out[0].transpose(1, 2), out[1].transpose(1, 2)
     return out.transpose(1, 2)
+
+
+def tiled_signature(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TokenLayout,
+                    kernel_size: object, stride: object = 1, dilation: object = 1, is_causal: object = False,
+                    scale: object = None, return_lse: object = False, *,
+                    additional_keys: torch.Tensor | None = None,
+                    additional_values: torch.Tensor | None = None, num_extra_tokens: int = 0,
+                    rel_pos_bias: torch.Tensor | None = None, score_mod: object = None,
+                    backend: object = "auto", _store: plans.PlanStore | None = None) -> tuple:
+    """The signature (:mod:`flexna.plan`) of a :func:`tiled_neighborhood_attention` call."""
+    sig = plans.tensor_signature
+    return ("tiled", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
+            sig(rel_pos_bias), layout.shape, layout.tile,
+            *_pattern_consts(kernel_size, stride, dilation, is_causal, _store),
+            _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled(), num_extra_tokens)
 
 
 def _tiled_plan(signature: tuple) -> CallPlan:

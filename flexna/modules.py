@@ -19,12 +19,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flexna.backends import Backend, check_backend
-from flexna.functional import neighborhood_attention, tiled_neighborhood_attention
+from flexna.functional import (
+    na_signature,
+    neighborhood_attention,
+    pattern_constants,
+    tiled_neighborhood_attention,
+    tiled_signature,
+)
 from flexna.layout import TokenLayout
 from flexna.pattern import BoolOrTuple, IntOrTuple, PerHead, as_bool_tuple, as_int_tuple
+from flexna.plan import PlanStore, tensor_signature
 from flexna.scores import common_table_shape, rpb_table_shape
+
+# The pattern arguments of a module's call: read from its plan store (``_store``), not passed.
+_IN_STORE: Any = None
 
 
 class NeighborhoodAttentionGeneric(nn.Module):
@@ -65,34 +76,19 @@ class NeighborhoodAttentionGeneric(nn.Module):
                 "either. Use attn_drop=0.0, and proj_drop for dropout after the output projection"
             )
 
-        def norm(name: str, value: Any, fn) -> Any:
-            if isinstance(value, PerHead):
-                if len(value) != num_heads:
-                    raise ValueError(f"{name}: PerHead has {len(value)} entries, need one per "
-                                     f"query head ({num_heads})")
-                return value
-            return fn(name, value, na_dim)
-
         self.na_dim, self.embed_dim, self.num_heads = na_dim, embed_dim, num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.kernel_size = norm("kernel_size", kernel_size, as_int_tuple)
-        self.stride = norm("stride", stride, as_int_tuple)
-        self.dilation = norm("dilation", dilation, as_int_tuple)
-        self.is_causal = norm("is_causal", is_causal, as_bool_tuple)
+        args = {"kernel_size": kernel_size, "stride": stride, "dilation": dilation, "is_causal": is_causal}
+        self._pattern = {name: self._normalized(name, value) for name, value in args.items()}
+        self._plans = PlanStore(pattern_constants(*self._pattern.values()))
+        self._planned: set[tuple] = set()  # inputs planned ahead (regional compilation)
         self.scale = self.head_dim ** -0.5 if qk_scale is None else qk_scale
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
-            def head(value: Any, h: int) -> Any:
-                return value.values[h] if isinstance(value, PerHead) else value
-
-            table = common_table_shape(
-                [rpb_table_shape(head(self.kernel_size, h), head(self.stride, h),
-                                 head(self.is_causal, h), na_dim) for h in range(num_heads)],
-                "rel_pos_bias=True")
-            self.rpb = nn.Parameter(torch.zeros(num_heads, *table))
+            self.rpb = nn.Parameter(torch.zeros(num_heads, *self._rpb_table(self._pattern)))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:
             self.register_parameter("rpb", None)
@@ -115,12 +111,51 @@ class NeighborhoodAttentionGeneric(nn.Module):
                              f"embed_dim], got {tuple(x.shape)}")
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x has embed dim {x.shape[-1]}, expected {self.embed_dim}")
-        out = neighborhood_attention(*self._project(x), self.kernel_size, self.stride, self.dilation,
-                                     self.is_causal, scale=self.scale, rel_pos_bias=self.rpb,
-                                     additional_keys=additional_keys,
-                                     additional_values=additional_values, backend=self.backend,
+        out = neighborhood_attention(*self._project(x), _IN_STORE,
+                                     **self._call_kwargs(additional_keys, additional_values),
                                      check_finite=self.check_finite)
         return self.proj_drop(self.proj(out.flatten(-2)))
+
+    def _call_kwargs(self, additional_keys: torch.Tensor | None,
+                     additional_values: torch.Tensor | None) -> dict[str, Any]:
+        """The functional call's arguments besides q, k, v (and the layout). The pattern is not
+        among them: it comes from the plan store, so compiled graphs do not guard on it."""
+        return {"scale": self.scale, "rel_pos_bias": self.rpb, "additional_keys": additional_keys,
+                "additional_values": additional_values, "backend": self.backend, "_store": self._plans}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_compiled_call_impl", None) is not None and not torch.compiler.is_compiling():
+            self._plan_ahead(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _plan_ahead(self, x: torch.Tensor, additional_keys: torch.Tensor | None = None,
+                    additional_values: torch.Tensor | None = None, *,
+                    layout: TokenLayout | None = None) -> None:
+        """Regional compilation (``module.compile()``): plan this call into the store before the
+        compiled forward's guards read it, so that every layer of this class shares one
+        compiled graph per structure instead of recompiling at each layer's first call. The
+        q/k/v signatures come from the projection run on fake tensors (autocast and grad mode
+        included), memoised per input signature; bad input is left to the forward's checks."""
+        sig = tensor_signature
+        autocast = (torch.is_autocast_enabled(x.device.type) and
+                    torch.get_autocast_dtype(x.device.type)) if isinstance(x, torch.Tensor) else None
+        key = (sig(x), sig(additional_keys), sig(additional_values), layout, torch.is_grad_enabled(),
+               autocast, self.rpb is not None and self.rpb.requires_grad)
+        if key in self._planned:
+            return
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                q, k, v = self._project(x)
+            kwargs = self._call_kwargs(additional_keys, additional_values)
+            if layout is None:
+                signature = na_signature(q, k, v, _IN_STORE, **kwargs)
+            else:
+                signature = tiled_signature(q, k, v, layout, _IN_STORE, **kwargs)
+            self._plans.trace(signature)
+        except Exception:  # the forward raises its own, clearer error
+            return
+        if len(self._planned) < 64:  # bounded: a memo of signatures, not of masks
+            self._planned.add(key)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[..., embed_dim]`` -> q ``[..., heads, head_dim]``, k / v ``[..., kv_heads, head_dim]``
@@ -140,12 +175,77 @@ class NeighborhoodAttentionGeneric(nn.Module):
         if x.dim() != 3 or x.shape[1] != layout.length or x.shape[2] != self.embed_dim:
             raise ValueError(f"with layout={layout}, x must be [batch, {layout.length}, "
                              f"{self.embed_dim}], got {tuple(x.shape)}")
-        out = tiled_neighborhood_attention(*self._project(x), layout, self.kernel_size, self.stride,
-                                           self.dilation, self.is_causal, scale=self.scale,
-                                           rel_pos_bias=self.rpb, additional_keys=additional_keys,
-                                           additional_values=additional_values, backend=self.backend,
+        out = tiled_neighborhood_attention(*self._project(x), layout, _IN_STORE,
+                                           **self._call_kwargs(additional_keys, additional_values),
                                            check_finite=self.check_finite)
         return self.proj_drop(self.proj(out.flatten(-2)))
+
+    # The pattern arguments: settable after construction. Setting one re-plans the calls this
+    # module has traced (torch.compile) in its plan store: their compiled graphs run the new
+    # pattern without recompiling unless the plan's structure changes (tiles, block sizes).
+
+    @property
+    def kernel_size(self) -> tuple[int, ...] | PerHead:
+        return self._pattern["kernel_size"]
+
+    @kernel_size.setter
+    def kernel_size(self, value: IntOrTuple | PerHead) -> None:
+        self._set_pattern("kernel_size", value)
+
+    @property
+    def stride(self) -> tuple[int, ...] | PerHead:
+        return self._pattern["stride"]
+
+    @stride.setter
+    def stride(self, value: IntOrTuple | PerHead) -> None:
+        self._set_pattern("stride", value)
+
+    @property
+    def dilation(self) -> tuple[int, ...] | PerHead:
+        return self._pattern["dilation"]
+
+    @dilation.setter
+    def dilation(self, value: IntOrTuple | PerHead) -> None:
+        self._set_pattern("dilation", value)
+
+    @property
+    def is_causal(self) -> tuple[bool, ...] | PerHead:
+        return self._pattern["is_causal"]
+
+    @is_causal.setter
+    def is_causal(self, value: BoolOrTuple | PerHead) -> None:
+        self._set_pattern("is_causal", value)
+
+    def _normalized(self, name: str, value: Any) -> Any:
+        """A pattern argument per axis (or a :class:`PerHead` of one entry per head)."""
+        if isinstance(value, PerHead):
+            if len(value) != self.num_heads:
+                raise ValueError(f"{name}: PerHead has {len(value)} entries, need one per "
+                                 f"query head ({self.num_heads})")
+            return value
+        return (as_bool_tuple if name == "is_causal" else as_int_tuple)(name, value, self.na_dim)
+
+    def _rpb_table(self, pattern: dict[str, Any]) -> tuple[int, ...]:
+        """The rpb table shape of ``pattern`` (every head's must agree)."""
+        def head(value: Any, h: int) -> Any:
+            return value.values[h] if isinstance(value, PerHead) else value
+
+        return common_table_shape(
+            [rpb_table_shape(head(pattern["kernel_size"], h), head(pattern["stride"], h),
+                             head(pattern["is_causal"], h), self.na_dim) for h in range(self.num_heads)],
+            "rel_pos_bias=True")
+
+    def _set_pattern(self, name: str, value: Any) -> None:
+        """Validate the new value, re-plan the traced calls (all or nothing), then take it."""
+        if "_pattern" not in self.__dict__:
+            raise AttributeError(f"{name} is set by the constructor")
+        pattern = {**self._pattern, name: self._normalized(name, value)}
+        if self.rpb is not None and self._rpb_table(pattern) != tuple(self.rpb.shape[1:]):
+            raise ValueError(f"{name}={value!r}: the rel_pos_bias table would change shape from "
+                             f"{tuple(self.rpb.shape[1:])} to {self._rpb_table(pattern)}; build a new "
+                             "module (and table) for that pattern")
+        self._plans.set_pattern(pattern_constants(*pattern.values()))
+        self._pattern = pattern
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, "

@@ -14,6 +14,14 @@ signature; the traced code only reads the plan's tensors. So flexna's host work 
 locks, caches, validation) never enters the user's graph: a model of flexna layers compiles
 to one graph with no breaks, ``fullgraph=True`` included. Outside dynamo (eager, or
 ``torch.export``'s non-strict tracing) the plan is made in Python as usual.
+
+A module's pattern (kernel size, stride, dilation, causality) is *not* in its signature: it
+lives in the module's :class:`PlanStore`, and the signature holds :data:`MODULE_PATTERN` in
+its place. The traced code then reads only the store's plan for the call's shapes, so dynamo
+guards on what the plan holds (its token orders, block sizes, tensor shapes), never on the
+pattern's values: setting ``layer.kernel_size`` re-plans in the store and the compiled graph
+runs the new pattern with no recompilation, as long as the plan's structure is unchanged
+(another tile choice or block size recompiles, as it must).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import functools
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -95,18 +104,102 @@ def _build_at_trace_time(ctx: Any) -> None:
             setattr(_TRACED, name, (signature, build(signature).resolved()))
 
 
-def plan_for(signature: tuple) -> Any:
-    """The plan of ``signature``: made at trace time under dynamo, otherwise now."""
+def plan_for(signature: tuple, store: PlanStore | None = None) -> Any:
+    """The plan of ``signature``: made at trace time under dynamo, otherwise now. With a
+    ``store`` (a module's), its pattern fills the signature's :data:`MODULE_PATTERN` entries and
+    traced plans are kept in the store."""
     if comptime is not None and torch.compiler.is_dynamo_compiling():
+        if store is not None:
+            comptime(_trace_into_store)
+            return getattr(store.plans, _name(signature))
         comptime(_build_at_trace_time)
         return getattr(_TRACED, _name(signature))[1]
+    if store is not None:
+        signature = store.complete(signature)
     if torch.compiler.is_compiling():  # torch.export's non-strict tracing: plain Python, no memo
         return build(signature)
     return _eager_plan(signature)
 
 
 def clear_traced_plans() -> None:
-    """Forget the plans made at trace time (graphs that read them recompile on their next call)."""
+    """Forget the plans made at trace time, modules' stores included (graphs that read them
+    recompile on their next call)."""
     with _LOCK:
         _TRACED.__dict__.clear()
+        stores = list(_STORES)
+    for store in stores:
+        store.clear()
     _eager_plan.cache_clear()
+
+
+#: Stands in a signature for each pattern argument a :class:`PlanStore` holds.
+MODULE_PATTERN = "<the module's pattern>"
+
+_STORES: weakref.WeakSet[PlanStore] = weakref.WeakSet()
+
+
+class PlanStore:
+    """A module's pattern arguments and the plans of its traced calls.
+
+    ``pattern``: the constants standing for :data:`MODULE_PATTERN` in a signature, in order.
+    :meth:`set_pattern` re-plans every traced call for the new pattern (all or nothing), so
+    graphs that read the store run it without recompiling where the plans keep their
+    structure. Freed with the module; :func:`flexna.clear_cache` empties it too.
+    """
+
+    def __init__(self, pattern: tuple) -> None:
+        self.pattern = pattern
+        self.plans = types.SimpleNamespace()  # name -> plan (read by traced code)
+        self._signatures: dict[str, tuple] = {}  # name -> signature (with MODULE_PATTERN)
+        self._lock = threading.Lock()
+        _STORES.add(self)
+
+    def complete(self, signature: tuple, pattern: tuple | None = None) -> tuple:
+        """``signature`` with :data:`MODULE_PATTERN` replaced by the pattern's constants."""
+        values = iter(self.pattern if pattern is None else pattern)
+        return tuple(next(values) if item == MODULE_PATTERN else item for item in signature)
+
+    def trace(self, signature: tuple) -> None:
+        """Plan ``signature`` for traced code (at trace time), unless already planned."""
+        name = _name(signature)
+        with self._lock:
+            if name not in self._signatures:
+                setattr(self.plans, name, build(self.complete(signature)).resolved())
+                self._signatures[name] = signature
+
+    def set_pattern(self, pattern: tuple) -> None:
+        """Take ``pattern``, re-planning every traced call first: a pattern one of them rejects
+        raises its error and changes nothing."""
+        with self._lock:
+            new = {name: build(self.complete(sig, pattern)).resolved(private=True)
+                   for name, sig in self._signatures.items()}
+            self.pattern = pattern
+            for name, plan in new.items():
+                setattr(self.plans, name, plan)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.plans.__dict__.clear()
+            self._signatures.clear()
+
+    def __deepcopy__(self, memo: dict) -> PlanStore:
+        return PlanStore(self.pattern)  # plans are re-made on the copy's first traced call
+
+    def __getstate__(self) -> dict:
+        return {"pattern": self.pattern}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["pattern"])  # type: ignore[misc]
+
+
+def _object_of(var: Any) -> Any:
+    """The Python object behind a comptime variable (not a constant to dynamo)."""
+    try:
+        return var.as_python_constant()
+    except Exception:  # a user-defined object: dynamo's tracker holds it
+        tracker = var._i_will_not_complain_if_bc_breaks_VariableTracker()
+        return tracker.value
+
+
+def _trace_into_store(ctx: Any) -> None:
+    _object_of(ctx.get_local("store")).trace(ctx.get_local("signature").as_python_constant())

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from flexna.blockmask import cached
+from flexna.blockmask import cached, static_addresses
 from flexna.geometry import region_or_full
 from flexna.pattern import NAPattern, as_bool_tuple, as_int_tuple, head_patterns
 from flexna.spec import MaskSpec, TensorMeta, resolve_device
@@ -110,7 +110,9 @@ def rpb_token_tables(spec: MaskSpec, device: torch.device | str | None = None
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         q_base, kv_base = rpb_bases(spec)
         both = torch.from_numpy(np.concatenate([q_base.reshape(-1), kv_base.reshape(-1)])).to(dev)
-        return both[:q_base.size], both[q_base.size:]
+        tables = both[:q_base.size], both[q_base.size:]
+        static_addresses(*tables)  # read in place by CUDA graphs (see the function)
+        return tables
 
     return cached(("rpb", spec, dev), build, lambda t: 4 * (t[0].numel() + t[1].numel()))
 

@@ -204,11 +204,16 @@ class MaskTables:
         return self.spec.kv_len
 
     @property
-    def nbytes(self) -> int:
+    def tensors(self) -> list[torch.Tensor]:
+        """Every table tensor the mask_mod may read."""
         tensors = [*self.q_lo, *self.q_hi, *self.kv_pos, *self.q_coords, *self.kv_coords]
         if self.fused is not None:
             tensors += [self.fused.lo_g, self.fused.hi_g, self.fused.pos, self.fused.guards]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def mask_mod(self, fused: bool | None = None) -> MaskMod:
         """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the spec.

@@ -57,6 +57,80 @@ def test_model_compiles_fullgraph_to_one_graph_without_recompiles() -> None:
     _fresh()
 
 
+def _graphs_of(fn, *args: object) -> tuple[object, int]:
+    """``fn(*args)`` and the graphs dynamo compiled for it (counted around this call only)."""
+    before = counters["stats"]["unique_graphs"]
+    out = fn(*args)
+    return out, counters["stats"]["unique_graphs"] - before
+
+
+def test_changing_a_layers_pattern_recompiles_nothing() -> None:
+    """Kernel size, dilation, stride and causality set on a compiled model's layers: the next call
+    runs the new patterns (against the eager model, which is exact) without recompiling."""
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(1, 12, 14, 32)
+    _fresh()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        before, graphs = _graphs_of(compiled, x)
+        assert graphs == 1
+        model.layers[0].kernel_size = 7
+        model.layers[1].dilation = (2, 1)
+        model.layers[1].is_causal = (True, False)
+        model.layers[2].dilation = 2  # rpb layer: its table shape does not depend on dilation
+        got, graphs = _graphs_of(compiled, x)
+        assert graphs == 0, "setting a layer's pattern recompiled the model"
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        want = model(x)  # eager, with the new patterns
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, before), "the compiled model still runs the old patterns"
+    _fresh()
+
+
+def test_pattern_setter_validates_before_changing_anything() -> None:
+    layer = flexna.NeighborhoodAttention2D(32, 2, 3).eval()
+    biased = flexna.NeighborhoodAttention2D(32, 2, 3, rel_pos_bias=True).eval()
+    x = torch.randn(1, 12, 14, 32)
+    _fresh()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        layer.dilation = 1  # the same value: fine
+        with pytest.raises(ValueError, match=r"kernel_size\[axis 0\] = 13 is out of range"):
+            layer.kernel_size = 13  # too large for the 12-row layout this layer was compiled for
+        assert layer.kernel_size == (3, 3)
+        with pytest.raises(ValueError, match="rel_pos_bias table would change shape"):
+            biased.kernel_size = 5
+        assert biased.kernel_size == (3, 3)
+        with pytest.raises(ValueError, match="kernel_size"):
+            layer.kernel_size = (3, 3, 3)
+        torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+    _fresh()
+
+
+def test_regional_compilation_shares_one_graph_across_layer_configs() -> None:
+    """``layer.compile()`` on layers of different kernels and dilations (DiNAT-style): one graph
+    for all of them, none more when called again; each gives its own pattern's output."""
+    torch.manual_seed(0)
+    configs = [(3, 1), (5, 2), (3, 3), (7, 1), (5, 1), (3, 2), (5, 1), (3, 4), (5, 2), (3, 1)]
+    layers = [flexna.NeighborhoodAttention2D(32, 2, k, dilation=d).eval() for k, d in configs]
+    x = torch.randn(1, 12, 14, 32)
+    with torch.no_grad():
+        want = [layer(x) for layer in layers]
+        _fresh()
+        for layer in layers:
+            layer.compile(fullgraph=True)
+        got, graphs = _graphs_of(lambda: [layer(x) for layer in layers])
+        assert graphs == 1, f"{graphs} graphs for {len(layers)} layers of one class"
+        again, graphs = _graphs_of(lambda: [layer(x) for layer in layers])
+        assert graphs == 0
+    for a, b, c in zip(got, again, want, strict=True):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5)
+    _fresh()
+
+
 def test_functional_call_in_a_compiled_function_is_one_flex_op() -> None:
     def f(q: torch.Tensor) -> torch.Tensor:
         return flexna.na2d(q, q, q, 5, dilation=(1, 2)) * 2
@@ -111,3 +185,32 @@ def test_flexna_warnings_point_at_the_callers_line() -> None:
     with pytest.warns(flexna.EagerFallbackWarning) as record:
         flexna.na2d(x, x, x, 3)
     assert record[0].filename == __file__, record[0].filename
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_flexna_layers_without_copying_masks() -> None:
+    """``mode="reduce-overhead"``: a model of flexna layers is captured; a replay copies no input
+    (flexna's masks are static addresses; the model input is marked static here, as a model's
+    activations inside a larger graph would be) and equals the eager model."""
+    torch.manual_seed(0)
+    model = Model().cuda().eval()
+    x = torch.randn(1, 12, 14, 32, device="cuda")
+    torch._dynamo.mark_static_address(x)
+    _fresh()
+    graphed = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(3):  # warm-up, record, replay
+            graphed(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = graphed(x)
+            torch.cuda.synchronize()
+        got = out.clone()
+    names = [e.name for e in prof.events()]
+    assert any("cudaGraphLaunch" in n for n in names), "no graph replay seen"
+    copies = [n for n in names if n == "aten::copy_" or "Memcpy" in n]
+    assert not copies, f"a replay copied inputs: {copies}"
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    _fresh()
