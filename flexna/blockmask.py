@@ -126,13 +126,16 @@ def _build(spec: MaskSpec, device: torch.device) -> tuple[BlockMask, int]:
 
 
 def static_addresses(*tensors: torch.Tensor | None) -> None:
-    """Tell dynamo these tensors keep their address while alive (a mask's, never written after it
-    is built): CUDA graphs (``mode="reduce-overhead"``) then read them in place instead of
-    copying them into the graph's input buffers on every replay. Unguarded: a plan replaced by
+    """Tell dynamo these tensors keep their address and shape while alive (a mask's, never written
+    after it is built, and made for one layout, so its sizes are never dynamic): CUDA graphs
+    (``mode="reduce-overhead"``) then read them in place instead of copying them into the
+    graph's input buffers on every replay. Unguarded: a plan replaced by
     one with other tensors (a module's new pattern) re-records the graph, it does not recompile."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            torch._dynamo.mark_static_address(t, guard=False)
+            for u in (t, t._base) if t._base is not None else (t,):  # dynamo wraps a view's base too
+                torch._dynamo.mark_static_address(u, guard=False)
+                torch._dynamo.mark_static(u)  # static shapes under dynamic=True too
 
 
 def spec_block_mask(spec: MaskSpec, device: torch.device | str | None = None) -> BlockMask:

@@ -215,11 +215,16 @@ def _const(value: object) -> object:
     return value
 
 
-def _options(scale: object, return_lse: object, score_mod: object, backend: object = "auto") -> tuple:
+def _options(scale: object, return_lse: object, score_mod: object, backend: object = "auto",
+             store: plans.PlanStore | None = None) -> tuple:
     """``scale``, ``return_lse``, ``score_mod`` and ``backend`` as constants for a signature (a
-    type name where the value cannot be right, so that the plan's check names it)."""
-    scale_c = scale if scale is None or (isinstance(scale, int | float) and not isinstance(scale, bool)) \
-        else ("not a number", type(scale).__name__)
+    type name where the value cannot be right, so that the plan's check names it). A module's
+    call (``store``) takes its scale from the store: a float attribute is symbolic to dynamo
+    under ``dynamic=True``, and the plan needs it only to validate it."""
+    number = isinstance(scale, int | float) and not isinstance(scale, bool)
+    scale_c: object = scale if scale is None or number else ("not a number", type(scale).__name__)
+    if store is not None:
+        scale_c = plans.MODULE_PATTERN
     lse_c = return_lse if isinstance(return_lse, bool) else ("not a bool", type(return_lse).__name__)
     mod_c = None if score_mod is None else (True if callable(score_mod) else type(score_mod).__name__)
     backend_c = backend if isinstance(backend, str) else ("not a str", repr(backend))
@@ -247,8 +252,15 @@ as_constant = _const  # for flexna.distributed
 
 
 def pattern_constants(kernel_size: object, stride: object, dilation: object, is_causal: object) -> tuple:
-    """The pattern arguments as a signature's constants (what a module's plan store holds)."""
+    """The pattern arguments as a signature's constants."""
     return _const(kernel_size), _const(stride), _const(dilation), _const(is_causal)
+
+
+def module_constants(scale: float | None, kernel_size: object, stride: object, dilation: object,
+                     is_causal: object) -> tuple:
+    """What a module's plan store holds for the :data:`flexna.plan.MODULE_PATTERN` entries of its
+    calls' signatures, in signature order: the scale (in the options), then the pattern."""
+    return (scale, *pattern_constants(kernel_size, stride, dilation, is_causal))
 
 
 def _pattern_consts(kernel_size: object, stride: object, dilation: object, is_causal: object,
@@ -502,7 +514,7 @@ def na_signature(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ke
     """The signature (:mod:`flexna.plan`) of a :func:`neighborhood_attention` call."""
     sig = plans.tensor_signature
     return ("na", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
-            sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod, backend),
+            sig(additional_queries), sig(rel_pos_bias), _options(scale, return_lse, score_mod, backend, _store),
             *_pattern_consts(kernel_size, stride, dilation, is_causal, _store), _const(tiles),
             _ndim, torch.is_grad_enabled())
 
@@ -623,7 +635,7 @@ def tiled_signature(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return ("tiled", sig(query), sig(key), sig(value), sig(additional_keys), sig(additional_values),
             sig(rel_pos_bias), layout.shape, layout.tile,
             *_pattern_consts(kernel_size, stride, dilation, is_causal, _store),
-            _options(scale, return_lse, score_mod, backend), torch.is_grad_enabled(), num_extra_tokens)
+            _options(scale, return_lse, score_mod, backend, _store), torch.is_grad_enabled(), num_extra_tokens)
 
 
 def _tiled_plan(signature: tuple) -> CallPlan:

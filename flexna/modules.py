@@ -23,9 +23,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flexna.backends import Backend, check_backend
 from flexna.functional import (
+    module_constants,
     na_signature,
     neighborhood_attention,
-    pattern_constants,
     tiled_neighborhood_attention,
     tiled_signature,
 )
@@ -81,9 +81,9 @@ class NeighborhoodAttentionGeneric(nn.Module):
         self.head_dim = embed_dim // num_heads
         args = {"kernel_size": kernel_size, "stride": stride, "dilation": dilation, "is_causal": is_causal}
         self._pattern = {name: self._normalized(name, value) for name, value in args.items()}
-        self._plans = PlanStore(pattern_constants(*self._pattern.values()))
-        self._planned: set[tuple] = set()  # inputs planned ahead (regional compilation)
         self.scale = self.head_dim ** -0.5 if qk_scale is None else qk_scale
+        self._plans = PlanStore(module_constants(self.scale, *self._pattern.values()))
+        self._planned: set[tuple] = set()  # inputs planned ahead (regional compilation)
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -244,7 +244,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
             raise ValueError(f"{name}={value!r}: the rel_pos_bias table would change shape from "
                              f"{tuple(self.rpb.shape[1:])} to {self._rpb_table(pattern)}; build a new "
                              "module (and table) for that pattern")
-        self._plans.set_pattern(pattern_constants(*pattern.values()))
+        self._plans.set_pattern(module_constants(self.scale, *pattern.values()))
         self._pattern = pattern
 
     def extra_repr(self) -> str:

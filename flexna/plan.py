@@ -30,6 +30,7 @@ import functools
 import threading
 import types
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ PlanBuilder = Callable[[tuple], Any]
 # Plans made at trace time, one attribute per signature (dynamo reads attributes it has not
 # seen before freshly, so each traced call finds its own plan).
 _TRACED = types.SimpleNamespace()
+_TRACED_BYTES: OrderedDict[str, int] = OrderedDict()  # name -> bytes, oldest first
 _BUILDERS: dict[str, PlanBuilder] = {}
 _LOCK = threading.Lock()
 
@@ -58,12 +60,41 @@ def register(kind: str, builder: PlanBuilder) -> None:
 
 def tensor_signature(t: object) -> tuple | None:
     """What a plan may know of a tensor argument: shape, dtype, device, requires_grad (or why
-    it is not a tensor). Python constants only, so dynamo folds it."""
+    it is not a tensor). Python constants only, so dynamo folds it: under dynamo a dynamic
+    size (automatic dynamic shapes, ``dynamic=True``) is first specialised to its value, since
+    a mask is made for one shape (each new shape compiles once, as with ``dynamic=False``)."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         return ("not a tensor", type(t).__name__)
+    if comptime is not None and torch.compiler.is_dynamo_compiling():
+        comptime(_specialize_sizes)
     return (tuple(t.shape), str(t.dtype), str(t.device), bool(t.requires_grad))
+
+
+def _specialize_sizes(ctx: Any) -> None:
+    """Guard every symbolic size of the local ``t`` to its value (dynamo then folds the shape)."""
+    from torch.fx.experimental.symbolic_shapes import guard_int
+
+    for size in ctx.get_local("t").as_fake().shape:
+        if isinstance(size, torch.SymInt):
+            guard_int(size)
+
+
+def _constant_signature(ctx: Any) -> tuple:
+    """The local ``signature`` as a constant, or a clear error where dynamo made one of its
+    entries symbolic (an int argument of the user's compiled function that changed between
+    calls becomes dynamic)."""
+    try:
+        return ctx.get_local("signature").as_python_constant()
+    except Exception as exc:  # AsPythonConstantNotImplementedError: a SymNodeVariable
+        raise TypeError(
+            "flexna: a number argument of this call (kernel_size, stride, dilation, tiles, "
+            "num_extra_tokens, scale, ...) is dynamic under torch.compile: dynamo makes an int "
+            "argument of a compiled function symbolic once it changes between calls (and floats "
+            "under dynamic=True), and a mask needs its value. Pass it as a constant (a closure or "
+            "module attribute; flexna's modules may change their pattern without recompiling), or "
+            "compile with dynamic=False") from exc
 
 
 def build(signature: tuple) -> Any:
@@ -95,13 +126,33 @@ def _name(signature: tuple) -> str:
     return "plan" + _flat(signature)
 
 
+def _plan_bytes(plan: Any) -> int:
+    """Device bytes a resolved plan keeps alive (its BlockMask's index tensors, rpb tables)."""
+    tensors = [getattr(plan.mask, name, None) for name in (
+        "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+        "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")]
+    tensors += list(plan.rpb or ())
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def _build_at_trace_time(ctx: Any) -> None:
-    signature = ctx.get_local("signature").as_python_constant()
+    from flexna.cache import cache_info
+
+    signature = _constant_signature(ctx)
     name = _name(signature)
     with _LOCK:
         entry = getattr(_TRACED, name, None)
         if entry is None or entry[0] != signature:
-            setattr(_TRACED, name, (signature, build(signature).resolved()))
+            plan = build(signature).resolved()
+            setattr(_TRACED, name, (signature, plan))
+            _TRACED_BYTES[name] = _plan_bytes(plan)
+        _TRACED_BYTES.move_to_end(name)
+        # bounded by flexna's cache budget: the oldest plans go first (a graph reading one
+        # recompiles on its next call and plans it again)
+        budget = cache_info().max_bytes
+        while sum(_TRACED_BYTES.values()) > budget and len(_TRACED_BYTES) > 1:
+            old, _ = _TRACED_BYTES.popitem(last=False)
+            delattr(_TRACED, old)
 
 
 def plan_for(signature: tuple, store: PlanStore | None = None) -> Any:
@@ -126,6 +177,7 @@ def clear_traced_plans() -> None:
     recompile on their next call)."""
     with _LOCK:
         _TRACED.__dict__.clear()
+        _TRACED_BYTES.clear()
         stores = list(_STORES)
     for store in stores:
         store.clear()
@@ -141,7 +193,8 @@ _STORES: weakref.WeakSet[PlanStore] = weakref.WeakSet()
 class PlanStore:
     """A module's pattern arguments and the plans of its traced calls.
 
-    ``pattern``: the constants standing for :data:`MODULE_PATTERN` in a signature, in order.
+    ``pattern``: the constants standing for :data:`MODULE_PATTERN` in a signature, in order
+    (:func:`flexna.functional.module_constants`: the module's scale, then its pattern).
     :meth:`set_pattern` re-plans every traced call for the new pattern (all or nothing), so
     graphs that read the store run it without recompiling where the plans keep their
     structure. Freed with the module; :func:`flexna.clear_cache` empties it too.
@@ -155,9 +208,16 @@ class PlanStore:
         _STORES.add(self)
 
     def complete(self, signature: tuple, pattern: tuple | None = None) -> tuple:
-        """``signature`` with :data:`MODULE_PATTERN` replaced by the pattern's constants."""
+        """``signature`` with its :data:`MODULE_PATTERN` entries (depth first, nested tuples
+        included) replaced by the store's constants, in order."""
         values = iter(self.pattern if pattern is None else pattern)
-        return tuple(next(values) if item == MODULE_PATTERN else item for item in signature)
+
+        def fill(item: object) -> object:
+            if isinstance(item, str) and item == MODULE_PATTERN:
+                return next(values)
+            return tuple(fill(x) for x in item) if isinstance(item, tuple) else item
+
+        return tuple(fill(item) for item in signature)
 
     def trace(self, signature: tuple) -> None:
         """Plan ``signature`` for traced code (at trace time), unless already planned."""
@@ -202,4 +262,4 @@ def _object_of(var: Any) -> Any:
 
 
 def _trace_into_store(ctx: Any) -> None:
-    _object_of(ctx.get_local("store")).trace(ctx.get_local("signature").as_python_constant())
+    _object_of(ctx.get_local("store")).trace(_constant_signature(ctx))

@@ -131,6 +131,72 @@ def test_regional_compilation_shares_one_graph_across_layer_configs() -> None:
     _fresh()
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_new_resolutions_compile_once_each(dynamic: bool | None) -> None:
+    """A compiled model called at other resolutions: dynamo's automatic dynamic shapes (or
+    ``dynamic=True``) make the sizes symbolic; flexna specialises them (a mask is made for one
+    shape), so each resolution is correct and compiles once, and a seen one compiles nothing."""
+    torch.manual_seed(0)
+    model = Model().eval()
+    _fresh()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    with torch.no_grad():
+        for hw in ((12, 14), (16, 16), (20, 18), (12, 14), (16, 16)):
+            x = torch.randn(1, *hw, 32)
+            before = counters["stats"]["unique_graphs"]
+            got = compiled(x)
+            graphs = counters["stats"]["unique_graphs"] - before
+            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+            assert graphs <= 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    _fresh()
+
+
+def test_a_dynamic_int_argument_is_a_clear_error() -> None:
+    """An int argument of the user's compiled function that changes becomes symbolic: flexna
+    says so (it needs the kernel size's value) instead of failing inside dynamo."""
+    def f(q: torch.Tensor, kernel: int) -> torch.Tensor:
+        return flexna.na2d(q, q, q, kernel)
+
+    q = torch.randn(1, 12, 14, 2, 16)
+    _fresh()
+    compiled = torch.compile(f, fullgraph=True)
+    with torch.no_grad():
+        compiled(q, 3)
+        with pytest.raises(Exception, match=r"is dynamic under torch\.compile"):
+            compiled(q, 5)
+        torch.testing.assert_close(torch.compile(f, dynamic=False)(q, 5), f(q, 5), atol=1e-5, rtol=1e-5)
+    _fresh()
+
+
+def test_traced_plans_are_bounded_by_the_cache_budget() -> None:
+    """Plans made at trace time keep masks alive: their store is held to flexna's cache budget
+    (oldest first); a graph whose plan was dropped plans again and stays correct."""
+    from flexna import plan as plans
+
+    budget = flexna.cache_info().max_bytes
+    flexna.clear_cache()
+    _fresh()
+    q = torch.randn(1, 12, 14, 2, 16)
+    fns = [torch.compile(lambda q, k=k: flexna.na2d(q, q, q, k), fullgraph=True, dynamic=False)
+           for k in (3, 5, 7)]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", flexna.CacheWarning)  # masks over a 1-byte budget
+            flexna.set_cache_limit(1)
+            outs = [fn(q) for fn in fns]
+            assert len(plans._TRACED_BYTES) == 1, "traced plans beyond the budget were kept"
+            again = fns[0](q)  # its plan was dropped: re-planned, same result
+            flexna.set_cache_limit(budget)
+            want = flexna.na2d(q, q, q, 3)
+    finally:
+        flexna.set_cache_limit(budget)
+        flexna.clear_cache()
+    torch.testing.assert_close(again, outs[0])
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
+    _fresh()
+
+
 def test_functional_call_in_a_compiled_function_is_one_flex_op() -> None:
     def f(q: torch.Tensor) -> torch.Tensor:
         return flexna.na2d(q, q, q, 5, dilation=(1, 2)) * 2
