@@ -83,7 +83,6 @@ class NeighborhoodAttentionGeneric(nn.Module):
         self._pattern = {name: self._normalized(name, value) for name, value in args.items()}
         self.scale = self.head_dim ** -0.5 if qk_scale is None else qk_scale
         self._plans = PlanStore(module_constants(self.scale, *self._pattern.values()))
-        self._planned: set[tuple] = set()  # inputs planned ahead (regional compilation)
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -141,7 +140,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
                     torch.get_autocast_dtype(x.device.type)) if isinstance(x, torch.Tensor) else None
         key = (sig(x), sig(additional_keys), sig(additional_values), layout, torch.is_grad_enabled(),
                autocast, self.rpb is not None and self.rpb.requires_grad)
-        if key in self._planned:
+        if key in self._plans.ahead:
             return
         try:
             with FakeTensorMode(allow_non_fake_inputs=True):
@@ -154,8 +153,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
             self._plans.trace(signature)
         except Exception:  # the forward raises its own, clearer error
             return
-        if len(self._planned) < 64:  # bounded: a memo of signatures, not of masks
-            self._planned.add(key)
+        if len(self._plans.ahead) < 64:  # bounded: a memo of input signatures, not of masks
+            self._plans.ahead.add(key)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[..., embed_dim]`` -> q ``[..., heads, head_dim]``, k / v ``[..., kv_heads, head_dim]``

@@ -204,6 +204,7 @@ class PlanStore:
         self.pattern = pattern
         self.plans = types.SimpleNamespace()  # name -> plan (read by traced code)
         self._signatures: dict[str, tuple] = {}  # name -> signature (with MODULE_PATTERN)
+        self.ahead: set[tuple] = set()  # the owner's inputs already planned ahead of a call
         self._lock = threading.Lock()
         _STORES.add(self)
 
@@ -241,6 +242,7 @@ class PlanStore:
         with self._lock:
             self.plans.__dict__.clear()
             self._signatures.clear()
+            self.ahead.clear()
 
     def __deepcopy__(self, memo: dict) -> PlanStore:
         return PlanStore(self.pattern)  # plans are re-made on the copy's first traced call

@@ -109,6 +109,29 @@ def test_pattern_setter_validates_before_changing_anything() -> None:
     _fresh()
 
 
+def test_a_copied_layer_has_its_own_pattern() -> None:
+    """``copy.deepcopy`` (and pickling) gives a layer its own plan store: changing the copy's
+    kernel leaves the original's compiled graph on the original pattern."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = flexna.NeighborhoodAttention2D(32, 2, 3).eval()
+    x = torch.randn(1, 12, 14, 32)
+    _fresh()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        before = compiled(x)
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            twin.kernel_size = 5
+            assert layer.kernel_size == (3, 3)
+            torch.testing.assert_close(compiled(x), before)
+            fresh = flexna.NeighborhoodAttention2D(32, 2, 5).eval()
+            fresh.load_state_dict(layer.state_dict())
+            torch.testing.assert_close(twin(x), fresh(x), atol=1e-5, rtol=1e-5)
+    _fresh()
+
+
 def test_regional_compilation_shares_one_graph_across_layer_configs() -> None:
     """``layer.compile()`` on layers of different kernels and dilations (DiNAT-style): one graph
     for all of them, none more when called again; each gives its own pattern's output."""
