@@ -224,7 +224,7 @@ def _options(scale: object, return_lse: object, score_mod: object, backend: obje
     number = isinstance(scale, int | float) and not isinstance(scale, bool)
     scale_c: object = scale if scale is None or number else ("not a number", type(scale).__name__)
     if store is not None:
-        scale_c = plans.MODULE_PATTERN
+        scale_c = plans.module_entry("scale")
     lse_c = return_lse if isinstance(return_lse, bool) else ("not a bool", type(return_lse).__name__)
     mod_c = None if score_mod is None else (True if callable(score_mod) else type(score_mod).__name__)
     backend_c = backend if isinstance(backend, str) else ("not a str", repr(backend))
@@ -257,19 +257,22 @@ def pattern_constants(kernel_size: object, stride: object, dilation: object, is_
 
 
 def module_constants(scale: float | None, kernel_size: object, stride: object, dilation: object,
-                     is_causal: object) -> tuple:
-    """What a module's plan store holds for the :data:`flexna.plan.MODULE_PATTERN` entries of its
-    calls' signatures, in signature order: the scale (in the options), then the pattern."""
-    return (scale, *pattern_constants(kernel_size, stride, dilation, is_causal))
+                     is_causal: object) -> dict[str, object]:
+    """What a module's plan store holds: each :func:`flexna.plan.module_entry` marker of its
+    calls' signatures and the constant it stands for (the scale, in the options; the pattern)."""
+    pattern = pattern_constants(kernel_size, stride, dilation, is_causal)
+    names = ("kernel_size", "stride", "dilation", "is_causal")
+    return {plans.module_entry("scale"): scale,
+            **{plans.module_entry(n): v for n, v in zip(names, pattern, strict=True)}}
 
 
 def _pattern_consts(kernel_size: object, stride: object, dilation: object, is_causal: object,
                     store: plans.PlanStore | None) -> tuple:
     """A signature's pattern entries: the arguments' constants, or, for a module's call
-    (``store``), :data:`flexna.plan.MODULE_PATTERN` in their place (the module's pattern is
+    (``store``), :func:`flexna.plan.module_entry` markers in their place (the module's pattern is
     read from its store on the host, so compiled graphs do not guard on its values)."""
     if store is not None:
-        return (plans.MODULE_PATTERN,) * 4
+        return tuple(plans.module_entry(n) for n in ("kernel_size", "stride", "dilation", "is_causal"))
     return pattern_constants(kernel_size, stride, dilation, is_causal)
 
 

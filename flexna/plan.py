@@ -16,8 +16,8 @@ to one graph with no breaks, ``fullgraph=True`` included. Outside dynamo (eager,
 ``torch.export``'s non-strict tracing) the plan is made in Python as usual.
 
 A module's pattern (kernel size, stride, dilation, causality) is *not* in its signature: it
-lives in the module's :class:`PlanStore`, and the signature holds :data:`MODULE_PATTERN` in
-its place. The traced code then reads only the store's plan for the call's shapes, so dynamo
+lives in the module's :class:`PlanStore`, and the signature holds :func:`module_entry` markers
+in its place. The traced code then reads only the store's plan for the call's shapes, so dynamo
 guards on what the plan holds (its token orders, block sizes, tensor shapes), never on the
 pattern's values: setting ``layer.kernel_size`` re-plans in the store and the compiled graph
 runs the new pattern with no recompilation, as long as the plan's structure is unchanged
@@ -157,7 +157,7 @@ def _build_at_trace_time(ctx: Any) -> None:
 
 def plan_for(signature: tuple, store: PlanStore | None = None) -> Any:
     """The plan of ``signature``: made at trace time under dynamo, otherwise now. With a
-    ``store`` (a module's), its pattern fills the signature's :data:`MODULE_PATTERN` entries and
+    ``store`` (a module's), its values fill the signature's :func:`module_entry` markers and
     traced plans are kept in the store."""
     if comptime is not None and torch.compiler.is_dynamo_compiling():
         if store is not None:
@@ -184,8 +184,11 @@ def clear_traced_plans() -> None:
     _eager_plan.cache_clear()
 
 
-#: Stands in a signature for each pattern argument a :class:`PlanStore` holds.
-MODULE_PATTERN = "<the module's pattern>"
+def module_entry(name: str) -> str:
+    """The marker standing in a signature for the module's argument ``name`` (its value lives
+    in the module's :class:`PlanStore`)."""
+    return f"<the module's {name}>"
+
 
 _STORES: weakref.WeakSet[PlanStore] = weakref.WeakSet()
 
@@ -193,29 +196,27 @@ _STORES: weakref.WeakSet[PlanStore] = weakref.WeakSet()
 class PlanStore:
     """A module's pattern arguments and the plans of its traced calls.
 
-    ``pattern``: the constants standing for :data:`MODULE_PATTERN` in a signature, in order
-    (:func:`flexna.functional.module_constants`: the module's scale, then its pattern).
-    :meth:`set_pattern` re-plans every traced call for the new pattern (all or nothing), so
-    graphs that read the store run it without recompiling where the plans keep their
+    ``values``: marker (:func:`module_entry`) -> the constant it stands for in a signature.
+    :meth:`set_pattern` re-plans every traced call for new values (all or nothing), so
+    graphs that read the store run them without recompiling where the plans keep their
     structure. Freed with the module; :func:`flexna.clear_cache` empties it too.
     """
 
-    def __init__(self, pattern: tuple) -> None:
-        self.pattern = pattern
+    def __init__(self, values: dict[str, object]) -> None:
+        self.values = values
         self.plans = types.SimpleNamespace()  # name -> plan (read by traced code)
-        self._signatures: dict[str, tuple] = {}  # name -> signature (with MODULE_PATTERN)
+        self._signatures: dict[str, tuple] = {}  # name -> signature (with markers)
         self.ahead: set[tuple] = set()  # the owner's inputs already planned ahead of a call
         self._lock = threading.Lock()
         _STORES.add(self)
 
-    def complete(self, signature: tuple, pattern: tuple | None = None) -> tuple:
-        """``signature`` with its :data:`MODULE_PATTERN` entries (depth first, nested tuples
-        included) replaced by the store's constants, in order."""
-        values = iter(self.pattern if pattern is None else pattern)
+    def complete(self, signature: tuple, values: dict[str, object] | None = None) -> tuple:
+        """``signature`` with its markers (nested tuples included) replaced by their values."""
+        table = self.values if values is None else values
 
         def fill(item: object) -> object:
-            if isinstance(item, str) and item == MODULE_PATTERN:
-                return next(values)
+            if isinstance(item, str) and item in table:
+                return table[item]
             return tuple(fill(x) for x in item) if isinstance(item, tuple) else item
 
         return tuple(fill(item) for item in signature)
@@ -228,13 +229,13 @@ class PlanStore:
                 setattr(self.plans, name, build(self.complete(signature)).resolved())
                 self._signatures[name] = signature
 
-    def set_pattern(self, pattern: tuple) -> None:
-        """Take ``pattern``, re-planning every traced call first: a pattern one of them rejects
-        raises its error and changes nothing."""
+    def set_pattern(self, values: dict[str, object]) -> None:
+        """Take new ``values``, re-planning every traced call first: values one of them rejects
+        raise its error and change nothing."""
         with self._lock:
-            new = {name: build(self.complete(sig, pattern)).resolved(private=True)
+            new = {name: build(self.complete(sig, values)).resolved(private=True)
                    for name, sig in self._signatures.items()}
-            self.pattern = pattern
+            self.values = values
             for name, plan in new.items():
                 setattr(self.plans, name, plan)
 
@@ -245,13 +246,13 @@ class PlanStore:
             self.ahead.clear()
 
     def __deepcopy__(self, memo: dict) -> PlanStore:
-        return PlanStore(self.pattern)  # plans are re-made on the copy's first traced call
+        return PlanStore(dict(self.values))  # plans are re-made on the copy's first traced call
 
     def __getstate__(self) -> dict:
-        return {"pattern": self.pattern}
+        return {"values": self.values}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["pattern"])  # type: ignore[misc]
+        self.__init__(state["values"])  # type: ignore[misc]
 
 
 def _object_of(var: Any) -> Any:
