@@ -50,6 +50,18 @@ class NeighborhoodAttentionGeneric(nn.Module):
     ``check_finite=True`` (attribute ``check_finite``, settable later): every forward raises
     ``ValueError`` naming q, k, v or the bias if one holds a NaN or an infinity (a host sync;
     off by default, see :func:`flexna.neighborhood_attention`).
+
+    ``kernel_size``, ``stride``, ``dilation`` and ``is_causal`` are settable attributes: a new
+    value is validated against every input shape the module has been compiled for (a bad one
+    raises and changes nothing) and a compiled model runs it on its next call without
+    recompiling, unless the plan's structure changes (other tiles or block sizes). With
+    ``rel_pos_bias=True`` the rpb table's shape must stay the same.
+
+    Example::
+
+        layer = flexna.NeighborhoodAttention2D(64, 4, 7, dilation=2)
+        y = torch.compile(layer)(torch.randn(1, 32, 32, 64))
+        layer.kernel_size = 5  # the compiled layer runs 5x5 windows next, with no recompile
     """
 
     def __init__(self, na_dim: int, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
@@ -254,7 +266,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
 
 
 class NeighborhoodAttention1D(NeighborhoodAttentionGeneric):
-    """1-D: ``x`` ``[batch, L, embed_dim]``."""
+    """1-D: ``x`` ``[batch, L, embed_dim]``; arguments and settable pattern attributes as in
+    :class:`NeighborhoodAttentionGeneric`."""
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
                  stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
@@ -268,7 +281,8 @@ class NeighborhoodAttention1D(NeighborhoodAttentionGeneric):
 
 
 class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
-    """2-D: ``x`` ``[batch, H, W, embed_dim]``."""
+    """2-D: ``x`` ``[batch, H, W, embed_dim]``; arguments and settable pattern attributes as in
+    :class:`NeighborhoodAttentionGeneric`."""
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
                  stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
@@ -282,7 +296,8 @@ class NeighborhoodAttention2D(NeighborhoodAttentionGeneric):
 
 
 class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
-    """3-D: ``x`` ``[batch, T, H, W, embed_dim]``."""
+    """3-D: ``x`` ``[batch, T, H, W, embed_dim]``; arguments and settable pattern attributes as in
+    :class:`NeighborhoodAttentionGeneric`."""
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: IntOrTuple | PerHead,
                  stride: IntOrTuple | PerHead = 1, dilation: IntOrTuple | PerHead = 1,
