@@ -15,6 +15,7 @@ no attention dropout); both offer ``proj_drop``, dropout on the output projectio
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -136,7 +137,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_compiled_call_impl", None) is not None and not torch.compiler.is_compiling():
-            self._plan_ahead(*args, **kwargs)
+            with contextlib.suppress(TypeError):  # arguments forward() does not take: it says so
+                self._plan_ahead(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
     def _plan_ahead(self, x: torch.Tensor, additional_keys: torch.Tensor | None = None,
