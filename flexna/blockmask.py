@@ -116,21 +116,22 @@ def _build(spec: MaskSpec, device: torch.device) -> tuple[BlockMask, int]:
     tables = build_tables(spec, device, host=host)
     mask = assemble_block_mask(partial, full, (spec.q_len, spec.kv_len), (spec.q_block, spec.kv_block),
                                tables.mask_mod(), device)
-    index = _tensor_bytes(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
-                          mask.full_kv_indices, mask.q_num_blocks, mask.q_indices,
-                          mask.full_q_num_blocks, mask.full_q_indices)
-    static_addresses(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
-                     mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
-                     *tables.tensors)
-    return mask, index + tables.nbytes
+    static_addresses(*index_tensors(mask), *tables.tensors)
+    return mask, _tensor_bytes(*index_tensors(mask)) + tables.nbytes
+
+
+def index_tensors(mask: BlockMask) -> tuple[torch.Tensor | None, ...]:
+    """The block index tensors a BlockMask holds (kv-major and q-major, partial and full)."""
+    return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
 
 
 def static_addresses(*tensors: torch.Tensor | None) -> None:
     """Tell dynamo these tensors keep their address and shape while alive (a mask's, never written
     after it is built, and made for one layout, so its sizes are never dynamic): CUDA graphs
     (``mode="reduce-overhead"``) then read them in place instead of copying them into the
-    graph's input buffers on every replay. Unguarded: a plan replaced by
-    one with other tensors (a module's new pattern) re-records the graph, it does not recompile."""
+    graph's input buffers on every replay. Unguarded: a plan replaced by one with other tensors
+    (a module's new pattern) re-records the graph, it does not recompile."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
             for u in (t, t._base) if t._base is not None else (t,):  # dynamo wraps a view's base too

@@ -9,7 +9,7 @@ FlexAttention with a cached analytic BlockMask and returns the same layout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from flexna import plan as plans
 from flexna.analysis import choose_tiles
 from flexna.backends import Backend, BackendError, backend_options, block_sizes, check_backend, resolve_backend
-from flexna.blockmask import build_block_mask, spec_block_mask, static_addresses
+from flexna.blockmask import build_block_mask, index_tensors, spec_block_mask, static_addresses
 from flexna.blocksparsity import spec_maps
 from flexna.errors import warn_user
 from flexna.flex import (
@@ -199,6 +199,12 @@ class CallPlan:
         return replace(self, mask=spec_block_mask(self.spec, self.device),
                        rpb=rpb_token_tables(self.spec, self.device) if self.has_rpb else None)
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes this resolved plan keeps alive (BlockMask index tensors, rpb tables)."""
+        tensors = [*(index_tensors(self.mask) if self.mask is not None else ()), *(self.rpb or ())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def block_mask(self) -> BlockMask:
         return self.mask if self.mask is not None else spec_block_mask(self.spec, self.device)
 
@@ -251,19 +257,16 @@ def _check_options(options: tuple) -> None:
 as_constant = _const  # for flexna.distributed
 
 
-def pattern_constants(kernel_size: object, stride: object, dilation: object, is_causal: object) -> tuple:
-    """The pattern arguments as a signature's constants."""
-    return _const(kernel_size), _const(stride), _const(dilation), _const(is_causal)
+#: The pattern arguments, in signature order.
+PATTERN_ARGS = ("kernel_size", "stride", "dilation", "is_causal")
 
 
-def module_constants(scale: float | None, kernel_size: object, stride: object, dilation: object,
-                     is_causal: object) -> dict[str, object]:
+def module_constants(scale: float | None, pattern: Mapping[str, object]) -> dict[str, object]:
     """What a module's plan store holds: each :func:`flexna.plan.module_entry` marker of its
-    calls' signatures and the constant it stands for (the scale, in the options; the pattern)."""
-    pattern = pattern_constants(kernel_size, stride, dilation, is_causal)
-    names = ("kernel_size", "stride", "dilation", "is_causal")
+    calls' signatures and the constant it stands for (the scale, in the options; the pattern
+    arguments, by name)."""
     return {plans.module_entry("scale"): scale,
-            **{plans.module_entry(n): v for n, v in zip(names, pattern, strict=True)}}
+            **{plans.module_entry(name): _const(pattern[name]) for name in PATTERN_ARGS}}
 
 
 def _pattern_consts(kernel_size: object, stride: object, dilation: object, is_causal: object,
@@ -272,8 +275,8 @@ def _pattern_consts(kernel_size: object, stride: object, dilation: object, is_ca
     (``store``), :func:`flexna.plan.module_entry` markers in their place (the module's pattern is
     read from its store on the host, so compiled graphs do not guard on its values)."""
     if store is not None:
-        return tuple(plans.module_entry(n) for n in ("kernel_size", "stride", "dilation", "is_causal"))
-    return pattern_constants(kernel_size, stride, dilation, is_causal)
+        return tuple(plans.module_entry(name) for name in PATTERN_ARGS)
+    return _const(kernel_size), _const(stride), _const(dilation), _const(is_causal)
 
 
 def check_options(scale: object, return_lse: object = False, score_mod: object = None) -> None:

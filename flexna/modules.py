@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from flexna.backends import Backend, check_backend
 from flexna.functional import (
+    PATTERN_ARGS,
     module_constants,
     na_signature,
     neighborhood_attention,
@@ -37,6 +38,21 @@ from flexna.scores import common_table_shape, rpb_table_shape
 
 # The pattern arguments of a module's call: read from its plan store (``_store``), not passed.
 _IN_STORE: Any = None
+
+
+class _PatternArg:
+    """A module's settable pattern argument (``kernel_size``, ``stride``, ``dilation``,
+    ``is_causal``): per axis, or a :class:`flexna.PerHead`. Setting it validates the value and
+    re-plans the module's traced calls (see :meth:`NeighborhoodAttentionGeneric._set_pattern`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, module: Any, owner: type | None = None) -> Any:
+        return self if module is None else module._pattern[self.name]
+
+    def __set__(self, module: Any, value: Any) -> None:
+        module._set_pattern(self.name, value)
 
 
 class NeighborhoodAttentionGeneric(nn.Module):
@@ -92,10 +108,10 @@ class NeighborhoodAttentionGeneric(nn.Module):
         self.na_dim, self.embed_dim, self.num_heads = na_dim, embed_dim, num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
-        args = {"kernel_size": kernel_size, "stride": stride, "dilation": dilation, "is_causal": is_causal}
+        args = dict(zip(PATTERN_ARGS, (kernel_size, stride, dilation, is_causal), strict=True))
         self._pattern = {name: self._normalized(name, value) for name, value in args.items()}
         self.scale = self.head_dim ** -0.5 if qk_scale is None else qk_scale
-        self._plans = PlanStore(module_constants(self.scale, *self._pattern.values()))
+        self._plans = PlanStore(module_constants(self.scale, self._pattern))
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -137,7 +153,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_compiled_call_impl", None) is not None and not torch.compiler.is_compiling():
-            with contextlib.suppress(TypeError):  # arguments forward() does not take: it says so
+            with contextlib.suppress(Exception):  # bad input: forward raises its own, clearer error
                 self._plan_ahead(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
@@ -148,7 +164,8 @@ class NeighborhoodAttentionGeneric(nn.Module):
         compiled forward's guards read it, so that every layer of this class shares one
         compiled graph per structure instead of recompiling at each layer's first call. The
         q/k/v signatures come from the projection run on fake tensors (autocast and grad mode
-        included), memoised per input signature; bad input is left to the forward's checks."""
+        included), memoised per input signature. Errors are the caller's to drop: bad input is
+        left to the forward's own checks."""
         sig = tensor_signature
         autocast = (torch.is_autocast_enabled(x.device.type) and
                     torch.get_autocast_dtype(x.device.type)) if isinstance(x, torch.Tensor) else None
@@ -156,17 +173,14 @@ class NeighborhoodAttentionGeneric(nn.Module):
                autocast, self.rpb is not None and self.rpb.requires_grad)
         if key in self._plans.ahead:
             return
-        try:
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                q, k, v = self._project(x)
-            kwargs = self._call_kwargs(additional_keys, additional_values)
-            if layout is None:
-                signature = na_signature(q, k, v, _IN_STORE, **kwargs)
-            else:
-                signature = tiled_signature(q, k, v, layout, _IN_STORE, **kwargs)
-            self._plans.trace(signature)
-        except Exception:  # the forward raises its own, clearer error
-            return
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            q, k, v = self._project(x)
+        kwargs = self._call_kwargs(additional_keys, additional_values)
+        if layout is None:
+            signature = na_signature(q, k, v, _IN_STORE, **kwargs)
+        else:
+            signature = tiled_signature(q, k, v, layout, _IN_STORE, **kwargs)
+        self._plans.trace(signature)
         if len(self._plans.ahead) < 64:  # bounded: a memo of input signatures, not of masks
             self._plans.ahead.add(key)
 
@@ -197,37 +211,10 @@ class NeighborhoodAttentionGeneric(nn.Module):
     # module has traced (torch.compile) in its plan store: their compiled graphs run the new
     # pattern without recompiling unless the plan's structure changes (tiles, block sizes).
 
-    @property
-    def kernel_size(self) -> tuple[int, ...] | PerHead:
-        return self._pattern["kernel_size"]
-
-    @kernel_size.setter
-    def kernel_size(self, value: IntOrTuple | PerHead) -> None:
-        self._set_pattern("kernel_size", value)
-
-    @property
-    def stride(self) -> tuple[int, ...] | PerHead:
-        return self._pattern["stride"]
-
-    @stride.setter
-    def stride(self, value: IntOrTuple | PerHead) -> None:
-        self._set_pattern("stride", value)
-
-    @property
-    def dilation(self) -> tuple[int, ...] | PerHead:
-        return self._pattern["dilation"]
-
-    @dilation.setter
-    def dilation(self, value: IntOrTuple | PerHead) -> None:
-        self._set_pattern("dilation", value)
-
-    @property
-    def is_causal(self) -> tuple[bool, ...] | PerHead:
-        return self._pattern["is_causal"]
-
-    @is_causal.setter
-    def is_causal(self, value: BoolOrTuple | PerHead) -> None:
-        self._set_pattern("is_causal", value)
+    kernel_size = _PatternArg()
+    stride = _PatternArg()
+    dilation = _PatternArg()
+    is_causal = _PatternArg()
 
     def _normalized(self, name: str, value: Any) -> Any:
         """A pattern argument per axis (or a :class:`PerHead` of one entry per head)."""
@@ -257,7 +244,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
             raise ValueError(f"{name}={value!r}: the rel_pos_bias table would change shape from "
                              f"{tuple(self.rpb.shape[1:])} to {self._rpb_table(pattern)}; build a new "
                              "module (and table) for that pattern")
-        self._plans.set_pattern(module_constants(self.scale, *pattern.values()))
+        self._plans.set_pattern(module_constants(self.scale, pattern))
         self._pattern = pattern
 
     def extra_repr(self) -> str:

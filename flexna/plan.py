@@ -126,15 +126,6 @@ def _name(signature: tuple) -> str:
     return "plan" + _flat(signature)
 
 
-def _plan_bytes(plan: Any) -> int:
-    """Device bytes a resolved plan keeps alive (its BlockMask's index tensors, rpb tables)."""
-    tensors = [getattr(plan.mask, name, None) for name in (
-        "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-        "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")]
-    tensors += list(plan.rpb or ())
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 def _build_at_trace_time(ctx: Any) -> None:
     from flexna.cache import cache_info
 
@@ -145,7 +136,7 @@ def _build_at_trace_time(ctx: Any) -> None:
         if entry is None or entry[0] != signature:
             plan = build(signature).resolved()
             setattr(_TRACED, name, (signature, plan))
-            _TRACED_BYTES[name] = _plan_bytes(plan)
+            _TRACED_BYTES[name] = plan.nbytes
         _TRACED_BYTES.move_to_end(name)
         # bounded by flexna's cache budget: the oldest plans go first (a graph reading one
         # recompiles on its next call and plans it again)
