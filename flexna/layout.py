@@ -26,6 +26,7 @@ import torch
 from flexna.curves import CURVES, curve_order
 from flexna.geometry import Region, block_boxes, padded_shape, tile_grid, tiled_coords, unravel
 from flexna.pattern import MAX_TOKENS, as_int_tuple, as_shape
+from flexna.row_gather import gather_rows
 
 
 class TokenOrder(Protocol):
@@ -265,8 +266,8 @@ class TokenLayout:
 
         Eagerly a gather of whole token rows (:func:`gather_to_order`, near memory speed: the
         result is a ``[B, heads, length, dim]`` view of ``[B, length, heads, dim]`` memory,
-        which FlexAttention reads as fast and whose layout its output keeps). Inside
-        ``torch.compile`` (where inductor fuses it) and in deterministic mode a reshape-permute.
+        which FlexAttention reads as fast and whose layout its output keeps; its backward is
+        the inverse gather). Inside ``torch.compile`` a reshape-permute (inductor fuses it).
         """
         if _gather_pays():
             return gather_to_order(x, self)
@@ -284,30 +285,29 @@ class TokenLayout:
 
 
 def _gather_pays() -> bool:
-    """Eager and not deterministic: the row gather (its backward is an index_add, which torch's
-    deterministic mode rejects on CUDA; under torch.compile the reshape-permute fuses)."""
-    return not torch.compiler.is_compiling() and not torch.are_deterministic_algorithms_enabled()
+    """Eagerly the row gather; under torch.compile the reshape-permute (inductor fuses it)."""
+    return not torch.compiler.is_compiling()
 
 
-def order_index(order: TokenOrder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(to_order, from_order, padding)`` int64 index tensors of ``order`` on ``device``, cached.
+def order_index(order: TokenOrder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_order, from_order)`` int64 index tensors of ``order`` on ``device``, cached.
 
-    ``to_order[p]``: the row-major token at sequence position ``p`` (padding: token 0);
-    ``from_order[t]``: the position of row-major token ``t``; ``padding``: the padded positions.
-    Any :class:`TokenOrder` (from its :meth:`~TokenOrder.coords`).
+    ``to_order[p]``: the row-major token at sequence position ``p`` (``-1``: padding);
+    ``from_order[t]``: the position of row-major token ``t``. Each is the other's inverse
+    (:func:`~flexna.row_gather.gather_rows`). Any :class:`TokenOrder` (from its
+    :meth:`~TokenOrder.coords`).
     """
     from flexna.cache import cached
 
-    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
         coords = order.coords()
         real = coords[:, 0] >= 0
         flat = np.ravel_multi_index(tuple(np.where(real, coords[:, a], 0) for a in range(coords.shape[1])),
                                     order.shape).astype(np.int64)
         inverse = np.empty(math.prod(order.shape), dtype=np.int64)
         inverse[flat[real]] = np.flatnonzero(real)
-        parts = (flat, inverse, np.flatnonzero(~real))
-        moved = torch.from_numpy(np.concatenate(parts)).to(device).split([len(p) for p in parts])
-        return moved[0], moved[1], moved[2]
+        moved = torch.from_numpy(np.concatenate((np.where(real, flat, -1), inverse))).to(device)
+        return moved[:len(flat)], moved[len(flat):]
 
     return cached(("order-index", order, device), build, lambda t: 8 * sum(i.numel() for i in t))
 
@@ -315,20 +315,18 @@ def order_index(order: TokenOrder, device: torch.device) -> tuple[torch.Tensor, 
 def gather_to_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:
     """``[B, *shape, heads, dim]`` -> ``[B, heads, length, dim]`` in ``order``: one row gather
     into ``[B, length, heads, dim]`` memory, returned as its heads-first view; padded positions
-    hold zeros (as :func:`tile_tokens` gives them)."""
+    hold zeros (as :func:`tile_tokens` gives them). Its backward is :func:`gather_from_order`'s
+    gather (deterministic)."""
     _check_spatial(x, 1, order.shape, "gather_to_order")
     rows = x.reshape(x.shape[0], math.prod(order.shape), *x.shape[-2:])
-    to_order, _, padding = order_index(order, x.device)
-    out = rows.index_select(1, to_order)
-    if padding.numel():  # in place: out is index_select's fresh tensor (a second copy halved
-        out.index_fill_(1, padding, 0)  # the padded gather's speed: 1.7 vs 3.5 TB/s on an H200)
-    return out.transpose(1, 2)
+    return gather_rows(rows, *order_index(order, x.device)).transpose(1, 2)
 
 
 def gather_from_order(x: torch.Tensor, order: TokenOrder) -> torch.Tensor:
-    """``[B, length, heads, dim]`` in ``order`` -> ``[B, prod(shape), heads, dim]`` row-major (one
-    row gather; padding dropped)."""
-    return x.index_select(1, order_index(order, x.device)[1])
+    """``[B, length, *rest]`` in ``order`` -> ``[B, prod(shape), *rest]`` row-major (one row
+    gather; padding dropped)."""
+    to_order, from_order = order_index(order, x.device)
+    return gather_rows(x, from_order, to_order)
 
 
 def as_curve(name: str, curve: object) -> str | None:
@@ -393,7 +391,7 @@ class CurveOrder:
         """``[B, *shape, *rest]`` -> ``[B, length, *rest]`` in curve order (one gather)."""
         _check_spatial(x, 1, self.shape, "CurveOrder.to_tokens")
         flat = x.reshape(x.shape[0], self.length, *x.shape[1 + len(self.shape):])
-        return flat.index_select(1, order_index(self, x.device)[0])
+        return gather_rows(flat, *order_index(self, x.device))
 
     def from_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, length, *rest]`` in curve order -> ``[B, *shape, *rest]``."""
