@@ -45,7 +45,8 @@ class _RowGather(torch.autograd.Function):
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    kernel = _triton_kernel() if x.is_cuda and not torch.compiler.is_compiling() else None
+    usable = x.is_cuda and not x.dtype.is_complex and x.shape[0] < 65536  # batch: grid axis 1
+    kernel = _triton_kernel() if usable and not torch.compiler.is_compiling() else None
     if kernel is None or x.numel() == 0:
         out = x.index_select(1, index.clamp(min=0))
         if index.numel() <= x.shape[1]:  # a permutation, or one that drops rows: no padding

@@ -100,3 +100,14 @@ def test_gather_rows_cuda_strided_input() -> None:
     x = torch.randn(2, 4, 50, 8, device="cuda").transpose(1, 2)  # [2, 50, 4, 8], strided
     got = gather_rows(x, index.cuda(), inverse.cuda())
     assert torch.equal(got.cpu(), _expected(x.cpu(), index))
+
+
+def test_gather_rows_inside_torch_compile() -> None:
+    """Traced (the path without a host sync): same values and gradients as eagerly."""
+    index, inverse = _padded_permutation(20, 5, 7)
+    x = torch.randn(2, 20, 3, 4, requires_grad=True)
+    compiled = torch.compile(gather_rows, fullgraph=True, backend="aot_eager")
+    got = compiled(x, index, inverse)
+    assert torch.equal(got, _expected(x.detach(), index))
+    got.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
