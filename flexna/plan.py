@@ -140,10 +140,11 @@ def _build_at_trace_time(ctx: Any) -> None:
         _TRACED_BYTES.move_to_end(name)
         # bounded by flexna's cache budget: the oldest plans go first (a graph reading one
         # recompiles on its next call and plans it again)
-        budget = cache_info().max_bytes
-        while sum(_TRACED_BYTES.values()) > budget and len(_TRACED_BYTES) > 1:
-            old, _ = _TRACED_BYTES.popitem(last=False)
+        budget, held = cache_info().max_bytes, sum(_TRACED_BYTES.values())
+        while held > budget and len(_TRACED_BYTES) > 1:
+            old, freed = _TRACED_BYTES.popitem(last=False)
             delattr(_TRACED, old)
+            held -= freed
 
 
 def plan_for(signature: tuple, store: PlanStore | None = None) -> Any:

@@ -7,8 +7,9 @@ differentiable permutation with padding: the gradient is the gather by ``inverse
 no ``index_add``) and the two directions of :mod:`flexna.layout` are each other's backward.
 
 On CUDA one Triton program copies one row (the padding is written as zeros in the same pass,
-no second pass over the output); elsewhere, or without Triton, ``index_select`` plus an in-place
-``index_fill_`` of the padded rows.
+no second pass over the output). Elsewhere ``index_select``, then, where there is padding, an
+in-place ``index_fill_`` of the padded rows (CPU) or a ``masked_fill_`` (CUDA without Triton, and
+inside ``torch.compile``: no host sync, no data-dependent shape).
 """
 
 from __future__ import annotations
