@@ -45,6 +45,20 @@ def test_recompile_limit_raises_instead_of_eager(monkeypatch: pytest.MonkeyPatch
     torch._dynamo.reset()
 
 
+def test_calls_leave_dynamo_config_as_they_found_it() -> None:
+    """flexna raises dynamo's recompile limit only around its own compiled call: after a call,
+    and after one that fails inside the compiled function, the user's values are back."""
+    cfg = torch._dynamo.config
+    limit_name, fail_name = F._limit_names()
+    with cfg.patch(**{limit_name: 3, fail_name: False}):
+        x = torch.randn(1, 6, 7, 2, 16)
+        flexna.na2d(x, x, x, 3)
+        assert (getattr(cfg, limit_name), getattr(cfg, fail_name)) == (3, False)
+        with pytest.raises(Exception):  # noqa: B017  any failure inside the compiled call
+            F.call_compiled(x, x, x[..., :3])  # 5-D tensors: flex_attention rejects them
+        assert (getattr(cfg, limit_name), getattr(cfg, fail_name)) == (3, False)
+
+
 def test_auto_tiles_never_recompile_for_a_shape() -> None:
     """tiles='auto' keeps a shape's sequence length whatever the pattern (issue 13, item 6):
     24 x 40 (no 128-token tile divides it) runs kernels (1,1), (1,3), (3,1) in one graph (the
