@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -54,36 +55,102 @@ def _limit_names() -> tuple[str, str]:
     return names
 
 
+@functools.cache
+def _config_per_thread() -> bool:
+    """Whether dynamo's config values are per thread: torch 2.13 keeps them in context
+    variables (a new thread sees the defaults), torch 2.11 shares them across the process.
+    Probed once: a value read in a new thread, after a change of this thread's restored at once."""
+    cfg = torch._dynamo.config
+    name = _limit_names()[0]
+    mine = getattr(cfg, name)
+    seen: list[Any] = []
+
+    def read_in_thread() -> Any:
+        t = threading.Thread(target=lambda: seen.append(getattr(cfg, name)))
+        t.start()
+        t.join()
+        return seen[-1]
+
+    if read_in_thread() != mine:
+        return True
+    with _RaisedLimit.lock:  # no flexna call sets it meanwhile
+        setattr(cfg, name, mine + 1)
+        try:
+            return read_in_thread() != mine + 1
+        finally:
+            setattr(cfg, name, mine)
+
+
+class _RaisedLimit:
+    """Dynamo's recompile limit raised to :data:`RECOMPILE_LIMIT` (and hitting it made an error)
+    while a flexna compiled call runs; the caller's values restored after it.
+
+    Where dynamo's config is per thread, each call saves and restores its thread's values.
+    Where it is shared by the process, overlapping calls in several threads count themselves in
+    and out: the first saves the user's values, the last restores them (a per-call save would
+    save another call's raised values and leave them). Set by hand, not with dynamo's
+    ``config.patch``, which costs about 25 us more per call: it shows on host-bound eager calls
+    (``benchmarks/results/host-overhead-NVIDIA-H100-2026-12-07.md``)."""
+
+    lock = threading.Lock()
+    _shared_calls = 0
+    _shared_saved: tuple[Any, Any] = (None, None)
+
+    def __enter__(self) -> int:
+        cfg = torch._dynamo.config
+        limit_name, fail_name = _limit_names()
+        self.per_thread = _config_per_thread()
+        if self.per_thread:
+            self.saved = getattr(cfg, limit_name), getattr(cfg, fail_name)
+            return self._raise(cfg, self.saved[0])
+        with _RaisedLimit.lock:
+            if _RaisedLimit._shared_calls == 0:
+                _RaisedLimit._shared_saved = getattr(cfg, limit_name), getattr(cfg, fail_name)
+            _RaisedLimit._shared_calls += 1
+            return self._raise(cfg, _RaisedLimit._shared_saved[0])
+
+    @staticmethod
+    def _raise(cfg: Any, user_limit: int) -> int:
+        limit_name, fail_name = _limit_names()
+        limit = max(user_limit, RECOMPILE_LIMIT)
+        setattr(cfg, limit_name, limit)
+        setattr(cfg, fail_name, True)
+        return limit
+
+    def __exit__(self, *exc: object) -> None:
+        cfg = torch._dynamo.config
+        limit_name, fail_name = _limit_names()
+        if self.per_thread:
+            setattr(cfg, limit_name, self.saved[0])
+            setattr(cfg, fail_name, self.saved[1])
+            return
+        with _RaisedLimit.lock:
+            _RaisedLimit._shared_calls -= 1
+            if _RaisedLimit._shared_calls == 0:
+                setattr(cfg, limit_name, _RaisedLimit._shared_saved[0])
+                setattr(cfg, fail_name, _RaisedLimit._shared_saved[1])
+
+
 def call_compiled(*args: Any, **kwargs: Any) -> Any:
     """Run compiled ``flex_attention``; never let dynamo fall back to eager at its limit.
 
     At dynamo's recompile limit torch would run ``flex_attention`` eagerly, which
     materialises every score (a 384 GiB allocation on a 256x256 layout). Here the limit is
-    raised to :data:`RECOMPILE_LIMIT` for this call (set and restored around it, never
-    left changed) and hitting it is an error.
+    raised to :data:`RECOMPILE_LIMIT` for this call (:class:`_RaisedLimit`: restored after it,
+    in every thread) and hitting it is an error.
     """
-    cfg = torch._dynamo.config
-    limit_name, fail_name = _limit_names()
-    # set and restored by hand: dynamo's ``config.patch`` costs twice as much per call (16 vs
-    # 8 us on a CPU), which shows on sub-millisecond eager calls
-    before = getattr(cfg, limit_name), getattr(cfg, fail_name)
-    limit = max(before[0], RECOMPILE_LIMIT)
-    setattr(cfg, limit_name, limit)
-    setattr(cfg, fail_name, True)
-    try:
-        return compiled_flex_attention()(*args, **kwargs)
-    except Exception as exc:
-        if "LimitHit" not in type(exc).__name__ and "recompile_limit" not in str(exc):
-            raise
-        raise RecompileLimitError(
-            f"flexna: its compiled flex_attention reached {limit} recompilations (one per "
-            "distinct tensor shape / dtype / device / option set). Rather than fall back to "
-            "eager attention (which materialises all N x N scores), flexna stops here. Fix: "
-            "use fewer distinct shapes, or raise flexna.flex.RECOMPILE_LIMIT."
-        ) from exc
-    finally:
-        setattr(cfg, limit_name, before[0])
-        setattr(cfg, fail_name, before[1])
+    with _RaisedLimit() as limit:
+        try:
+            return compiled_flex_attention()(*args, **kwargs)
+        except Exception as exc:
+            if "LimitHit" not in type(exc).__name__ and "recompile_limit" not in str(exc):
+                raise
+            raise RecompileLimitError(
+                f"flexna: its compiled flex_attention reached {limit} recompilations (one per "
+                "distinct tensor shape / dtype / device / option set). Rather than fall back to "
+                "eager attention (which materialises all N x N scores), flexna stops here. Fix: "
+                "use fewer distinct shapes, or raise flexna.flex.RECOMPILE_LIMIT."
+            ) from exc
 
 
 def _eager_reason(query: torch.Tensor, tensors: tuple[torch.Tensor, ...], return_lse: bool,

@@ -59,6 +59,49 @@ def test_calls_leave_dynamo_config_as_they_found_it() -> None:
         assert (getattr(cfg, limit_name), getattr(cfg, fail_name)) == (3, False)
 
 
+def test_overlapping_calls_in_threads_restore_dynamo_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two calls overlap in threads: A enters, B enters, A leaves, B leaves. Each runs with the
+    raised limit (torch keeps dynamo's config per thread context, so a call that skipped raising
+    it because another thread had would run at the default limit) and the user's values are
+    back at the end."""
+    import threading
+
+    cfg = torch._dynamo.config
+    limit_name, fail_name = F._limit_names()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, tuple[object, object]] = {}
+
+    def fake_compiled() -> object:
+        def run(who: str) -> None:
+            seen[who] = getattr(cfg, limit_name), getattr(cfg, fail_name)
+            if who == "a":
+                a_in.set()
+                assert b_in.wait(10)
+            else:
+                b_in.set()
+                assert a_out.wait(10)
+        return run
+
+    monkeypatch.setattr(F, "compiled_flex_attention", fake_compiled)
+
+    def thread_a() -> None:
+        F.call_compiled("a")
+        a_out.set()
+
+    def thread_b() -> None:
+        assert a_in.wait(10)
+        F.call_compiled("b")
+
+    with cfg.patch(**{limit_name: 5, fail_name: False}):
+        threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"a": (F.RECOMPILE_LIMIT, True), "b": (F.RECOMPILE_LIMIT, True)}
+        assert (getattr(cfg, limit_name), getattr(cfg, fail_name)) == (5, False)
+
+
 def test_auto_tiles_never_recompile_for_a_shape() -> None:
     """tiles='auto' keeps a shape's sequence length whatever the pattern (issue 13, item 6):
     24 x 40 (no 128-token tile divides it) runs kernels (1,1), (1,3), (3,1) in one graph (the
