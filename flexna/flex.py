@@ -62,7 +62,6 @@ def _config_per_thread() -> bool:
     Probed once: a value read in a new thread, after a change of this thread's restored at once."""
     cfg = torch._dynamo.config
     name = _limit_names()[0]
-    mine = getattr(cfg, name)
     seen: list[Any] = []
 
     def read_in_thread() -> Any:
@@ -71,9 +70,10 @@ def _config_per_thread() -> bool:
         t.join()
         return seen[-1]
 
-    if read_in_thread() != mine:
-        return True
-    with _RaisedLimit.lock:  # no flexna call sets it meanwhile
+    with _RaisedLimit.lock:  # no flexna call (nor a concurrent probe) changes it meanwhile
+        mine = getattr(cfg, name)
+        if read_in_thread() != mine:
+            return True
         setattr(cfg, name, mine + 1)
         try:
             return read_in_thread() != mine + 1
