@@ -187,10 +187,10 @@ def run_workload(w: str, dtype: torch.dtype, cflex, backend: str, row_major: boo
                       for n in (nq, nkv, nkv))
         views = tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (tq, tk, tv))
         opts = {**base_opts, **({"BLOCK_N": bm.BLOCK_SIZE[1]} if bm.BLOCK_SIZE[1] < 128 else {})}
-        runs = [(key, None if mm is None else with_mask_mod(bm, mm), (tq, tk, tv))
-                for key, mm in mask_mods(p, q_t, kv_t, tables, backend).items()]
-        packed = dict((key, m) for key, m, _ in runs)["packed"]
-        runs += [("all_full", all_full(bm), (tq, tk, tv)), ("heads_last", packed, views)]
+        masks = {key: None if mm is None else with_mask_mod(bm, mm)
+                 for key, mm in mask_mods(p, q_t, kv_t, tables, backend).items()}
+        runs = [(key, m, (tq, tk, tv)) for key, m in masks.items()]
+        runs += [("all_full", all_full(bm), (tq, tk, tv)), ("heads_last", masks["packed"], views)]
         ms: dict[str, float] = {}
         for key, bmm, qkv in runs:
             ms[key] = float("nan")

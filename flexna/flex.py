@@ -98,37 +98,43 @@ class _RaisedLimit:
 
     def __enter__(self) -> int:
         cfg = torch._dynamo.config
-        limit_name, fail_name = _limit_names()
         self.per_thread = _config_per_thread()
         if self.per_thread:
-            self.saved = getattr(cfg, limit_name), getattr(cfg, fail_name)
-            return self._raise(cfg, self.saved[0])
+            self.saved = _limit_values(cfg)
+            return _raise_limit(cfg, self.saved[0])
         with _RaisedLimit.lock:
             if _RaisedLimit._shared_calls == 0:
-                _RaisedLimit._shared_saved = getattr(cfg, limit_name), getattr(cfg, fail_name)
+                _RaisedLimit._shared_saved = _limit_values(cfg)
             _RaisedLimit._shared_calls += 1
-            return self._raise(cfg, _RaisedLimit._shared_saved[0])
-
-    @staticmethod
-    def _raise(cfg: Any, user_limit: int) -> int:
-        limit_name, fail_name = _limit_names()
-        limit = max(user_limit, RECOMPILE_LIMIT)
-        setattr(cfg, limit_name, limit)
-        setattr(cfg, fail_name, True)
-        return limit
+            return _raise_limit(cfg, _RaisedLimit._shared_saved[0])
 
     def __exit__(self, *exc: object) -> None:
         cfg = torch._dynamo.config
-        limit_name, fail_name = _limit_names()
         if self.per_thread:
-            setattr(cfg, limit_name, self.saved[0])
-            setattr(cfg, fail_name, self.saved[1])
+            _set_limit_values(cfg, self.saved)
             return
         with _RaisedLimit.lock:
             _RaisedLimit._shared_calls -= 1
             if _RaisedLimit._shared_calls == 0:
-                setattr(cfg, limit_name, _RaisedLimit._shared_saved[0])
-                setattr(cfg, fail_name, _RaisedLimit._shared_saved[1])
+                _set_limit_values(cfg, _RaisedLimit._shared_saved)
+
+
+def _limit_values(cfg: Any) -> tuple[Any, Any]:
+    """(recompile limit, fail on hitting it) as this thread sees them."""
+    limit_name, fail_name = _limit_names()
+    return getattr(cfg, limit_name), getattr(cfg, fail_name)
+
+
+def _set_limit_values(cfg: Any, values: tuple[Any, Any]) -> None:
+    for name, value in zip(_limit_names(), values, strict=True):
+        setattr(cfg, name, value)
+
+
+def _raise_limit(cfg: Any, user_limit: int) -> int:
+    """Raise the limit to at least :data:`RECOMPILE_LIMIT` and make hitting it an error."""
+    limit = max(user_limit, RECOMPILE_LIMIT)
+    _set_limit_values(cfg, (limit, True))
+    return limit
 
 
 def call_compiled(*args: Any, **kwargs: Any) -> Any:

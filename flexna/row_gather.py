@@ -49,9 +49,9 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     usable = x.is_cuda and not x.dtype.is_complex and x.shape[0] < 65536  # batch: grid axis 1
     kernel = _triton_kernel() if usable and not torch.compiler.is_compiling() else None
     if kernel is None or x.numel() == 0:
-        out = x.index_select(1, index.clamp(min=0))
         if index.numel() <= x.shape[1]:  # a permutation, or one that drops rows: no padding
-            return out
+            return x.index_select(1, index)
+        out = x.index_select(1, index.clamp(min=0))
         dropped = index < 0
         if x.is_cuda or torch.compiler.is_compiling():  # no host sync, no data-dependent shape
             return out.masked_fill_(dropped.view(-1, *(1,) * (x.dim() - 2)), 0)
